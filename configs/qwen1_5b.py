@@ -1,0 +1,63 @@
+"""HBPO on DeepSeek-R1-Distill-Qwen-1.5B: the paper's setup (../shared/HBPO.md, Training setup).
+
+    python launch/train.py --config=configs/qwen1_5b.py \
+        --config.model_path=/data/DeepSeek-R1-Distill-Qwen-1.5B \
+        --config.data.path=/data/deepscaler.json --workdir=/runs/hbpo
+
+A pod slice: `--config=configs/qwen1_5b.py:pod` (every host runs the same command).
+"""
+from ml_collections import config_dict
+
+from hbpo_jax import config as config_lib
+
+
+def get_config(arg: str | None = None):
+    config = config_lib.base_config()
+    config.name = "hbpo-qwen1_5b"
+    # DeepSeek-R1-Distill-Qwen-1.5B (Qwen2): 1,777,088,000 parameters.
+    config.model = config_dict.ConfigDict(dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+        num_kv_heads=2, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, max_position_embeddings=131072, bos_token_id=151646,
+        eos_token_ids=(151643,), dtype="bfloat16", param_dtype="float32",
+        attention_impl="xla", remat="full"))
+    config.model_path = "/data/models/DeepSeek-R1-Distill-Qwen-1.5B"
+    config.data.path = "/data/deepscaler/deepscaler.json"
+    config.data.field_map = "deepscaler"
+
+    r = config.rollout
+    r.budgets = (512, 1024, 2048, 2560)
+    r.samples_per_budget = 4  # 16 rollouts per prompt
+    r.max_prompt_len = 1024
+    r.max_response_len = 4096  # L_max
+    r.temperature = 1.0
+    r.top_p = 1.0
+
+    config.objective.name = "hbpo"
+    config.objective.l_max = 4096
+
+    t = config.train
+    t.steps = 629  # one epoch of DeepScaleR-Preview at 64 prompts per step
+    t.prompts_per_step = 64
+    t.mini_batches = 4  # PPO mini-batch of 16 prompts = 256 sequences
+    t.micro_batch_size = 16  # sequences per forward/backward (gradient accumulation)
+    t.ppo_epochs = 1
+
+    o = config.optim
+    o.learning_rate = 1e-6
+    o.schedule = "constant"
+    o.warmup_steps = 0
+    o.weight_decay = 0.01
+    o.b1, o.b2 = 0.9, 0.999
+    o.grad_clip = 1.0
+
+    # One TPU host: parameters and AdamW state (~21 GB in float32) sharded (FSDP) over its chips.
+    config.mesh.shape = (1, -1, 1)
+    if arg == "pod":
+        # A slice: data parallel across hosts, FSDP over the 4 chips of each host, so the weight
+        # all-gathers stay inside a host. Adjust with --config.mesh.shape for other host sizes.
+        config.mesh.shape = (-1, 4, 1)
+        config.distributed = True
+    elif arg:
+        raise ValueError(f"configs/qwen1_5b.py takes no argument or 'pod', got {arg!r}.")
+    return config

@@ -1,0 +1,179 @@
+"""Sampler throughput against the memory-bandwidth ceiling (and optionally transformers' generate).
+
+Decoding is memory bound: every step reads all weights and, with whole-cache attention, the whole
+preallocated KV cache [B, P + N, K, D] of every layer. `bench_sampler` reports that byte count per
+step, the device's copy bandwidth, and the fraction of that ceiling the loop reaches.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hbpo_jax import sampler
+from hbpo_jax.models import ModelConfig, create_model
+
+# Used when configs/<name>.py is absent or cannot be read.
+SHAPES = {
+    "tiny": dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4,
+                 num_kv_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=512),
+    "qwen1_5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                     num_heads=12, num_kv_heads=2, head_dim=128, rope_theta=10000.0,
+                     tie_word_embeddings=False, max_position_embeddings=131072),
+}
+# Measured device-to-device copy bandwidth (bytes/s), by substring of jax's device_kind.
+BANDWIDTH = {"H200": 4.2e12, "H100": 3.0e12}
+
+
+def model_config(name: str, dtype: str = "float32", config_dir: str | None = None) -> ModelConfig:
+    """configs/<name>.py's get_config().model when readable, else SHAPES[name]; weights and
+    compute in `dtype`."""
+    fields = None
+    path = os.path.join(config_dir or os.path.join(os.path.dirname(__file__), "..", "configs"), f"{name}.py")
+    if os.path.exists(path):
+        try:
+            spec = importlib.util.spec_from_file_location(f"_bench_cfg_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            fields = dict(module.get_config().model)
+        except Exception:  # the config module is someone else's: fall back to the table
+            fields = None
+    if fields is None:
+        if name not in SHAPES:
+            raise ValueError(f"--model must be one of {sorted(SHAPES)}, got {name!r}.")
+        fields = dict(SHAPES[name])
+    known = set(ModelConfig.__dataclass_fields__)
+    fields = {k: v for k, v in fields.items() if k in known}
+    fields.update(dtype=dtype, param_dtype=dtype, eos_token_ids=())
+    return ModelConfig(**fields)
+
+
+def copy_bandwidth(nbytes: int = 1 << 27, repeats: int = 5) -> float:
+    """Bytes/s of a jitted elementwise copy (read + write) on the default device."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.nbytes / best
+
+
+def device_bandwidth() -> tuple[float, str]:
+    """(bytes/s, where the figure comes from) for jax's first device."""
+    kind = jax.devices()[0].device_kind
+    for name, bw in BANDWIDTH.items():
+        if name in kind:
+            return bw, f"{kind} (table)"
+    return copy_bandwidth(), f"{kind} (measured copy)"
+
+
+def _best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_sampler(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, repeats: int = 3,
+                  seed: int = 0) -> dict:
+    """Times `sampler.generate` (random weights and prompts, no EOS, T = 1) for N and for 1 new
+    token; the difference over N - 1 steps is the decode step time."""
+    model = create_model(cfg, seed=seed)
+    graphdef, state = nnx.split(model)
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+
+    def run(n):
+        out = sampler.generate((graphdef, state), ids, key=jax.random.key(seed), max_new_tokens=n,
+                               temperature=1.0, prompt_bucket=None)
+        out.tokens.block_until_ready()
+        return out
+
+    run(new_tokens), run(1)  # compile both
+    t_all = _best_time(lambda: run(new_tokens), repeats)
+    t_one = _best_time(lambda: run(1), repeats)
+    step = max(t_all - t_one, 1e-9) / max(new_tokens - 1, 1)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    kv_item = jnp.dtype(cfg.compute_dtype).itemsize
+    cache_bytes = 2 * cfg.num_layers * batch * (prompt_len + new_tokens) * cfg.num_kv_heads * cfg.head_dim * kv_item
+    return dict(impl="hbpo_jax", tokens_per_s=batch * new_tokens / t_all, ms_per_step=1e3 * step,
+                prefill_ms=1e3 * t_one, weight_bytes=weight_bytes, kv_bytes=cache_bytes,
+                bytes_per_step=weight_bytes + cache_bytes)
+
+
+def bench_transformers(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, seed: int = 0) -> dict:
+    """transformers' Qwen2ForCausalLM.generate, random weights, same shape, sampling at T = 1 with
+    min_new_tokens = max_new_tokens; torch on cuda when available (on a CPU, the better of torch's
+    default thread count and one thread)."""
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    torch.manual_seed(seed)
+    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf().items()
+                                         if k not in ("torch_dtype", "dtype", "architectures")})
+    model = transformers.Qwen2ForCausalLM(hf_cfg).to(device=device, dtype=dtype).eval()
+    ids = torch.as_tensor(np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, prompt_len)),
+                          device=device)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+              pad_token_id=0, eos_token_id=None)
+
+    def run(n):
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    run(2)  # warm-up
+    t = _best_time(lambda: run(new_tokens), 1)
+    if device == "cpu" and torch.get_num_threads() > 1:
+        # Intra-op threads can thrash on a small, busy CPU: report the better of default and one.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            t = min(t, _best_time(lambda: run(new_tokens), 1))
+        finally:
+            torch.set_num_threads(threads)
+    return dict(impl=f"transformers ({device})", tokens_per_s=batch * new_tokens / t,
+                ms_per_step=1e3 * t / new_tokens)
+
+
+def format_table(cfg_name: str, batch: int, prompt_len: int, new_tokens: int, rows: list[dict],
+                 bandwidth: float, bandwidth_source: str) -> str:
+    lines = [f"model={cfg_name} batch={batch} prompt={prompt_len} new_tokens={new_tokens} "
+             f"device={bandwidth_source} bandwidth={bandwidth / 1e9:.1f} GB/s"]
+    head = f"{'impl':<24}{'tokens/s':>12}{'ms/step':>10}{'MB/step':>10}{'GB/s':>9}{'of peak':>9}"
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        mb = r.get("bytes_per_step")
+        gbs = mb / (r["ms_per_step"] / 1e3) if mb else None
+        lines.append(f"{r['impl']:<24}{r['tokens_per_s']:>12.1f}{r['ms_per_step']:>10.3f}"
+                     + (f"{mb / 1e6:>10.2f}{gbs / 1e9:>9.1f}{gbs / bandwidth:>9.1%}" if mb else f"{'':>28}"))
+    if len(rows) > 1:
+        lines.append(f"speed-up over {rows[1]['impl']}: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+    if "weight_bytes" in rows[0]:
+        r = rows[0]
+        lines.append(f"bytes/step = weights {r['weight_bytes'] / 1e6:.2f} MB + whole KV cache "
+                     f"{r['kv_bytes'] / 1e6:.2f} MB; prefill + first token {r['prefill_ms']:.1f} ms")
+    return "\n".join(lines)
+
+
+def run_sampler_benchmark(model: str = "tiny", batch: int = 8, prompt_len: int = 64, new_tokens: int = 64,
+                          dtype: str = "float32", baseline: bool = False) -> str:
+    """The table `launch/bench_sampler.py` prints."""
+    cfg = model_config(model, dtype)
+    rows = [bench_sampler(cfg, batch, prompt_len, new_tokens)]
+    if baseline:
+        rows.append(bench_transformers(cfg, batch, prompt_len, new_tokens))
+    bw, source = device_bandwidth()
+    return format_table(model, batch, prompt_len, new_tokens, rows, bw, source)

@@ -1,0 +1,387 @@
+"""The HBPO training loop: rollouts -> grading -> rewards and advantages -> policy updates, with
+checkpoints, metrics, resumption and a final export. `run(config, workdir)` is the main job.
+
+One step with P prompts, G = budgets x samples rollouts each (R = P * G rows, prompt-major):
+  budget_rollouts (jitted sampler, KV cache)  ->  grade_batch (worker processes)
+  ->  loss.compute_advantages (by objective name)  ->  old log-probs (sampler, recomputed where
+  the sampler did not sample, e.g. the pre-filled budget prefix)  ->  mini-batch updates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from hbpo_jax import checkpoint, data, evaluation, grading
+from hbpo_jax import loss as loss_lib
+from hbpo_jax import metrics as metrics_lib
+from hbpo_jax import rollout, sharding, trainer
+from hbpo_jax import config as config_lib
+from hbpo_jax.models import create_model, load_pretrained, save_pretrained
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite steps); a checkpoint was kept."""
+
+
+@dataclasses.dataclass
+class Policy:
+    graphdef: Any
+    params: Any  # nnx.State, sharded on the mesh
+    tokenizer: Any
+    train_records: list
+    eval_records: list
+
+
+# ----------------------------------------------------------------------------- setup
+
+def _arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
+    """The tiny run's world: its tokenizer, problems, and an SFT warm start cached in workdir."""
+    from hbpo_jax import sft, tokenizer as tokenizer_lib
+    from hbpo_jax.tasks import arithmetic
+
+    t, r = config.task, config.rollout
+    budgets = tuple(r.budgets)
+    tokenizer = tokenizer_lib.build_tokenizer(
+        arithmetic.corpus_texts(seed=config.seed, budgets=budgets),
+        vocab_size=t.tokenizer_vocab_size, workdir=workdir)
+    model_cfg = config_lib.model_config(config)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise config_lib.ConfigError(
+            f"model.vocab_size ({model_cfg.vocab_size}) is below the task tokenizer's {len(tokenizer)} tokens.")
+    model_cfg = model_cfg.replace(eos_token_ids=(tokenizer.eos_token_id,))
+    warm = os.path.join(workdir, "warmstart")
+    if os.path.isdir(os.path.join(warm, "params")):
+        log.info("warm start: restoring the cached SFT model from %s", warm)
+        model = checkpoint.restore_params(warm, mesh=mesh, rules=rules, dtype=model_cfg.param_dtype)
+    else:
+        examples = arithmetic.sft_examples(t.sft_examples, config.seed + 1, budgets=budgets)
+        arrays = sft.tokenize_sft(tokenizer, examples, t.sft_max_len)
+        model = create_model(model_cfg, seed=config.seed, mesh=mesh, rules=rules)
+        result = sft.sft_train(model, arrays, steps=t.sft_steps, lr=t.sft_lr, batch_size=t.sft_batch_size,
+                               seed=config.seed, mesh=mesh, rules=rules, log=log.info)
+        model = result.model()
+        log.info("warm start: %d SFT steps in %.0fs, final loss %.3f", t.sft_steps, result.seconds,
+                 float(result.losses[-10:].mean()))
+        checkpoint.save_params(warm, model)
+    graphdef, params = nnx.split(model)
+    train = arithmetic.make_dataset(t.train_problems, config.seed + 2)
+    evals = arithmetic.make_dataset(t.eval_problems, config.seed + 3)
+    return Policy(graphdef, params, tokenizer, train, evals)
+
+
+def _pretrained_policy(config, mesh, rules) -> Policy:
+    m = config.model
+    overrides = {k: m[k] for k in ("attention_impl", "remat") if k in m}
+    model, _, tokenizer = load_pretrained(config.model_path, dtype=m.get("param_dtype", "float32"),
+                                          compute_dtype=m.get("dtype"), mesh=mesh, rules=rules, **overrides)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{config.model_path}: no tokenizer files (tokenizer.json) in the model folder.")
+    if not getattr(tokenizer, "chat_template", None):
+        raise config_lib.ConfigError(f"{config.model_path}: the tokenizer has no chat template.")
+    records, report = data.load_records(config.data.path, split=config.data.split,
+                                        field_map=config.data.field_map or None,
+                                        max_rows=config.data.max_rows or None)
+    if report.total:
+        log.warning("data: %s", report.summary())
+    graphdef, params = nnx.split(model)
+    return Policy(graphdef, params, tokenizer, records, [])
+
+
+def build_policy(config, workdir, mesh, rules) -> Policy:
+    if config.task.name == "arithmetic":
+        return _arithmetic_policy(config, workdir, mesh, rules)
+    if config.task.name:
+        raise config_lib.ConfigError(f"task.name must be '' or 'arithmetic', got {config.task.name!r}.")
+    if not config.model_path:
+        raise config_lib.ConfigError("model_path is empty: name a Hugging Face model folder (or set task.name).")
+    return _pretrained_policy(config, mesh, rules)
+
+
+# ----------------------------------------------------------------------------- one step
+
+def _bucket(n: int, multiple: int = 64) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def _objective_settings(objective: loss_lib.Objective, config) -> dict:
+    """The config.objective values that this objective's reward / advantage functions take."""
+    o = config.objective
+    candidates = dict(beta=o.beta, l_max=o.l_max, variant=o.reward_variant, format_reward=o.format_reward,
+                      wrong_reward=o.wrong_reward, intra_weight=o.intra_weight)
+    names = loss_lib._keyword_names(objective.reward_fn) | loss_lib._keyword_names(objective.advantage_fn)
+    settings = {k: v for k, v in candidates.items() if k in names}
+    if objective.overlong_penalty:
+        settings.update(max_len=o.l_max, cache_len=max(o.l_max // 8, 1))
+    return settings
+
+
+def _loss_kwargs(objective: loss_lib.Objective, config, rows_per_minibatch: int) -> tuple:
+    kw = dict(objective.loss_kwargs())
+    kw.update(clip_low=config.loss.clip_low, clip_high=config.loss.clip_high,
+              dual_clip=config.loss.dual_clip, kl_coef=config.loss.kl_coef)
+    if config.loss.aggregation != "token-mean" or objective.name == "hbpo":
+        kw["aggregation"] = config.loss.aggregation
+    if kw["aggregation"] == "token-sum-norm":  # Dr. GRPO: one constant for every mini-batch
+        kw["loss_scale_tokens"] = float(rows_per_minibatch * config.rollout.max_response_len)
+    return tuple(sorted(kw.items()))
+
+
+def _per_budget(values: np.ndarray, budgets: np.ndarray, name: str) -> dict:
+    return {f"{name}/budget_{int(b)}": float(values[budgets == b].mean()) for b in np.unique(budgets)}
+
+
+class Step:
+    """Runs training steps; holds what stays fixed across them (jitted functions, shardings)."""
+
+    def __init__(self, config, policy: Policy, mesh, rules, total_updates: int):
+        self.config, self.policy, self.mesh, self.rules = config, policy, mesh, rules
+        self.objective = loss_lib.get_objective(config.objective.name)
+        self.settings = _objective_settings(self.objective, config)
+        r, t = config.rollout, config.train
+        self.group = len(r.budgets) * r.samples_per_budget
+        self.rows_per_minibatch = t.prompts_per_step // t.mini_batches * self.group
+        self.loss_kwargs = _loss_kwargs(self.objective, config, self.rows_per_minibatch)
+        self.optimizer = trainer.make_optimizer(config.optim, total_updates)
+        batch_axes = sharding.logical_to_spec(("batch",), rules, mesh)[0]
+        self.micro_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes))
+        self.row_sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
+        self.ref_params = (jax.tree.map(jnp.copy, policy.params) if config.loss.kl_coef > 0 else None)
+
+    def _logprobs(self, params, tokens, attn, prompt_len):
+        """Log-probs of the whole batch, micro-batch by micro-batch: float32 [R, N]."""
+        mb = self.config.train.micro_batch_size
+        out = [trainer.compute_logprobs(self.policy.graphdef, params,
+                                        jax.device_put(tokens[i:i + mb], self.row_sharding),
+                                        jax.device_put(attn[i:i + mb], self.row_sharding),
+                                        prompt_len=prompt_len, temperature=self.config.rollout.temperature)
+               for i in range(0, len(tokens), mb)]
+        return np.concatenate([np.asarray(x) for x in out])
+
+    def __call__(self, state: trainer.TrainState, records: list, key) -> tuple[trainer.TrainState, dict]:
+        c, r = self.config, self.config.rollout
+        t0 = time.perf_counter()
+        batch = rollout.budget_rollouts(
+            (self.policy.graphdef, state.params), self.policy.tokenizer, [x["problem"] for x in records],
+            budgets=tuple(r.budgets), samples_per_budget=r.samples_per_budget, mode=r.mode,
+            max_new_tokens=r.max_response_len, prefix_in_response=r.prefix_in_response,
+            hard_budget_cap=r.hard_budget_cap, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            key=key, mesh=self.mesh, rules=self.rules, system_prompt=r.system_prompt or None)
+        lengths = np.asarray(batch.lengths)
+        t1 = time.perf_counter()
+
+        truths = [records[i]["answer"] for i in np.asarray(batch.prompt_index)]
+        grades = grading.grade_batch(list(batch.texts), truths, workers=c.grading.workers,
+                                     timeout_s=c.grading.timeout_s)
+        correct = np.array([g.correct for g in grades], bool)
+        format_ok = np.array([g.format_ok for g in grades], bool)
+        t2 = time.perf_counter()
+
+        shape = (len(records), self.group)
+        budgets = np.asarray(batch.budgets, np.int32)
+        rewards, adv = loss_lib.compute_advantages(
+            self.objective, correct.reshape(shape), format_ok.reshape(shape), lengths.reshape(shape),
+            budgets.reshape(shape), **self.settings)
+        rewards, adv = np.asarray(rewards).reshape(-1), np.asarray(adv, np.float32).reshape(-1)
+
+        # Training arrays, the response cut to the longest one (bucketed to bound recompiles).
+        n = min(_bucket(int(np.asarray(batch.response_mask).sum(1).max())), batch.response_ids.shape[1])
+        prompt_len = batch.prompt_ids.shape[1]
+        resp_mask = np.asarray(batch.response_mask, bool)[:, :n]
+        if self.objective.dynamic_sampling:
+            keep = np.asarray(loss_lib.dynamic_sampling_mask(correct.reshape(shape))).repeat(self.group)
+            resp_mask &= keep[:, None]
+        tokens = np.concatenate([np.asarray(batch.prompt_ids), np.asarray(batch.response_ids)[:, :n]], 1)
+        attn = np.concatenate([np.asarray(batch.prompt_mask, bool),
+                               np.asarray(batch.response_mask, bool)[:, :n]], 1).astype(np.int32)
+        old = np.asarray(batch.logprobs, np.float32)[:, :n]
+        sampled = np.asarray(batch.sampled_mask, bool)[:, :n]
+        mode = c.train.recompute_old_logprobs
+        if mode == "always" or (mode == "auto" and (resp_mask & ~sampled).any()):
+            recomputed = self._logprobs(state.params, tokens, attn, prompt_len)
+            old = recomputed if mode == "always" else np.where(sampled, old, recomputed)
+        arrays = dict(tokens=tokens.astype(np.int32), attention_mask=attn, response_mask=resp_mask,
+                      old_logp=old, advantages=adv)
+        if self.ref_params is not None:
+            arrays["ref_logp"] = self._logprobs(self.ref_params, tokens, attn, prompt_len)
+
+        updates = []
+        rows = self.rows_per_minibatch
+        micro = c.train.micro_batch_size
+        for _ in range(c.train.ppo_epochs):
+            for start in range(0, len(tokens), rows):
+                mb = {k: v[start:start + rows].reshape((rows // micro, micro) + v.shape[1:])
+                      for k, v in arrays.items()}
+                mb["weight"] = trainer.micro_weights(mb["response_mask"], dict(self.loss_kwargs)["aggregation"])
+                mb = {k: jax.device_put(v, self.micro_sharding if v.ndim > 1 else None) for k, v in mb.items()}
+                state, m = trainer.update(self.policy.graphdef, state, mb, optimizer=self.optimizer,
+                                          prompt_len=prompt_len, temperature=r.temperature,
+                                          loss_kwargs=self.loss_kwargs)
+                updates.append(m)
+        updates = jax.device_get(updates)
+        t3 = time.perf_counter()
+
+        metrics = {k: float(np.mean([u[k] for u in updates])) for k in updates[0]}
+        metrics.update(
+            reward=float(rewards.mean()), accuracy=float(correct.mean()),
+            format_error_rate=float(1 - format_ok.mean()), response_len=float(lengths.mean()),
+            response_len_max=float(lengths.max()), advantage_abs=float(np.abs(adv).mean()),
+            generated_tokens_per_s=float(lengths.sum() / max(t1 - t0, 1e-9)),
+            time_rollout=t1 - t0, time_grading=t2 - t1, time_update=t3 - t2,
+            skipped_total=float(state.skipped_total))
+        if r.mode == "budget":
+            for name, values in (("reward", rewards), ("accuracy", correct.astype(float)),
+                                 ("response_len", lengths.astype(float)),
+                                 ("format_error_rate", (~format_ok).astype(float))):
+                metrics.update(_per_budget(values, budgets, name))
+        return state, metrics
+
+
+# ----------------------------------------------------------------------------- the run
+
+class _Preemption:
+    """SIGTERM (a TPU VM's maintenance notice) sets a flag; the loop checkpoints and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: checkpointing and stopping after this step.")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _evaluate(config, policy: Policy, params, mesh, rules, key) -> list[evaluation.ModeResult]:
+    e, r = config.eval, config.rollout
+    return evaluation.evaluate(
+        (policy.graphdef, params), policy.tokenizer, policy.eval_records, budgets=tuple(r.budgets),
+        key=key, max_new_tokens=r.max_response_len, temperature=e.temperature, top_p=e.top_p,
+        samples=e.samples, prefix_in_response=r.prefix_in_response, mesh=mesh, rules=rules,
+        workers=config.grading.workers, timeout_s=config.grading.timeout_s)
+
+
+def run(config, workdir: str) -> dict:
+    """Trains as `config` says, in `workdir` (resuming from its checkpoints). Returns a summary."""
+    if config.distributed:
+        jax.distributed.initialize()
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.mesh_from_config(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    policy = build_policy(config, workdir, mesh, rules)
+    t = config.train
+    total_updates = t.steps * t.mini_batches * t.ppo_epochs
+    step_fn = Step(config, policy, mesh, rules, total_updates)
+    base_key = jax.random.key(config.seed)
+
+    state = trainer.init_state(policy.params, step_fn.optimizer)
+    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+    batches = data.prompt_batches(policy.train_records, batch_size=t.prompts_per_step, seed=config.seed,
+                                  shuffle=config.data.shuffle)
+    start = 0
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        start, state, meta = restored
+        batches.set_state(meta["data"])
+        log.info("resumed from step %d in %s", start, ckpt.directory)
+
+    writer = metrics_lib.MetricsWriter(workdir, t.steps, start)
+    summary: dict = {"workdir": workdir}
+    results_path = os.path.join(workdir, "results.json")
+    if config.eval.before_after:
+        if start == 0 or not os.path.exists(results_path):
+            before = _evaluate(config, policy, policy.params, mesh, rules, jax.random.fold_in(base_key, 10**6))
+            _write_json(results_path, {"before": [m.summary() for m in before]})
+        _log_eval(writer, "before", _read_json(results_path)["before"], 0)
+
+    step = start
+    with _Preemption() as preemption:
+        for step in range(start + 1, t.steps + 1):
+            records = next(batches)
+            state, metrics = step_fn(state, records, jax.random.fold_in(base_key, step))
+            if step % t.log_every == 0 or step == t.steps:
+                writer.scalars(step, metrics)
+            if int(state.skipped) > t.max_consecutive_skips:
+                ckpt.save(step, state, _meta(batches, config, step))
+                ckpt.close()
+                raise TrainingError(
+                    f"{int(state.skipped)} consecutive steps had a non-finite loss or gradient "
+                    f"(train.max_consecutive_skips={t.max_consecutive_skips}); the last good state "
+                    f"is checkpointed at step {step} in {ckpt.directory}.")
+            if step % t.checkpoint_every == 0 or step == t.steps or preemption.requested:
+                ckpt.save(step, state, _meta(batches, config, step))
+            if preemption.requested:
+                ckpt.close()
+                writer.close()
+                summary.update(stopped_at=step, preempted=True)
+                return summary
+    ckpt.close()
+    summary["steps"] = step
+
+    if t.export_hf:
+        export = os.path.join(workdir, "export")
+        save_pretrained(nnx.merge(policy.graphdef, state.params), export, tokenizer=policy.tokenizer)
+        summary["export"] = export
+    if config.eval.before_after:
+        after = [m.summary() for m in _evaluate(config, policy, state.params, mesh, rules,
+                                                jax.random.fold_in(base_key, 10**6 + 1))]
+        before = _read_json(results_path)["before"]
+        _write_json(results_path, {"before": before, "after": after})
+        _log_eval(writer, "after", after, step)
+        table = evaluation.before_after_table(before, after)
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(table + "\n")
+        writer.text("eval/table", table, step)
+        summary["table"] = table
+    writer.close()
+    return summary
+
+
+def _meta(batches, config, step) -> dict:
+    return {"data": batches.get_state(), "seed": int(config.seed), "step": int(step),
+            "rng": "jax.random.fold_in(key(seed), step)"}
+
+
+def _log_eval(writer, tag, summaries: list[dict], step: int) -> None:
+    for s in summaries:
+        writer.scalars(step, {f"eval_{tag}/{s['mode']}/accuracy": s["accuracy"],
+                              f"eval_{tag}/{s['mode']}/mean_tokens": s["mean_tokens"]})
+        for level, v in s["by_level"].items():
+            writer.scalars(step, {f"eval_{tag}/{s['mode']}/level_{level}/accuracy": v["accuracy"],
+                                  f"eval_{tag}/{s['mode']}/level_{level}/mean_tokens": v["mean_tokens"]})
+
+
+def _write_json(path, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,253 @@
+"""Rollouts: chat-template prompts with a pre-filled budget prefix, sampled in one batch.
+
+Rows are laid out prompt-major, then budget, then sample ([prompts, budgets, samples] flattened),
+so group statistics are reshapes to `group_shape`. Modes (the assistant turn's pre-filled prefix):
+
+  budget      K budgets × M samples per prompt: "<think> I will answer the question with {b} tokens"
+  fixed       one budget for all rows, same prefix
+  efficiency  "<think> I will answer the question with minimal tokens" (budgets unused, recorded 0)
+  natural     nothing pre-filled (budgets unused, recorded 0)
+  l1          L1's prompt: the user message becomes problem + "\\n\\nThink for {b} tokens." and
+              nothing is pre-filled (budgets recorded)
+
+If the rendered template already ends in "<think>" (e.g. DeepSeek-R1-Distill's "<think>\\n"), the
+prefix's own "<think>" is dropped (and the space after it when the template ends in a newline).
+With `prefix_in_response` (default, as in HBPO's code) the pre-filled tokens are response tokens:
+counted in `lengths`, inside `response_mask`, outside `sampled_mask` (the sampler did not draw them,
+so the trainer recomputes their log-probabilities).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from hbpo_jax import sampler
+
+MODES = ("budget", "natural", "efficiency", "fixed", "l1")
+THINK = "<think>"
+BUDGET_PREFIX = "<think> I will answer the question with {budget} tokens"
+EFFICIENCY_PREFIX = "<think> I will answer the question with minimal tokens"
+L1_SUFFIX = "\n\nThink for {budget} tokens."
+_DEFAULT_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclasses.dataclass
+class PromptLayout:
+    """Token lists per row (R = prompts × budgets × samples), before any sampling.
+
+    prompt_tokens: R lists, the rendered chat template (generation prompt included).
+    prefix_tokens: R lists, the pre-filled assistant prefix (empty for natural / l1).
+    prefix_texts: R strings, the prefix as text. budgets, prompt_index: int32 [R].
+    group_shape: (prompts, budgets per prompt, samples per budget).
+    """
+
+    prompt_tokens: list
+    prefix_tokens: list
+    prefix_texts: list
+    budgets: np.ndarray
+    prompt_index: np.ndarray
+    group_shape: tuple
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """One rollout batch (numpy arrays; R rows, P prompt width, N = max_new_tokens).
+
+    prompt_ids: int32 [R, P] left-padded; prompt_mask: int32 [R, P], 1 on tokens. The prompt is the
+      chat template, plus the prefix when it is not counted in the response.
+    response_ids: int32 [R, N], prefix tokens first when counted, then sampled tokens, then pad.
+    response_mask: bool [R, N], the counted response tokens (loss mask); lengths: int32 [R], its sum.
+    sampled_mask: bool [R, N], tokens the sampler drew; logprobs: float32 [R, N], their sampler
+      log-probabilities (full log_softmax(logits / T)), 0 elsewhere.
+    prefix_lengths: int32 [R]; budgets: int32 [R] (0 for natural / efficiency); prompt_index:
+      int32 [R]; stop_reason: int32 [R] (sampler.STOP_EOS / STOP_LIMIT).
+    texts: R strings, prefix text + generated text (special tokens kept, the final EOS dropped).
+    group_shape: (prompts, budgets, samples); R = their product.
+    """
+
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+    response_ids: np.ndarray
+    response_mask: np.ndarray
+    sampled_mask: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    prefix_lengths: np.ndarray
+    budgets: np.ndarray
+    prompt_index: np.ndarray
+    stop_reason: np.ndarray
+    texts: list
+    group_shape: tuple
+
+
+def assistant_prefix(rendered: str, prefix: str) -> str:
+    """`prefix` without its leading "<think>" when the rendered prompt already ends with one."""
+    if not prefix.startswith(THINK):
+        return prefix
+    tail = rendered.rstrip(" \n")
+    if not tail.endswith(THINK):
+        return prefix
+    rest = prefix[len(THINK):]
+    return rest.lstrip(" ") if rendered.endswith("\n") else rest
+
+
+def _budgets_for(mode: str, budgets) -> list[int]:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if mode in ("natural", "efficiency"):
+        return [0]
+    values = [budgets] if np.isscalar(budgets) else list(budgets or ())
+    if not values or any(int(b) <= 0 for b in values):
+        raise ValueError(f"mode {mode!r} needs positive budgets, got {budgets!r}.")
+    if mode == "fixed" and len(values) != 1:
+        raise ValueError(f"mode 'fixed' takes one budget, got {budgets!r}.")
+    return [int(b) for b in values]
+
+
+def build_prompts(tokenizer, problems: Sequence[str], *, budgets=None, samples_per_budget: int = 1,
+                  mode: str = "budget", system_prompt: str | None = None) -> PromptLayout:
+    """Renders and tokenizes every (problem, budget) once and lays out the rows [P, K, M].
+
+    budgets: a sequence of ints (budget, l1), one int (fixed), ignored for natural / efficiency.
+    """
+    ks = _budgets_for(mode, budgets)
+    if samples_per_budget < 1 or not problems:
+        raise ValueError("need at least one problem and samples_per_budget ≥ 1.")
+    rendered, prefixes = [], []
+    for problem in problems:
+        for b in ks:
+            user = problem + L1_SUFFIX.format(budget=b) if mode == "l1" else problem
+            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            messages.append({"role": "user", "content": user})
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prefix = {"budget": BUDGET_PREFIX, "fixed": BUDGET_PREFIX,
+                      "efficiency": EFFICIENCY_PREFIX}.get(mode, "").format(budget=b)
+            rendered.append(text)
+            prefixes.append(assistant_prefix(text, prefix))
+    # Template and prefix are tokenized apart, so the prefix's tokens are exactly known.
+    prompt_tok = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    nonempty = [p for p in prefixes if p]
+    enc = iter(tokenizer(nonempty, add_special_tokens=False)["input_ids"] if nonempty else [])
+    prefix_tok = [next(enc) if p else [] for p in prefixes]
+    m = samples_per_budget
+    rep = lambda xs: [x for x in xs for _ in range(m)]  # noqa: E731  (shared lists, not copies)
+    n_p, n_k = len(problems), len(ks)
+    return PromptLayout(
+        prompt_tokens=rep(prompt_tok), prefix_tokens=rep(prefix_tok), prefix_texts=rep(prefixes),
+        budgets=np.tile(np.repeat(np.asarray(ks if mode not in ("natural", "efficiency") else [0],
+                                             np.int32), m), n_p),
+        prompt_index=np.repeat(np.arange(n_p, dtype=np.int32), n_k * m),
+        group_shape=(n_p, n_k, m))
+
+
+def default_eos_ids(tokenizer, model_cfg=None) -> tuple[int, ...]:
+    """The tokenizer's eos id, "<|im_end|>" and "<|endoftext|>" when in its vocabulary, and the
+    model config's eos ids."""
+    ids = set(getattr(model_cfg, "eos_token_ids", ()) or ())
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(int(vocab[t]) for t in _DEFAULT_EOS_TOKENS if t in vocab)
+    return tuple(sorted(ids))
+
+
+def _gather_shifted(src: np.ndarray, shift: np.ndarray, width: int, fill):
+    """out[r, c] = src[r, c - shift[r]] where 0 ≤ c - shift[r] < src.shape[1], else fill."""
+    col = np.arange(width)[None, :] - shift[:, None]
+    ok = (col >= 0) & (col < src.shape[1])
+    return np.where(ok, np.take_along_axis(src, np.clip(col, 0, src.shape[1] - 1), axis=1), fill)
+
+
+def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budgets=None,
+                    samples_per_budget: int = 1, mode: str = "budget", max_new_tokens: int,
+                    prefix_in_response: bool = True, hard_budget_cap: bool = False,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, key: jax.Array,
+                    mesh=None, rules=None, system_prompt: str | None = None,
+                    prompt_bucket: str | int | None = "pow2", eos_ids: Sequence[int] | None = None,
+                    pad_id: int | None = None) -> RolloutBatch:
+    """Builds the prompts (`build_prompts`), samples every row in one sampler call, and lays out
+    the responses (see RolloutBatch for shapes).
+
+    max_new_tokens: L_max, the cap on counted response tokens (the prefix included when
+      prefix_in_response); also the sampler's static cap and N.
+    hard_budget_cap: also cap each row's counted response at its budget (budget / fixed / l1).
+    eos_ids: default `default_eos_ids`; pad_id: default the tokenizer's pad id, else the first EOS.
+    """
+    layout = build_prompts(tokenizer, problems, budgets=budgets, samples_per_budget=samples_per_budget,
+                           mode=mode, system_prompt=system_prompt)
+    graphdef_state = model_or_pair
+    if eos_ids is None:
+        from flax import nnx
+        cfg = (model_or_pair.cfg if isinstance(model_or_pair, nnx.Module)
+               else sampler.graphdef_cfg(*model_or_pair))
+        eos_ids = default_eos_ids(tokenizer, cfg)
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (list(eos_ids) or [0])[0]
+    n = int(max_new_tokens)
+    pfx = np.fromiter(map(len, layout.prefix_tokens), np.int32, count=len(layout.prefix_tokens))
+    counted = pfx if prefix_in_response else np.zeros_like(pfx)
+    if prefix_in_response and pfx.max(initial=0) > n:
+        raise ValueError(f"max_new_tokens={n} is shorter than the pre-filled prefix ({pfx.max()} tokens).")
+    limits = n - counted
+    if hard_budget_cap and mode in ("budget", "fixed", "l1"):
+        limits = np.minimum(limits, layout.budgets - counted)
+    limits = np.clip(limits, 0, n).astype(np.int32)
+
+    full_prompts = [p + x for p, x in zip(layout.prompt_tokens, layout.prefix_tokens)]
+    ids, mask = sampler.pad_prompts(full_prompts, pad_id, prompt_bucket)
+    out = sampler.generate(graphdef_state, ids, mask, key=key, max_new_tokens=n, limits=limits,
+                           eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, top_p=top_p,
+                           top_k=top_k, mesh=mesh, rules=rules, prompt_bucket=prompt_bucket)
+    tokens, logp, sampled_len, reason = jax.device_get((out.tokens, out.logprobs, out.lengths,
+                                                        out.stop_reason))
+    tokens, logp = np.asarray(tokens), np.asarray(logp)
+    sampled_len, reason = np.asarray(sampled_len, np.int32), np.asarray(reason, np.int32)
+
+    # prefix + sampled tokens, right-padded: the text the grader sees, and the counted response.
+    width = n + int(pfx.max(initial=0))
+    prefix_arr, _ = _right_pad(layout.prefix_tokens, pad_id, max(int(pfx.max(initial=0)), 1))
+    col = np.arange(width)[None, :]
+    joined = np.where(col < pfx[:, None], np.pad(prefix_arr, ((0, 0), (0, width - prefix_arr.shape[1])),
+                                                 constant_values=pad_id),
+                      _gather_shifted(tokens, pfx, width, pad_id))
+    joined_len = pfx + sampled_len
+    if prefix_in_response:
+        response_ids = joined[:, :n]
+        lengths = joined_len
+        sampled_mask = (col[:, :n] >= pfx[:, None]) & (col[:, :n] < joined_len[:, None])
+        logprobs = np.where(sampled_mask, _gather_shifted(logp, pfx, n, 0.0), 0.0).astype(np.float32)
+        prompt_ids, prompt_mask = sampler.pad_prompts(layout.prompt_tokens, pad_id, prompt_bucket)
+    else:
+        response_ids = tokens
+        lengths = sampled_len
+        sampled_mask = col[:, :n] < sampled_len[:, None]
+        logprobs = logp.astype(np.float32)
+        prompt_ids, prompt_mask = ids, mask
+    response_mask = col[:, :n] < lengths[:, None]
+
+    text_len = joined_len - (reason == sampler.STOP_EOS)  # drop the final EOS from the text
+    texts = tokenizer.batch_decode([row[:k].tolist() for row, k in zip(joined, text_len)],
+                                   skip_special_tokens=False)
+    return RolloutBatch(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+        response_ids=np.where(response_mask, response_ids, pad_id).astype(np.int32),
+        response_mask=response_mask, sampled_mask=sampled_mask, logprobs=logprobs,
+        lengths=lengths.astype(np.int32), prefix_lengths=pfx, budgets=layout.budgets,
+        prompt_index=layout.prompt_index, stop_reason=reason, texts=texts,
+        group_shape=layout.group_shape)
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """int32 [R, width] right-padded ids and their lengths [R]."""
+    lens = np.fromiter(map(len, rows), np.int64, count=len(rows))
+    out = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.arange(width)[None, :] < lens[:, None]
+    out[mask] = np.fromiter((t for r in rows for t in r), np.int32, count=int(lens.sum()))
+    return out, lens
+
+
+__all__ = ["BUDGET_PREFIX", "EFFICIENCY_PREFIX", "L1_SUFFIX", "MODES", "PromptLayout", "RolloutBatch",
+           "assistant_prefix", "budget_rollouts", "build_prompts", "default_eos_ids"]

@@ -1,0 +1,156 @@
+"""The device mesh and the logical-axis rule table.
+
+Parameters carry logical axis names (`embed`, `vocab`, `heads`, ...); a rule table, set in the
+config, maps each name to zero or more mesh axes (`data`, `fsdp`, `tensor`). A mesh axis that does
+not divide a dimension is dropped for that dimension (e.g. 2 KV heads over 4-way tensor
+parallelism stay replicated), so any model runs on any mesh.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Batch over data and fsdp (FSDP shards the batch too), weights over
+# fsdp on their hidden dimension and over tensor on heads / MLP / vocabulary (Megatron-style).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("cache_seq", None),
+    ("seq", None),
+)
+
+Rules = Sequence[tuple[str, Any]]
+
+
+class MeshError(ValueError):
+    """The mesh in the config does not fit the devices; the message names the key."""
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int, key: str = "mesh.shape") -> tuple[int, ...]:
+    """Replaces one -1 in `shape` by what is left of `num_devices`; checks the product."""
+    shape = [int(s) for s in shape]
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise MeshError(f"{key} must hold positive sizes and at most one -1, got {tuple(shape)}.")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise MeshError(f"{key}={tuple(shape)} cannot be completed to {num_devices} devices.")
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise MeshError(f"{key}={tuple(shape)} needs {math.prod(shape)} devices, but {num_devices} are present.")
+    return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), axis_names: Sequence[str] = MESH_AXES,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all, across processes) with one -1 meaning "the rest"."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(shape) != len(axis_names):
+        raise MeshError(f"mesh.shape {tuple(shape)} and mesh.axes {tuple(axis_names)} differ in length.")
+    shape = resolve_mesh_shape(shape, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+        array = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    except Exception:  # non-TPU topologies mesh_utils cannot map: plain order is fine there
+        array = np.asarray(devices).reshape(shape)
+    # Auto axes: classic GSPMD propagation (jax.make_mesh would default to Explicit in new jax).
+    return Mesh(array, tuple(axis_names), axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+    """mesh_cfg: a ConfigDict (or mapping) with `shape` and `axes`."""
+    return make_mesh(tuple(mesh_cfg["shape"]), tuple(mesh_cfg["axes"]))
+
+
+def rules_from_config(mesh_cfg) -> Rules:
+    rules = mesh_cfg.get("rules") if hasattr(mesh_cfg, "get") else None
+    return tuple((str(name), _as_axes(axes)) for name, axes in (rules or DEFAULT_RULES))
+
+
+def _as_axes(axes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    if isinstance(axes, str):
+        return (axes,)
+    return tuple(axes)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> P:
+    """The PartitionSpec for one array.
+
+    Mesh axes absent from `mesh` or of size 1, already used by an earlier dimension, or (given
+    `shape`) not dividing the dimension are left out, so the result is always a valid sharding.
+    """
+    table = {name: _as_axes(axes) for name, axes in rules}
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(logical_axes):
+        chosen = []
+        size = 1
+        for axis in table.get(name, ()) if name is not None else ():
+            if axis in used or (mesh is not None and mesh.shape.get(axis, 1) == 1):
+                continue  # absent or size-1 mesh axes add nothing to a spec
+            axis_size = mesh.shape[axis] if mesh is not None else 1
+            if shape is not None and shape[dim] % (size * axis_size):
+                continue
+            chosen.append(axis)
+            size *= axis_size
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return P(*spec)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+    """Same tree as `state` (NNX Variables), each value replaced by its NamedSharding."""
+    def one(var):
+        axes = var.get_metadata().get("logical_axes")
+        shape = var.get_value().shape
+        if axes is None or len(axes) != len(shape):
+            raise ValueError(f"parameter of shape {shape} has logical axes {axes!r}")
+        return var.replace(NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape)))
+    return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def state_specs(state: nnx.State, rules: Rules, mesh: Mesh | None = None) -> dict:
+    """Flat {path: PartitionSpec} for inspection and tests."""
+    out = {}
+    for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=_is_variable):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        out[name] = logical_to_spec(var.get_metadata()["logical_axes"], rules, mesh, var.get_value().shape)
+    return out
+
+
+def create_sharded(make_module, mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
+    """Builds `make_module()` (an NNX module factory) with every parameter created in place on
+    its shard: the init runs under jit with the rule table's output shardings, so no device or
+    host ever holds the full unsharded model. Without a mesh it is a plain call."""
+    if mesh is None:
+        return make_module()
+    graphdef, abstract = nnx.split(nnx.eval_shape(make_module))
+    shardings = state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.split(make_module())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, shape: Sequence[int] | None = None) -> NamedSharding:
+    """Sharding for a batch-major array [batch, ...]: the batch over the `batch` rule's axes."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh, shape))
+

@@ -1,0 +1,207 @@
+"""A synthetic reasoning task for the tiny end-to-end run: chained additions and subtractions.
+
+Difficulty d is the number of operations: "Compute 7+2-3+1." (d = 3). The minimal worked solution
+has one line per operation with the running result, inside `<think>`, then the boxed answer:
+
+    <think>
+    7+2=9
+    9-3=6
+    6+1=7
+    </think>
+    \\boxed{7}
+
+Warm-start (SFT) responses add needless steps of random length, as real reasoning models do: a
+restatement of the question, re-checks of the step just done ("check 12-3=9"), restatements of the
+running result ("so far 9") and of the answer. They only copy facts already written, so they are
+always correct and never change the answer; RL can learn to drop them. Their count per operation
+is geometric (mean `redundancy / (1 - redundancy)`), so a warm-start response is ~2x its minimal
+solution on average, with short ones (no extra step) common enough for RL to find.
+
+Budget-mode SFT responses start with the budget sentence that rollouts pre-fill; the reasoning that
+follows is drawn independently of the stated budget (SFT teaches the format, RL the meaning). The
+text after the pre-filled part always starts with a newline, so the prefix tokenises the same way
+whether or not the rest follows.
+
+Records use DeepScaleR's column names (`problem`, `answer`, `solution`) plus `difficulty`.
+Everything is deterministic given seeds (numpy PCG64 generators).
+"""
+from __future__ import annotations
+
+import re
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+BUDGETS = (32, 64, 128, 160)
+BUDGET_PREFIX = "<think> I will answer the question with {budget} tokens"
+MINIMAL_PREFIX = "<think> I will answer the question with minimal tokens"
+DIFFICULTIES = (1, 2, 3, 4, 5)
+MAX_TOTAL = 9  # running results stay in [0, MAX_TOTAL]: single digits
+MAX_OPERAND = 9
+REDUNDANCY = 0.5  # P(one more needless step) after each operation; mean extra steps 1.0 per op
+MAX_EXTRA_PER_STEP = 3
+
+# Settings for configs/tiny.py, measured on the shared 2-core CPU (other jobs running): SFT 400 steps
+# took 244 s (~0.33 s/step once compiled), final loss 0.26 (still falling fast), greedy natural-mode
+# accuracy by difficulty 1..5: 96/39/20/11/17% (37% overall), mean tokens 18.5/26.9/45.6/56.3/58.8.
+# Step 1 is learnt; the errors at d >= 2 pick the wrong operand, so more SFT steps are needed
+# before RL (not yet measured).
+RECOMMENDED_TINY = dict(
+    tokenizer_vocab_size=192,  # len(tokenizer) == 186; model vocab 192
+    model=dict(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4, num_kv_heads=2,
+               head_dim=32, tie_word_embeddings=True, rope_theta=10000.0),
+    sft=dict(num_examples=8000, max_len=256, steps=400, batch_size=32, lr=3e-3, warmup_steps=30,
+             weight_decay=0.01, seed=0),
+    difficulties=DIFFICULTIES,
+    budgets=BUDGETS,
+    max_response_len=256,
+)
+
+_EXPR = re.compile(r"Compute (\d+(?:[+-]\d+)+)\.")
+_TERM = re.compile(r"([+-])(\d+)")
+
+
+def _as_rng(rng) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def make_problem(rng, difficulty: int, *, max_total: int = MAX_TOTAL,
+                 max_operand: int = MAX_OPERAND) -> dict:
+    """One problem with `difficulty` operations on numbers in [1, max_operand].
+
+    rng: a numpy Generator or an int seed. Every running result stays in [0, max_total], so the
+    answer is a non-negative integer. Returns {problem, answer (str), difficulty, solution}.
+    """
+    if difficulty < 1:
+        raise ValueError(f"difficulty must be >= 1, got {difficulty}.")
+    if max_total < max_operand:
+        raise ValueError(f"max_total ({max_total}) must be >= max_operand ({max_operand}).")
+    rng = _as_rng(rng)
+    total = int(rng.integers(1, max_operand + 1))
+    expr = str(total)
+    for _ in range(difficulty):
+        sign = "+" if rng.random() < 0.5 else "-"
+        if not 1 <= (max_total - total if sign == "+" else total):  # no room that way: turn round
+            sign = "-" if sign == "+" else "+"
+        room = max_total - total if sign == "+" else total
+        b = int(rng.integers(1, min(room, max_operand) + 1))
+        total = total + b if sign == "+" else total - b
+        expr += f"{sign}{b}"
+    problem = {"problem": f"Compute {expr}.", "answer": str(total), "difficulty": int(difficulty)}
+    problem["solution"] = minimal_solution(problem)
+    return problem
+
+
+def steps(problem: dict) -> list[tuple[int, str, int, int]]:
+    """The operations of a problem as (left, sign, right, result) tuples, in order."""
+    m = _EXPR.fullmatch(problem["problem"])
+    if m is None:
+        raise ValueError(f"not an arithmetic-task problem: {problem['problem']!r}")
+    expr = m.group(1)
+    total = int(re.match(r"\d+", expr).group(0))
+    out = []
+    for sign, num in _TERM.findall(expr):
+        b = int(num)
+        new = total + b if sign == "+" else total - b
+        out.append((total, sign, b, new))
+        total = new
+    return out
+
+
+def _check(step) -> str:
+    a, sign, b, c = step
+    return f"{a}{sign}{b}={c}"
+
+
+def _lines(problem: dict) -> list[str]:
+    """One line per operation: "a+b=c" with the running result c."""
+    return [_check(step) for step in steps(problem)]
+
+
+def minimal_solution(problem: dict) -> str:
+    """The shortest correct response: `<think>` + one line per operation + `</think>` + boxed."""
+    body = "".join(f"\n{line}" for line in _lines(problem))
+    return f"<think>{body}\n</think>\n\\boxed{{{problem['answer']}}}"
+
+
+def warm_start_response(problem: dict, rng, *, prefix: str | None = None,
+                        redundancy: float = REDUNDANCY) -> str:
+    """A correct response with needless steps of random length, as an SFT target.
+
+    prefix: None for a natural response (it opens with `<think>`), else the pre-filled text that
+    opens the think part (BUDGET_PREFIX / MINIMAL_PREFIX); it is kept verbatim at the start.
+    redundancy: probability of one more needless step after each operation (geometric count, at
+    most MAX_EXTRA_PER_STEP); 0 gives the minimal solution. Returns text ending in `\\boxed{ans}`.
+    """
+    rng = _as_rng(rng)
+    ops = steps(problem)
+    expr = _EXPR.fullmatch(problem["problem"]).group(1)
+    lines = []
+    if redundancy > 0 and rng.random() < redundancy:
+        lines.append(f"we need {expr}")
+    for step, line in zip(ops, _lines(problem)):
+        lines.append(line)
+        n = 0
+        while n < MAX_EXTRA_PER_STEP and rng.random() < redundancy:
+            lines.append(f"check {line}" if rng.random() < 0.6 else f"so far {step[3]}")
+            n += 1
+    if redundancy > 0 and rng.random() < redundancy:
+        lines.append(f"answer {problem['answer']}")
+    head = "<think>" if prefix is None else prefix
+    body = "".join(f"\n{line}" for line in lines)
+    return f"{head}{body}\n</think>\n\\boxed{{{problem['answer']}}}"
+
+
+def make_dataset(n: int, seed: int, difficulties: Sequence[int] = DIFFICULTIES, **kwargs) -> list[dict]:
+    """n problems, difficulty uniform over `difficulties`: [{problem, answer, difficulty, solution}].
+
+    kwargs go to make_problem (max_total, max_operand).
+    """
+    rng = np.random.default_rng(seed)
+    diffs = rng.choice(np.asarray(difficulties), size=n)
+    return [make_problem(rng, int(d), **kwargs) for d in diffs]
+
+
+class SFTExample(NamedTuple):
+    """One SFT example. `response` is the whole assistant text (starting with `prefix`); `prefix`
+    is the part a rollout pre-fills ('' for natural mode), which gets no loss."""
+
+    messages: list[dict]
+    response: str
+    prefix: str
+
+
+def prompt_messages(problem: dict) -> list[dict]:
+    """The chat messages of a problem: one user turn holding the question."""
+    return [{"role": "user", "content": problem["problem"]}]
+
+
+def sft_examples(n: int, seed: int, difficulties: Sequence[int] = DIFFICULTIES, *,
+                 budgets: Sequence[int] = BUDGETS, natural_frac: float = 0.4,
+                 minimal_frac: float = 0.1, redundancy: float = REDUNDANCY, **kwargs) -> list[SFTExample]:
+    """n warm-start examples: a `natural_frac` share of natural responses, `minimal_frac` with the
+    efficiency prefix, the rest with a budget prefix for a budget uniform over `budgets`. The
+    reasoning length is independent of the prefix. kwargs go to make_problem."""
+    rng = np.random.default_rng(seed)
+    problems = make_dataset(n, seed + 1_000_003, difficulties, **kwargs)
+    out = []
+    for problem in problems:
+        u = rng.random()
+        if u < natural_frac:
+            prefix = ""
+        elif u < natural_frac + minimal_frac:
+            prefix = MINIMAL_PREFIX
+        else:
+            prefix = BUDGET_PREFIX.format(budget=int(rng.choice(np.asarray(budgets))))
+        response = warm_start_response(problem, rng, prefix=prefix or None, redundancy=redundancy)
+        out.append(SFTExample(prompt_messages(problem), response, prefix))
+    return out
+
+
+def corpus_texts(n: int = 2000, seed: int = 0, difficulties: Sequence[int] = DIFFICULTIES,
+                 budgets: Sequence[int] = BUDGETS) -> list[str]:
+    """Task text to train a tokenizer on: questions, warm-start responses with every prefix."""
+    texts = [MINIMAL_PREFIX] + [BUDGET_PREFIX.format(budget=b) for b in budgets]
+    for ex in sft_examples(n, seed, difficulties, budgets=budgets):
+        texts += [ex.messages[0]["content"], ex.response]
+    return texts

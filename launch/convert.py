@@ -1,0 +1,26 @@
+"""Converts a Hugging Face model folder to an Orbax params checkpoint, and back.
+
+    python launch/convert.py --to=orbax --src=/models/DeepSeek-R1-Distill-Qwen-1.5B --dst=/ckpt/r1
+    python launch/convert.py --to=hf --src=/ckpt/r1 --dst=/export/r1 --dtype=bfloat16
+"""
+from absl import app, flags
+
+from hbpo_jax import checkpoint
+
+flags.DEFINE_enum("to", None, ["orbax", "hf"], "Target format.", required=True)
+flags.DEFINE_string("src", None, "Source folder.", required=True)
+flags.DEFINE_string("dst", None, "Destination folder.", required=True)
+flags.DEFINE_string("dtype", None, "Parameter dtype to write (default: float32 for orbax, as saved for hf).")
+
+
+def main(_):
+    f = flags.FLAGS
+    if f.to == "orbax":
+        cfg = checkpoint.hf_to_orbax(f.src, f.dst, dtype=f.dtype or "float32")
+    else:
+        cfg = checkpoint.orbax_to_hf(f.src, f.dst, dtype=f.dtype)
+    print(f"wrote {f.dst}: Qwen2 with {cfg.num_params():,} parameters ({f.to})")
+
+
+if __name__ == "__main__":
+    app.run(main)

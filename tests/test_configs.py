@@ -1,0 +1,79 @@
+"""Config files load, validate, and reject bad values with one sentence naming the key."""
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from hbpo_jax import config as config_lib
+from hbpo_jax.models import ConfigError, Qwen2
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load(name, arg=None):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name,arg", [("tiny", None), ("qwen1_5b", None), ("qwen1_5b", "pod")])
+def test_config_files_validate(name, arg):
+    config = load(name, arg)
+    config_lib.validate(config, num_devices=8)
+
+
+def test_qwen1_5b_abstract_parameter_count():
+    """No weights allocated: eval_shape only. transformers counts 1,777,088,000."""
+    cfg = config_lib.model_config(load("qwen1_5b"))
+    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert count == 1_777_088_000 == cfg.num_params()
+
+
+def test_qwen1_5b_matches_paper_setup():
+    c = load("qwen1_5b")
+    assert tuple(c.rollout.budgets) == (512, 1024, 2048, 2560)
+    assert len(c.rollout.budgets) * c.rollout.samples_per_budget == 16
+    assert c.rollout.max_response_len == c.objective.l_max == 4096
+    assert (c.train.prompts_per_step, c.train.mini_batches, c.train.steps) == (64, 4, 629)
+    assert (c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip) == (1e-6, 0.01, 1.0)
+    assert (c.loss.clip_low, c.loss.clip_high, c.loss.dual_clip, c.loss.kl_coef) == (0.2, 0.28, 3.0, 0.0)
+
+
+BAD = [
+    ("rollout.budgets", (), "must not be empty"),
+    ("rollout.budgets", (1024, 512), "strictly increasing"),
+    ("rollout.budgets", (512, 4096), "L_max"),
+    ("rollout.temperature", 0.0, "rollout.temperature"),
+    ("train.mini_batches", 3, "train.mini_batches"),
+    ("train.micro_batch_size", 7, "train.micro_batch_size"),
+    ("mesh.shape", (3, -1, 1), "mesh.shape"),
+    ("mesh.shape", (2, 2, 1), "needs 4 devices"),
+    ("loss.aggregation", "mean", "loss.aggregation"),
+    ("objective.reward_variant", "other", "objective.reward_variant"),
+    ("model.num_kv_heads", 5, "model.num_heads"),
+    ("model.hidden_size", -1, "model.hidden_size"),
+    ("model.dtype", "float64", "model.dtype"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
+def test_bad_values_name_the_key(key, value, message):
+    config = load("qwen1_5b")
+    section, field = key.split(".")
+    with config.unlocked():
+        config[section][field] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_lib.validate(config, num_devices=8)
+
+
+def test_batch_must_divide_data_parallel_ways():
+    config = load("qwen1_5b")
+    config.mesh.shape = (1, -1, 1)
+    config.train.micro_batch_size = 4  # divides the mini-batch, not the 8 FSDP ways
+    with pytest.raises(ConfigError, match="data-parallel ways"):
+        config_lib.validate(config, num_devices=8)
