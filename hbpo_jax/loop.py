@@ -369,10 +369,11 @@ def _meta(batches, config, step) -> dict:
 def _log_eval(writer, tag, summaries: list[dict], step: int) -> None:
     for s in summaries:
         writer.scalars(step, {f"eval_{tag}/{s['mode']}/accuracy": s["accuracy"],
-                              f"eval_{tag}/{s['mode']}/mean_tokens": s["mean_tokens"]})
+                              f"eval_{tag}/{s['mode']}/mean_tokens": s["mean_tokens"]}, console=False)
         for level, v in s["by_level"].items():
             writer.scalars(step, {f"eval_{tag}/{s['mode']}/level_{level}/accuracy": v["accuracy"],
-                                  f"eval_{tag}/{s['mode']}/level_{level}/mean_tokens": v["mean_tokens"]})
+                                  f"eval_{tag}/{s['mode']}/level_{level}/mean_tokens": v["mean_tokens"]},
+                           console=False)
 
 
 def _write_json(path, obj) -> None:

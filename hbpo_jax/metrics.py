@@ -1,6 +1,8 @@
-"""Training metrics: tensorboardX event files in the workdir and a console progress bar."""
+"""Training metrics: tensorboardX event files and a metrics.jsonl in the workdir, and a console
+progress bar with an ETA."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -11,7 +13,8 @@ import jax
 
 
 class MetricsWriter:
-    """Writes scalars to `<workdir>/tensorboard` and shows progress with an ETA on the console.
+    """Writes scalars to `<workdir>/tensorboard` (event files) and `<workdir>/metrics.jsonl` (one
+    JSON object per call: {"step": ..., name: value, ...}), and shows progress on the console.
 
     Only process 0 writes; the others accept calls and do nothing.
     """
@@ -24,19 +27,24 @@ class MetricsWriter:
         self.console_keys = console_keys
         self._console = console and self.enabled
         self._t0 = time.time()
-        self._writer = None
+        self._writer = self._jsonl = None
         if self.enabled:
             from tensorboardX import SummaryWriter
             self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    def scalars(self, step: int, values: Mapping[str, float], console: bool = True) -> None:
         if not self.enabled:
             return
+        row = {"step": int(step)}
         for key, value in values.items():
             value = float(value)
+            row[key] = value if math.isfinite(value) else str(value)
             if math.isfinite(value):
                 self._writer.add_scalar(key, value, step)
-        if self._console:
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._console and console:
             done = step - self.start
             rate = (time.time() - self._t0) / max(done, 1)
             eta = rate * (self.total - step)
@@ -52,7 +60,9 @@ class MetricsWriter:
     def flush(self) -> None:
         if self.enabled:
             self._writer.flush()
+            self._jsonl.flush()
 
     def close(self) -> None:
         if self.enabled:
             self._writer.close()
+            self._jsonl.close()

@@ -121,10 +121,6 @@ def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 192, workdir: str
 
 
 def load_tokenizer(folder: str):
-    """Loads a tokenizer saved with save_pretrained, offline, exactly as saved.
-
-    Not AutoTokenizer: in a model folder whose config.json says model_type qwen2, transformers 5
-    builds a Qwen2Tokenizer that replaces this tokenizer's pre-tokenizer (different ids).
-    """
-    from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    """Loads a tokenizer saved with save_pretrained, offline, exactly as saved."""
+    from hbpo_jax.models.hf import load_tokenizer as load
+    return load(folder)

@@ -157,18 +157,13 @@ def update(graphdef, state: TrainState, batch: dict, *, optimizer, prompt_len: i
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
     def accumulate(carry, mb):
-        grads, loss_sum, metric_sum = carry
+        grads, loss_sum = carry
         (loss, metrics), g = grad_fn(state.params, graphdef, mb, prompt_len, temperature, chunk, kwargs)
-        grads = jax.tree.map(jnp.add, grads, g)
-        metric_sum = jax.tree.map(lambda s, m: s + m * mb["weight"], metric_sum, metrics)
-        return (grads, loss_sum + loss, metric_sum), None
+        return (jax.tree.map(jnp.add, grads, g), loss_sum + loss), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    first = jax.tree.map(lambda x: x[0], batch)
-    metric_shapes = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, first, prompt_len,
-                                                        temperature, chunk, kwargs)[1])
-    metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-    (grads, loss, metrics), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), metric_zeros), batch)
+    (grads, loss), per_micro = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), batch)
+    metrics = jax.tree.map(lambda m: jnp.sum(m * batch["weight"]), per_micro)  # weighted means
 
     grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -171,14 +171,21 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_norm(x)), kv
 
 
-def _call_layer(layer, x, positions, mask, kv, index):
-    return layer(x, positions, mask, kv, index)
+def _call_layer(layer, x, positions, mask, kv, index, remat: str = "none"):
+    """One decoder layer; with remat, its activations are recomputed in the backward pass.
 
+    The layer is split into pure arrays for jax.checkpoint (not nnx.remat), so this composes with
+    any outer jax transform (jit, scan, grad, eval_shape) of a merged model."""
+    if remat == "none":
+        return layer(x, positions, mask, kv, index)
+    graphdef, state = nnx.split(layer)
+    policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
-_REMAT = {
-    "full": functools.partial(nnx.remat, policy=None),
-    "dots": functools.partial(nnx.remat, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
-}
+    @functools.partial(jax.checkpoint, policy=policy)
+    def run(state, x, positions, mask, kv, index):
+        return nnx.merge(graphdef, state)(x, positions, mask, kv, index)
+
+    return run(state, x, positions, mask, kv, index)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -231,11 +238,10 @@ class Qwen2(nnx.Module):
         mask = (key_slots[None, None, :] <= slots[None, :, None]) & key_valid[:, None, :]  # [B, T, S]
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
-        call = _REMAT[self.cfg.remat](_call_layer) if self.cfg.remat in _REMAT else _call_layer
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = call(layer, x, positions, mask, kv, index)
+            x, kv = _call_layer(layer, x, positions, mask, kv, index, self.cfg.remat)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])

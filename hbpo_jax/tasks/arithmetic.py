@@ -35,27 +35,12 @@ import numpy as np
 BUDGETS = (32, 64, 128, 160)
 BUDGET_PREFIX = "<think> I will answer the question with {budget} tokens"
 MINIMAL_PREFIX = "<think> I will answer the question with minimal tokens"
-DIFFICULTIES = (1, 2, 3, 4, 5)
+DIFFICULTIES = (1, 2, 3, 4)
 MAX_TOTAL = 9  # running results stay in [0, MAX_TOTAL]: single digits
 MAX_OPERAND = 9
-REDUNDANCY = 0.5  # P(one more needless step) after each operation; mean extra steps 1.0 per op
+DISTINCT = True  # the numbers of a question are all different
+REDUNDANCY = 0.6  # P(one more needless step) after each operation; mean extra steps 1.18 per op
 MAX_EXTRA_PER_STEP = 3
-
-# Settings for configs/tiny.py, measured on the shared 2-core CPU (other jobs running): SFT 400 steps
-# took 244 s (~0.33 s/step once compiled), final loss 0.26 (still falling fast), greedy natural-mode
-# accuracy by difficulty 1..5: 96/39/20/11/17% (37% overall), mean tokens 18.5/26.9/45.6/56.3/58.8.
-# Step 1 is learnt; the errors at d >= 2 pick the wrong operand, so more SFT steps are needed
-# before RL (not yet measured).
-RECOMMENDED_TINY = dict(
-    tokenizer_vocab_size=192,  # len(tokenizer) == 186; model vocab 192
-    model=dict(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4, num_kv_heads=2,
-               head_dim=32, tie_word_embeddings=True, rope_theta=10000.0),
-    sft=dict(num_examples=8000, max_len=256, steps=400, batch_size=32, lr=3e-3, warmup_steps=30,
-             weight_decay=0.01, seed=0),
-    difficulties=DIFFICULTIES,
-    budgets=BUDGETS,
-    max_response_len=256,
-)
 
 _EXPR = re.compile(r"Compute (\d+(?:[+-]\d+)+)\.")
 _TERM = re.compile(r"([+-])(\d+)")
@@ -66,27 +51,41 @@ def _as_rng(rng) -> np.random.Generator:
 
 
 def make_problem(rng, difficulty: int, *, max_total: int = MAX_TOTAL,
-                 max_operand: int = MAX_OPERAND) -> dict:
+                 max_operand: int = MAX_OPERAND, distinct: bool = DISTINCT) -> dict:
     """One problem with `difficulty` operations on numbers in [1, max_operand].
 
     rng: a numpy Generator or an int seed. Every running result stays in [0, max_total], so the
-    answer is a non-negative integer. Returns {problem, answer (str), difficulty, solution}.
+    answer is a non-negative integer. distinct: the numbers written in the question are all
+    different (no operand to confuse with another when a step copies it from the question).
+    Returns {problem, answer (str), difficulty, solution}.
     """
     if difficulty < 1:
         raise ValueError(f"difficulty must be >= 1, got {difficulty}.")
     if max_total < max_operand:
         raise ValueError(f"max_total ({max_total}) must be >= max_operand ({max_operand}).")
     rng = _as_rng(rng)
-    total = int(rng.integers(1, max_operand + 1))
-    expr = str(total)
-    for _ in range(difficulty):
-        sign = "+" if rng.random() < 0.5 else "-"
-        if not 1 <= (max_total - total if sign == "+" else total):  # no room that way: turn round
-            sign = "-" if sign == "+" else "+"
-        room = max_total - total if sign == "+" else total
-        b = int(rng.integers(1, min(room, max_operand) + 1))
-        total = total + b if sign == "+" else total - b
-        expr += f"{sign}{b}"
+    if distinct and difficulty + 1 > max_operand:
+        raise ValueError(f"{difficulty + 1} distinct numbers do not fit in [1, {max_operand}].")
+    while True:  # retry the rare dead ends (no unused number fits in range)
+        total = int(rng.integers(1, max_operand + 1))
+        used, expr = {total}, str(total)
+        for _ in range(difficulty):
+            options = {}
+            for sign in "+-":
+                room = max_total - total if sign == "+" else total
+                options[sign] = [b for b in range(1, min(room, max_operand) + 1)
+                                 if not (distinct and b in used)]
+            sign = "+" if rng.random() < 0.5 else "-"
+            if not options[sign]:  # no room that way: turn round
+                sign = "-" if sign == "+" else "+"
+            if not options[sign]:
+                break
+            b = int(rng.choice(options[sign]))
+            total = total + b if sign == "+" else total - b
+            used.add(b)
+            expr += f"{sign}{b}"
+        else:
+            break
     problem = {"problem": f"Compute {expr}.", "answer": str(total), "difficulty": int(difficulty)}
     problem["solution"] = minimal_solution(problem)
     return problem
