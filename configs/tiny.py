@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
     k.name = "arithmetic"
     k.tokenizer_vocab_size = 192
     k.train_problems = 4096
-    k.eval_problems = 512
+    k.eval_problems = 384
     k.sft_examples = 8000
     k.sft_steps = 400
     k.sft_batch_size = 32
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None):
     config.objective.l_max = 256
 
     t = config.train
-    t.steps = 40
+    t.steps = 25
     t.prompts_per_step = 16
     t.mini_batches = 2
     t.micro_batch_size = 64
@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
     t.keep_checkpoints = 2
 
     o = config.optim
-    o.learning_rate = 1e-4
+    o.learning_rate = 3e-4
     o.weight_decay = 0.0
     e = config.eval
     e.before_after = True

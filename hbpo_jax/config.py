@@ -41,7 +41,8 @@ def base_config() -> config_dict.ConfigDict:
     c.rollout = config_dict.ConfigDict(dict(
         mode="budget", budgets=(512, 1024, 2048, 2560), samples_per_budget=4,
         max_prompt_len=1024, max_response_len=4096, temperature=1.0, top_p=1.0, top_k=0,
-        prefix_in_response=True, hard_budget_cap=False, system_prompt=""))
+        prefix_in_response=True, hard_budget_cap=False, system_prompt="",
+        max_batch=0))  # rows per sampler call (0: all); bounds the KV cache
 
     c.objective = config_dict.ConfigDict(dict(
         name="hbpo", beta=4.0, l_max=4096, reward_variant="code", format_reward=-1.0,
@@ -106,6 +107,7 @@ def validate(config, num_devices: int | None = None) -> None:
     _require(r.temperature > 0, f"rollout.temperature must be positive for RL, got {r.temperature}.")
     _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
     _require(r.top_k >= 0, f"rollout.top_k must be ≥ 0 (0 = off), got {r.top_k}.")
+    _require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
 
     o = config.objective
     _require(o.l_max == r.max_response_len,

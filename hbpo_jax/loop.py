@@ -178,7 +178,8 @@ class Step:
             budgets=tuple(r.budgets), samples_per_budget=r.samples_per_budget, mode=r.mode,
             max_new_tokens=r.max_response_len, prefix_in_response=r.prefix_in_response,
             hard_budget_cap=r.hard_budget_cap, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            key=key, mesh=self.mesh, rules=self.rules, system_prompt=r.system_prompt or None)
+            key=key, mesh=self.mesh, rules=self.rules, system_prompt=r.system_prompt or None,
+            max_batch=r.max_batch)
         lengths = np.asarray(batch.lengths)
         t1 = time.perf_counter()
 

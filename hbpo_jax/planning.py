@@ -61,12 +61,12 @@ def lower_train_step(config, mesh):
 
 
 def lower_sampler(config, mesh, batch: int | None = None):
-    """(prefill, decode) of `config`'s rollouts, lowered: batch defaults to one step's rollouts
-    (prompts_per_step x budgets x samples), prompt max_prompt_len, L_max new tokens."""
+    """(prefill, decode) of `config`'s rollouts, lowered: batch defaults to one sampler call's rows
+    (rollout.max_batch, or all of a step's rollouts), prompt max_prompt_len, L_max new tokens."""
     rules = tuple(sharding.rules_from_config(config.mesh))
     cfg = config_lib.model_config(config)
     r = config.rollout
-    b = batch or config.train.prompts_per_step * len(r.budgets) * r.samples_per_budget
+    b = batch or r.max_batch or config.train.prompts_per_step * len(r.budgets) * r.samples_per_budget
     p, n = r.max_prompt_len, r.max_response_len
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
     params = jax.tree.map(_sds, state, sharding.state_shardings(state, mesh, rules))

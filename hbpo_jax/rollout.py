@@ -167,14 +167,18 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, key: jax.Array,
                     mesh=None, rules=None, system_prompt: str | None = None,
                     prompt_bucket: str | int | None = "pow2", eos_ids: Sequence[int] | None = None,
-                    pad_id: int | None = None) -> RolloutBatch:
-    """Builds the prompts (`build_prompts`), samples every row in one sampler call, and lays out
-    the responses (see RolloutBatch for shapes).
+                    pad_id: int | None = None, max_batch: int = 0) -> RolloutBatch:
+    """Builds the prompts (`build_prompts`), samples the rows, and lays out the responses (see
+    RolloutBatch for shapes).
 
     max_new_tokens: L_max, the cap on counted response tokens (the prefix included when
       prefix_in_response); also the sampler's static cap and N.
     hard_budget_cap: also cap each row's counted response at its budget (budget / fixed / l1).
     eos_ids: default `default_eos_ids`; pad_id: default the tokenizer's pad id, else the first EOS.
+    max_batch: rows per sampler call (0: all at once). The KV cache grows with the rows, so a
+      large rollout batch (1,024 rows x 5,120 slots is ~150 GB for the 1.5B model) is sampled in
+      chunks; every chunk has the same shape (the last is padded with finished rows), so one
+      compilation serves them all, and chunk i samples with fold_in(key, i).
     """
     layout = build_prompts(tokenizer, problems, budgets=budgets, samples_per_budget=samples_per_budget,
                            mode=mode, system_prompt=system_prompt)
@@ -198,13 +202,10 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
 
     full_prompts = [p + x for p, x in zip(layout.prompt_tokens, layout.prefix_tokens)]
     ids, mask = sampler.pad_prompts(full_prompts, pad_id, prompt_bucket)
-    out = sampler.generate(graphdef_state, ids, mask, key=key, max_new_tokens=n, limits=limits,
-                           eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, top_p=top_p,
-                           top_k=top_k, mesh=mesh, rules=rules, prompt_bucket=prompt_bucket)
-    tokens, logp, sampled_len, reason = jax.device_get((out.tokens, out.logprobs, out.lengths,
-                                                        out.stop_reason))
-    tokens, logp = np.asarray(tokens), np.asarray(logp)
-    sampled_len, reason = np.asarray(sampled_len, np.int32), np.asarray(reason, np.int32)
+    tokens, logp, sampled_len, reason = _sample_in_chunks(
+        graphdef_state, ids, mask, limits, max_batch, key=key, max_new_tokens=n, eos_ids=eos_ids,
+        pad_id=pad_id, temperature=temperature, top_p=top_p, top_k=top_k, mesh=mesh, rules=rules,
+        prompt_bucket=prompt_bucket)
 
     # prefix + sampled tokens, right-padded: the text the grader sees, and the counted response.
     width = n + int(pfx.max(initial=0))
@@ -238,6 +239,28 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
         lengths=lengths.astype(np.int32), prefix_lengths=pfx, budgets=layout.budgets,
         prompt_index=layout.prompt_index, stop_reason=reason, texts=texts,
         group_shape=layout.group_shape)
+
+
+def _sample_in_chunks(policy, ids, mask, limits, max_batch: int, *, key, **kwargs):
+    """sampler.generate over rows [R, P] in chunks of max_batch rows; numpy (tokens [R, N],
+    logprobs [R, N], lengths [R], stop_reason [R])."""
+    rows = ids.shape[0]
+    chunk = rows if max_batch <= 0 or max_batch >= rows else int(max_batch)
+    outs = []
+    for i, start in enumerate(range(0, rows, chunk)):
+        sl = slice(start, start + chunk)
+        c_ids, c_mask, c_limits = ids[sl], mask[sl], limits[sl]
+        short = chunk - c_ids.shape[0]
+        if short:  # pad with copies of the first row that stop at once (limit 0)
+            c_ids = np.concatenate([c_ids, np.repeat(ids[:1], short, 0)])
+            c_mask = np.concatenate([c_mask, np.repeat(mask[:1], short, 0)])
+            c_limits = np.concatenate([c_limits, np.zeros(short, c_limits.dtype)])
+        out = sampler.generate(policy, c_ids, c_mask, key=key if chunk == rows else jax.random.fold_in(key, i),
+                               limits=c_limits, **kwargs)
+        got = jax.device_get((out.tokens, out.logprobs, out.lengths, out.stop_reason))
+        outs.append([np.asarray(x)[: chunk - short] for x in got])
+    tokens, logp, lengths, reason = (np.concatenate(parts) for parts in zip(*outs))
+    return tokens, logp, lengths.astype(np.int32), reason.astype(np.int32)
 
 
 def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:

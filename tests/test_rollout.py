@@ -202,3 +202,18 @@ def test_prefix_flag_and_hard_cap(tiny):
     _check_batch(hard, tok, 72, True)
     assert (hard.lengths <= hard.budgets).all()
     assert ((hard.lengths == hard.budgets) == (hard.stop_reason == sampler.STOP_LIMIT)).all()
+
+
+def test_chunked_sampling_matches_one_call(tiny):
+    """max_batch splits the rows into equal sampler calls (the last padded); greedy rows are the
+    same as in one call, and every layout array keeps its shape."""
+    model, tok = tiny
+    kw = dict(budgets=[56, 64], samples_per_budget=2, max_new_tokens=64, temperature=0.0,
+              key=jax.random.key(5))
+    whole = rollout.budget_rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], **kw)
+    chunked = rollout.budget_rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], max_batch=5, **kw)
+    _check_batch(chunked, tok, 64, True)
+    for field in ("response_ids", "lengths", "stop_reason", "response_mask", "budgets", "prompt_index"):
+        np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field), err_msg=field)
+    np.testing.assert_allclose(chunked.logprobs, whole.logprobs, atol=1e-5)
+    assert chunked.texts == whole.texts

@@ -33,6 +33,8 @@ def test_problem_answer_and_range(difficulty):
         assert len(re.findall(r"[+-]", expr)) == difficulty == p["difficulty"]
         assert p["answer"] == str(_eval(expr))
         assert all(0 <= s[3] <= A.MAX_TOTAL for s in A.steps(p))
+        numbers = re.findall(r"\d+", expr)
+        assert len(set(numbers)) == len(numbers)  # distinct: an operand is copied unambiguously
         assert p["solution"] == A.minimal_solution(p)
 
 
@@ -64,14 +66,14 @@ def test_needless_steps_keep_the_answer_and_lengthen():
         expr = p["problem"][len("Compute "):-1]
         allowed = {f"we need {expr}", f"answer {p['answer']}"}
         for step, line in zip(A.steps(p), A._lines(p)):
-            allowed |= {line, f"so far {step[3]}", f"check {line}"}
+            allowed |= {line} | {k.format(line=line, c=step[3]) for k in A.NEEDLESS}
             a, sign, b, c = step
             assert c == (a + b if sign == "+" else a - b)
         assert set(body) <= allowed, (body, p)
         assert [x for x in body if x in A._lines(p)] == A._lines(p)
         ratios.append(len(r) / len(A.minimal_solution(p)))
         saw_minimal |= r == A.minimal_solution(p)
-    assert 1.4 < np.mean(ratios) < 3.0, np.mean(ratios)
+    assert 1.4 < np.mean(ratios) < 3.5, np.mean(ratios)
     assert saw_minimal  # short answers are in the warm-start distribution
     assert A.warm_start_response(data[0], rng, redundancy=0.0) == A.minimal_solution(data[0])
 

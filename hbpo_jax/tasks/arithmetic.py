@@ -11,11 +11,13 @@ has one line per operation with the running result, inside `<think>`, then the b
     \\boxed{7}
 
 Warm-start (SFT) responses add needless steps of random length, as real reasoning models do: a
-restatement of the question, re-checks of the step just done ("check 12-3=9"), restatements of the
-running result ("so far 9") and of the answer. They only copy facts already written, so they are
-always correct and never change the answer; RL can learn to drop them. Their count per operation
-is geometric (mean `redundancy / (1 - redundancy)`), so a warm-start response is ~2x its minimal
-solution on average, with short ones (no extra step) common enough for RL to find.
+restatement of the question, re-checks of the step just done ("check 9-3=6", "again 9-3=6"),
+restatements of the running result ("so far 6", "yes 6") and of the answer. They only copy facts
+already written, so they are always correct and never change the answer; RL can learn to drop
+them. After each operation they come in a fixed order, each with a probability (CONTINUE) once
+the one before was written: 2.0 per operation on average, so a sampled warm-start response is
+~2.5-3x its minimal solution, with short ones common enough for RL to find, while a greedy one
+writes them all. Numbers in a question are distinct, so copying an operand is unambiguous.
 
 Budget-mode SFT responses start with the budget sentence that rollouts pre-fill; the reasoning that
 follows is drawn independently of the stated budget (SFT teaches the format, RL the meaning). The
@@ -39,8 +41,16 @@ DIFFICULTIES = (1, 2, 3, 4)
 MAX_TOTAL = 9  # running results stay in [0, MAX_TOTAL]: single digits
 MAX_OPERAND = 9
 DISTINCT = True  # the numbers of a question are all different
-REDUNDANCY = 0.6  # P(one more needless step) after each operation; mean extra steps 1.18 per op
-MAX_EXTRA_PER_STEP = 3
+# Needless lines after an operation "a+b=c", in this order; the j-th is written with probability
+# CONTINUE[j] once the (j-1)-th was (scaled by `redundancy`). Each kind is a different text, so the
+# model knows how far along it is without counting repeated lines; each continuation probability is
+# above 1/2, so a greedy warm start writes them all (long, like a verbose reasoning model), and
+# they fall off, so length pressure flips the last ones first (graded lengths under RL).
+NEEDLESS = ("check {line}", "so far {c}", "again {line}", "yes {c}")
+CONTINUE = (0.85, 0.7, 0.6, 0.55)  # mean 2.0 needless lines per operation
+OPENING = 0.5  # P(restating the question first) and P(restating the answer last)
+REDUNDANCY = 1.0  # scales CONTINUE and OPENING; 0 gives the minimal solution
+MAX_EXTRA_PER_STEP = len(NEEDLESS)
 
 _EXPR = re.compile(r"Compute (\d+(?:[+-]\d+)+)\.")
 _TERM = re.compile(r"([+-])(\d+)")
@@ -129,22 +139,23 @@ def warm_start_response(problem: dict, rng, *, prefix: str | None = None,
 
     prefix: None for a natural response (it opens with `<think>`), else the pre-filled text that
     opens the think part (BUDGET_PREFIX / MINIMAL_PREFIX); it is kept verbatim at the start.
-    redundancy: probability of one more needless step after each operation (geometric count, at
-    most MAX_EXTRA_PER_STEP); 0 gives the minimal solution. Returns text ending in `\\boxed{ans}`.
+    redundancy: scales the probabilities of the needless lines (NEEDLESS after each operation,
+    CONTINUE; a restatement of the question and of the answer, OPENING); 0 gives the minimal
+    solution. Returns text ending in `\\boxed{ans}`.
     """
     rng = _as_rng(rng)
     ops = steps(problem)
     expr = _EXPR.fullmatch(problem["problem"]).group(1)
     lines = []
-    if redundancy > 0 and rng.random() < redundancy:
+    if rng.random() < OPENING * redundancy:
         lines.append(f"we need {expr}")
     for step, line in zip(ops, _lines(problem)):
         lines.append(line)
-        n = 0
-        while n < MAX_EXTRA_PER_STEP and rng.random() < redundancy:
-            lines.append(f"check {line}" if rng.random() < 0.6 else f"so far {step[3]}")
-            n += 1
-    if redundancy > 0 and rng.random() < redundancy:
+        for kind, p in zip(NEEDLESS, CONTINUE):
+            if not rng.random() < p * redundancy:
+                break
+            lines.append(kind.format(line=line, c=step[3]))
+    if rng.random() < OPENING * redundancy:
         lines.append(f"answer {problem['answer']}")
     head = "<think>" if prefix is None else prefix
     body = "".join(f"\n{line}" for line in lines)
