@@ -13,7 +13,7 @@ def get_config(arg: str | None = None):
     config.name = "hbpo-tiny"
     # vocab_size is the tokenizer's; the task's tokenizer is built with exactly this size.
     config.model = config_dict.ConfigDict(dict(
-        vocab_size=192, hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4,
+        vocab_size=256, hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4,
         num_kv_heads=2, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, max_position_embeddings=512, bos_token_id=None,
         eos_token_ids=(), dtype="float32", param_dtype="float32", attention_impl="xla",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -114,19 +115,36 @@ class TrainCheckpointer:
         """(step, state, meta) of the newest checkpoint that restores, or None when there is none.
 
         abstract_state: the TrainState tree of jax.ShapeDtypeStruct with shardings to restore into.
+        A checkpoint that fails to restore is renamed `damaged-<step>` (kept for inspection, out of
+        the way of the step's next save) and the one before it is tried.
         """
         import logging
         log = logging.getLogger(__name__)
         self._manager.reload()
+        damaged = []
+        result = None
         for step in reversed(self.steps()):
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                return step, restored.state, dict(restored.meta)
+                result = step, restored.state, dict(restored.meta)
+                break
             except Exception as e:  # a damaged checkpoint: try the one before it
                 log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying an older one.",
                             self.directory, step, type(e).__name__, str(e)[:300])
-        return None
+                damaged.append(step)
+        if damaged:
+            if jax.process_index() == 0:
+                for step in damaged:
+                    src = os.path.join(self.directory, str(step))
+                    dst = os.path.join(self.directory, f"damaged-{step}")
+                    shutil.rmtree(dst, ignore_errors=True)
+                    os.replace(src, dst)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices("hbpo_jax.checkpoint.damaged")
+            self._manager.reload()
+        return result
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -25,7 +25,12 @@ def base_config() -> config_dict.ConfigDict:
     c.seed = 0
     c.model = config_dict.ConfigDict()  # ModelConfig fields; overridden by model_path's config.json
     c.model_path = ""  # a Hugging Face folder; empty: random init from `model`
-    c.distributed = False  # jax.distributed.initialize() (multi-host)
+    c.distributed = False  # jax.distributed.initialize(), one process per host (TPU pod slices)
+    # Where the processes meet, when jax cannot find out itself (it can on TPU pods: leave these
+    # empty there). E.g. CPU processes: coordinator "10.0.0.1:1234", num_processes 2, process_id 0 / 1.
+    c.distributed_coordinator = ""
+    c.distributed_num_processes = 0
+    c.distributed_process_id = 0
 
     c.mesh = config_dict.ConfigDict(dict(
         shape=(1, -1, 1), axes=sharding.MESH_AXES, rules=sharding.DEFAULT_RULES))

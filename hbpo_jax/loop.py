@@ -5,6 +5,11 @@ One step with P prompts, G = budgets x samples rollouts each (R = P * G rows, pr
   budget_rollouts (jitted sampler, KV cache)  ->  grade_batch (worker processes)
   ->  loss.compute_advantages (by objective name)  ->  old log-probs (sampler, recomputed where
   the sampler did not sample, e.g. the pre-filled budget prefix)  ->  mini-batch updates.
+
+Several processes (a TPU pod slice, one per host, one global mesh): every process reads the same
+global prompt batch, gathers all rollouts to its host and grades them all (grading is duplicated
+per host), so host-side values are identical everywhere; the win is simplicity and runs that equal
+a one-process run on the same mesh (tests/test_multiprocess.py).
 """
 from __future__ import annotations
 
@@ -57,11 +62,9 @@ def _arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
     tokenizer = tokenizer_lib.build_tokenizer(
         arithmetic.corpus_texts(seed=config.seed, budgets=budgets),
         vocab_size=t.tokenizer_vocab_size, workdir=workdir)
-    model_cfg = config_lib.model_config(config)
-    if len(tokenizer) > model_cfg.vocab_size:
-        raise config_lib.ConfigError(
-            f"model.vocab_size ({model_cfg.vocab_size}) is below the task tokenizer's {len(tokenizer)} tokens.")
-    model_cfg = model_cfg.replace(eos_token_ids=(tokenizer.eos_token_id,))
+    # The task's tokenizer decides the vocabulary (rounded up to a multiple of 8).
+    model_cfg = config_lib.model_config(config).replace(
+        vocab_size=-(-len(tokenizer) // 8) * 8, eos_token_ids=(tokenizer.eos_token_id,))
     warm = os.path.join(workdir, "warmstart")
     if os.path.isdir(os.path.join(warm, "params")):
         log.info("warm start: restoring the cached SFT model from %s", warm)
@@ -158,6 +161,7 @@ class Step:
         batch_axes = sharding.logical_to_spec(("batch",), rules, mesh)[0]
         self.micro_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes))
         self.row_sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
         self.ref_params = (jax.tree.map(jnp.copy, policy.params) if config.loss.kl_coef > 0 else None)
 
     def _logprobs(self, params, tokens, attn, prompt_len):
@@ -168,7 +172,7 @@ class Step:
                                         jax.device_put(attn[i:i + mb], self.row_sharding),
                                         prompt_len=prompt_len, temperature=self.config.rollout.temperature)
                for i in range(0, len(tokens), mb)]
-        return np.concatenate([np.asarray(x) for x in out])
+        return np.concatenate([sharding.to_host(x) for x in out])
 
     def __call__(self, state: trainer.TrainState, records: list, key) -> tuple[trainer.TrainState, dict]:
         c, r = self.config, self.config.rollout
@@ -226,7 +230,8 @@ class Step:
                 mb = {k: v[start:start + rows].reshape((rows // micro, micro) + v.shape[1:])
                       for k, v in arrays.items()}
                 mb["weight"] = trainer.micro_weights(mb["response_mask"], dict(self.loss_kwargs)["aggregation"])
-                mb = {k: jax.device_put(v, self.micro_sharding if v.ndim > 1 else None) for k, v in mb.items()}
+                mb = {k: jax.device_put(v, self.micro_sharding if v.ndim > 1 else self.replicated)
+                      for k, v in mb.items()}
                 state, m = trainer.update(self.policy.graphdef, state, mb, optimizer=self.optimizer,
                                           prompt_len=prompt_len, temperature=r.temperature,
                                           loss_kwargs=self.loss_kwargs)
@@ -286,8 +291,7 @@ def _evaluate(config, policy: Policy, params, mesh, rules, key) -> list[evaluati
 
 def run(config, workdir: str) -> dict:
     """Trains as `config` says, in `workdir` (resuming from its checkpoints). Returns a summary."""
-    if config.distributed:
-        jax.distributed.initialize()
+    _initialize_distributed(config)
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.mesh_from_config(config.mesh)
@@ -300,8 +304,9 @@ def run(config, workdir: str) -> dict:
 
     state = trainer.init_state(policy.params, step_fn.optimizer)
     ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+    # The same global batch on every process (see the module docstring).
     batches = data.prompt_batches(policy.train_records, batch_size=t.prompts_per_step, seed=config.seed,
-                                  shuffle=config.data.shuffle)
+                                  shuffle=config.data.shuffle, process_index=0, process_count=1)
     start = 0
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = ckpt.restore_latest(abstract)
@@ -317,7 +322,8 @@ def run(config, workdir: str) -> dict:
         if start == 0 or not os.path.exists(results_path):
             before = _evaluate(config, policy, policy.params, mesh, rules, jax.random.fold_in(base_key, 10**6))
             _write_json(results_path, {"before": [m.summary() for m in before]})
-        _log_eval(writer, "before", _read_json(results_path)["before"], 0)
+        if writer.enabled:  # process 0, which wrote the file
+            _log_eval(writer, "before", _read_json(results_path)["before"], 0)
 
     step = start
     with _Preemption() as preemption:
@@ -354,12 +360,30 @@ def run(config, workdir: str) -> dict:
         _write_json(results_path, {"before": before, "after": after})
         _log_eval(writer, "after", after, step)
         table = evaluation.before_after_table(before, after)
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(table + "\n")
+        if writer.enabled:
+            with open(os.path.join(workdir, "results.md"), "w") as f:
+                f.write(table + "\n")
         writer.text("eval/table", table, step)
         summary["table"] = table
     writer.close()
     return summary
+
+
+def _initialize_distributed(config) -> None:
+    """jax.distributed.initialize() when config.distributed: found automatically on TPU pods, or
+    from config.distributed_{coordinator,num_processes,process_id} (CPU clusters, tests)."""
+    if not config.get("distributed", False):
+        return
+    kwargs = {}
+    if config.get("distributed_coordinator", ""):
+        kwargs = dict(coordinator_address=config.distributed_coordinator,
+                      num_processes=int(config.distributed_num_processes),
+                      process_id=int(config.distributed_process_id))
+    if (jax.config.jax_platforms or "").split(",")[0] == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU collectives
+    jax.distributed.initialize(**kwargs)
+    log.info("process %d of %d, %d local of %d devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
 
 
 def _meta(batches, config, step) -> dict:
@@ -378,6 +402,8 @@ def _log_eval(writer, tag, summaries: list[dict], step: int) -> None:
 
 
 def _write_json(path, obj) -> None:
+    if jax.process_index() != 0:  # one writer; every process computed the same obj
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)

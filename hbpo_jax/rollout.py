@@ -24,7 +24,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from hbpo_jax import sampler
+from hbpo_jax import sampler, sharding
 
 MODES = ("budget", "natural", "efficiency", "fixed", "l1")
 THINK = "<think>"
@@ -257,8 +257,8 @@ def _sample_in_chunks(policy, ids, mask, limits, max_batch: int, *, key, **kwarg
             c_limits = np.concatenate([c_limits, np.zeros(short, c_limits.dtype)])
         out = sampler.generate(policy, c_ids, c_mask, key=key if chunk == rows else jax.random.fold_in(key, i),
                                limits=c_limits, **kwargs)
-        got = jax.device_get((out.tokens, out.logprobs, out.lengths, out.stop_reason))
-        outs.append([np.asarray(x)[: chunk - short] for x in got])
+        got = (out.tokens, out.logprobs, out.lengths, out.stop_reason)
+        outs.append([sharding.to_host(x)[: chunk - short] for x in got])  # all rows, on every process
     tokens, logp, lengths, reason = (np.concatenate(parts) for parts in zip(*outs))
     return tokens, logp, lengths.astype(np.int32), reason.astype(np.int32)
 

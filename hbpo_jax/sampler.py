@@ -330,7 +330,7 @@ def _prepare(model_or_pair, prompt_ids, prompt_mask, *, key, max_new_tokens, lim
     if mesh is not None:
         put = lambda x: jax.device_put(x, shd.batch_sharding(mesh, rules, x.ndim, x.shape))  # noqa: E731
         prompt_ids, prompt_mask, prompt_lens, limits = map(put, (prompt_ids, prompt_mask, prompt_lens, limits))
-        key = jax.device_put(key, NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        key = shd.put(key, NamedSharding(mesh, jax.sharding.PartitionSpec()))  # multi-process too
     cache = _init_cache(cfg, st, b, width + int(max_new_tokens))
     return _Call(_functions(graphdef, st), state, cache, prompt_ids, prompt_mask, prompt_lens, limits, key)
 

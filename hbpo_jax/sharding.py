@@ -154,3 +154,31 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, shape: Sequence[int] | N
     """Sharding for a batch-major array [batch, ...]: the batch over the `batch` rule's axes."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh, shape))
 
+
+
+# ----------------------------------------------------------------------------- multi-process I/O
+# Every process holds the same host arrays (the same prompts, the same gathered rollouts), so a
+# host value can be placed on a global mesh by each process writing its own shards.
+
+def put(x, sharding: jax.sharding.Sharding):
+    """jax.device_put(x, sharding), also when `sharding` spans other processes' devices and x is a
+    process-local jax.Array (e.g. a PRNG key): it goes through the host. x must be equal on every
+    process (numpy, Python numbers or local jax.Arrays)."""
+    if (sharding.is_fully_addressable or not isinstance(x, jax.Array)
+            or not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of a (possibly multi-process) jax.Array as numpy, on every process.
+
+    Fully addressable or fully replicated arrays are read locally; others are all-gathered over
+    processes (a collective: every process must call it, in the same order)."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

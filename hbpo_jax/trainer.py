@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from hbpo_jax import loss as loss_lib
+from hbpo_jax import sharding as sharding_lib
 
 
 @jax.tree_util.register_dataclass
@@ -52,7 +53,19 @@ def make_optimizer(optim, total_updates: int) -> optax.GradientTransformation:
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     """params: the policy's nnx.State (already sharded); the optimizer state follows its sharding."""
     opt_state = jax.jit(optimizer.init)(params)
-    zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
+    # Counters (ours and optax's step count) replicated on the params' mesh, as the update returns
+    # them, so that a checkpoint restores them there, on every process and any device count.
+    # Distinct buffers: the state is donated.
+    shardings = {x.sharding for x in jax.tree.leaves(params)}
+    mesh = next((s.mesh for s in shardings if isinstance(s, jax.sharding.NamedSharding)), None)
+    if mesh is None:
+        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+    else:
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        zero = lambda: jax.device_put(np.zeros((), np.int32), rep)  # noqa: E731
+        opt_state = jax.tree.map(
+            lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else sharding_lib.put(x, rep),
+            opt_state)
     return TrainState(params, opt_state, zero(), zero(), zero())
 
 

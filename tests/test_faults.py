@@ -1,0 +1,69 @@
+"""What a run survives: a damaged newest checkpoint, runs of non-finite steps, a tokenizer
+without a chat template. (SIGKILL and SIGTERM are in test_loop.py; bad config values in
+test_configs.py; bad model folders in test_hf_io.py; bad datasets in test_data.py; hostile model
+output in test_grading.py.)"""
+import json
+import pathlib
+import subprocess
+
+import pytest
+
+from tests.test_loop import ROOT, _command, _env, _metrics, _run
+
+
+def _checkpoints(workdir):
+    return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    _run(tmp_path, 3)
+    assert _checkpoints(tmp_path) == [1, 2, 3]
+    data = sorted((tmp_path / "checkpoints" / "3" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)[-1]
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[:100])
+    else:
+        data.unlink()
+    done = _run(tmp_path, 4)
+    assert "cannot be restored" in done.stderr and "resumed from step 2" in done.stderr
+    assert sorted(_metrics(tmp_path)) == [1, 2, 3, 4]
+    assert _checkpoints(tmp_path)[-1] == 4
+
+
+@pytest.mark.slow
+def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path):
+    # A NaN reward for wrong and malformed answers makes every step's loss non-finite (the barely
+    # warm-started tiny model gets nearly everything wrong).
+    cmd = _command(tmp_path, 10, "--config.objective.wrong_reward=nan", "--config.objective.format_reward=nan",
+                   "--config.train.max_consecutive_skips=1",
+                   "--config.train.checkpoint_every=100")
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "consecutive steps had a non-finite loss or gradient" in done.stderr
+    rows = _metrics(tmp_path)
+    # Two updates per step (two mini-batches): the second consecutive skip ends step 1.
+    assert sorted(rows) == [1] and rows[1]["skipped"] == 1.0
+    assert _checkpoints(tmp_path) == [1]
+    done = _run(tmp_path, 2, "--config.train.max_consecutive_skips=5")
+    assert "resumed from step 1" in done.stderr
+
+
+def test_tokenizer_without_chat_template_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    import transformers
+
+    from hbpo_jax import config as config_lib
+    from hbpo_jax import loop
+    from tests.hf_reference import hf_model
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_model(vocab_size=3, eos_token_id=2, bos_token_id=0).save_pretrained(tmp_path)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path)
+    config = config_lib.base_config()
+    config.model_path = str(tmp_path)
+    config.data.path = str(tmp_path / "unused.jsonl")
+    with pytest.raises(config_lib.ConfigError, match="no chat template"):
+        loop.build_policy(config, str(tmp_path / "work"), None, ())
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen2"
