@@ -99,8 +99,24 @@ def _pretrained_policy(config, mesh, rules) -> Policy:
                                         max_rows=config.data.max_rows or None)
     if report.total:
         log.warning("data: %s", report.summary())
+    records = _drop_long_prompts(records, tokenizer, config.rollout)
     graphdef, params = nnx.split(model)
     return Policy(graphdef, params, tokenizer, records, [])
+
+
+def _drop_long_prompts(records: list, tokenizer, rollout_cfg) -> list:
+    """Drops (and counts) problems whose templated prompt exceeds rollout.max_prompt_len tokens."""
+    lengths = rollout.prompt_lengths(tokenizer, [r["problem"] for r in records],
+                                     rollout_cfg.system_prompt or None)
+    keep = lengths <= rollout_cfg.max_prompt_len
+    if not keep.all():
+        log.warning("data: %d of %d problems are longer than rollout.max_prompt_len=%d tokens and are "
+                    "skipped (longest: %d).", int((~keep).sum()), len(records), rollout_cfg.max_prompt_len,
+                    int(lengths.max()))
+    kept = [r for r, k in zip(records, keep) if k]
+    if not kept:
+        raise config_lib.ConfigError(f"rollout.max_prompt_len={rollout_cfg.max_prompt_len}: no problem is short enough.")
+    return kept
 
 
 def build_policy(config, workdir, mesh, rules) -> Policy:

@@ -143,6 +143,15 @@ def build_prompts(tokenizer, problems: Sequence[str], *, budgets=None, samples_p
         group_shape=(n_p, n_k, m))
 
 
+def prompt_lengths(tokenizer, problems: Sequence[str], system_prompt: str | None = None) -> np.ndarray:
+    """Tokens of each problem's chat-templated prompt (no prefix): int [P]."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    rendered = [tokenizer.apply_chat_template(system + [{"role": "user", "content": p}],
+                                              add_generation_prompt=True, tokenize=False) for p in problems]
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else []
+    return np.fromiter(map(len, ids), np.int64, count=len(ids))
+
+
 def default_eos_ids(tokenizer, model_cfg=None) -> tuple[int, ...]:
     """The tokenizer's eos id, "<|im_end|>" and "<|endoftext|>" when in its vocabulary, and the
     model config's eos ids."""
@@ -273,4 +282,4 @@ def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[
 
 
 __all__ = ["BUDGET_PREFIX", "EFFICIENCY_PREFIX", "L1_SUFFIX", "MODES", "PromptLayout", "RolloutBatch",
-           "assistant_prefix", "budget_rollouts", "build_prompts", "default_eos_ids"]
+           "assistant_prefix", "budget_rollouts", "build_prompts", "default_eos_ids", "prompt_lengths"]

@@ -217,3 +217,10 @@ def test_chunked_sampling_matches_one_call(tiny):
         np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field), err_msg=field)
     np.testing.assert_allclose(chunked.logprobs, whole.logprobs, atol=1e-5)
     assert chunked.texts == whole.texts
+
+
+def test_prompt_lengths_count_the_templated_prompt(qwen):
+    lengths = rollout.prompt_lengths(qwen, ["1+1?", "a much longer question " * 20])
+    layout = rollout.build_prompts(qwen, ["1+1?", "a much longer question " * 20], mode="natural")
+    np.testing.assert_array_equal(lengths, [len(t) for t in layout.prompt_tokens])
+    assert lengths[1] > lengths[0]

@@ -195,12 +195,16 @@ def load_pretrained(path: str, *, dtype: str = "float32", compute_dtype: str | N
     return Pretrained(model, cfg, load_tokenizer(path) if with_tokenizer else None)
 
 
+_GENERIC_TOKENIZERS = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+
+
 def load_tokenizer(path: str):
     """The transformers tokenizer saved in `path`, or None when there are no tokenizer files.
 
-    A folder whose tokenizer_config.json names PreTrainedTokenizerFast (or no class) is loaded as
-    exactly that: AutoTokenizer would follow config.json's model_type and, in transformers 5,
-    build a Qwen2Tokenizer with its own pre-tokenizer, which changes the ids of a custom vocabulary.
+    A folder whose tokenizer_config.json names a generic class (PreTrainedTokenizerFast, or
+    TokenizersBackend as transformers 5 writes it) or none is loaded from tokenizer.json as is:
+    AutoTokenizer would follow config.json's model_type and, in transformers 5, build a
+    Qwen2Tokenizer with its own pre-tokenizer, which changes the ids of a custom vocabulary.
     """
     if not any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
         return None
@@ -213,7 +217,7 @@ def load_tokenizer(path: str):
                 tokenizer_class = json.load(f).get("tokenizer_class")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise ConfigError(f"{config_path}: not a valid tokenizer config ({e}).") from None
-    if tokenizer_class in (None, "PreTrainedTokenizerFast") and os.path.isfile(os.path.join(path, "tokenizer.json")):
+    if tokenizer_class in _GENERIC_TOKENIZERS and os.path.isfile(os.path.join(path, "tokenizer.json")):
         return transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
