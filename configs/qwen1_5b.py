@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
 
     r = config.rollout
     r.budgets = (512, 1024, 2048, 2560)
-    r.samples_per_budget = 4  # 16 rollouts per prompt
+    r.rollouts_per_prompt = 16  # 4 per budget
     r.max_prompt_len = 1024
     r.max_response_len = 4096  # L_max
     r.temperature = 1.0

@@ -44,7 +44,7 @@ def base_config() -> config_dict.ConfigDict:
         sft_examples=6000, sft_steps=500, sft_batch_size=32, sft_lr=3e-3, sft_max_len=192))
 
     c.rollout = config_dict.ConfigDict(dict(
-        mode="budget", budgets=(512, 1024, 2048, 2560), samples_per_budget=4,
+        mode="budget", budgets=(512, 1024, 2048, 2560), rollouts_per_prompt=16,
         max_prompt_len=1024, max_response_len=4096, temperature=1.0, top_p=1.0, top_k=0,
         prefix_in_response=True, hard_budget_cap=False, system_prompt="",
         max_batch=0))  # rows per sampler call (0: all); bounds the KV cache
@@ -69,6 +69,11 @@ def base_config() -> config_dict.ConfigDict:
     c.eval = config_dict.ConfigDict(dict(every=0, temperature=0.6, top_p=0.95,
                                          max_response_len=32768, samples=1, before_after=False))
     return c
+
+
+def samples_per_budget(config) -> int:
+    """Rollouts per (prompt, budget) subgroup: rollout.rollouts_per_prompt / len(rollout.budgets)."""
+    return config.rollout.rollouts_per_prompt // len(config.rollout.budgets)
 
 
 def model_config(config) -> ModelConfig:
@@ -105,8 +110,9 @@ def validate(config, num_devices: int | None = None) -> None:
     _require(budgets[-1] < r.max_response_len,
              f"rollout.budgets holds {budgets[-1]}, not below rollout.max_response_len "
              f"(L_max = {r.max_response_len}).")
-    _require(r.samples_per_budget >= 1,
-             f"rollout.samples_per_budget must be at least 1, got {r.samples_per_budget}.")
+    _require(r.rollouts_per_prompt >= len(budgets) and r.rollouts_per_prompt % len(budgets) == 0,
+             f"rollout.rollouts_per_prompt ({r.rollouts_per_prompt}) must be a positive multiple of the "
+             f"{len(budgets)} budgets in rollout.budgets.")
     _require(r.max_prompt_len > 0 and r.max_response_len > 0,
              "rollout.max_prompt_len and rollout.max_response_len must be positive.")
     _require(r.temperature > 0, f"rollout.temperature must be positive for RL, got {r.temperature}.")
@@ -142,7 +148,7 @@ def validate(config, num_devices: int | None = None) -> None:
     _require(t.mini_batches >= 1 and t.prompts_per_step % t.mini_batches == 0,
              f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by train.mini_batches "
              f"({t.mini_batches}).")
-    group = len(budgets) * r.samples_per_budget
+    group = r.rollouts_per_prompt
     mini_batch_rows = t.prompts_per_step // t.mini_batches * group
     _require(t.micro_batch_size >= 1 and mini_batch_rows % t.micro_batch_size == 0,
              f"train.micro_batch_size ({t.micro_batch_size}) must divide the {mini_batch_rows} "

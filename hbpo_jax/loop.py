@@ -170,7 +170,7 @@ class Step:
         self.objective = loss_lib.get_objective(config.objective.name)
         self.settings = _objective_settings(self.objective, config)
         r, t = config.rollout, config.train
-        self.group = len(r.budgets) * r.samples_per_budget
+        self.group = r.rollouts_per_prompt
         self.rows_per_minibatch = t.prompts_per_step // t.mini_batches * self.group
         self.loss_kwargs = _loss_kwargs(self.objective, config, self.rows_per_minibatch)
         self.optimizer = trainer.make_optimizer(config.optim, total_updates)
@@ -195,7 +195,7 @@ class Step:
         t0 = time.perf_counter()
         batch = rollout.budget_rollouts(
             (self.policy.graphdef, state.params), self.policy.tokenizer, [x["problem"] for x in records],
-            budgets=tuple(r.budgets), samples_per_budget=r.samples_per_budget, mode=r.mode,
+            budgets=tuple(r.budgets), samples_per_budget=config_lib.samples_per_budget(c), mode=r.mode,
             max_new_tokens=r.max_response_len, prefix_in_response=r.prefix_in_response,
             hard_budget_cap=r.hard_budget_cap, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
             key=key, mesh=self.mesh, rules=self.rules, system_prompt=r.system_prompt or None,

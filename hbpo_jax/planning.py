@@ -39,7 +39,7 @@ def lower_train_step(config, mesh):
     cfg = config_lib.model_config(config)
     t, r = config.train, config.rollout
     objective = loop.loss_lib.get_objective(config.objective.name)
-    group = len(r.budgets) * r.samples_per_budget
+    group = r.rollouts_per_prompt
     rows = t.prompts_per_step // t.mini_batches * group
     optimizer = trainer.make_optimizer(config.optim, t.steps * t.mini_batches)
     graphdef, state = abstract_state(cfg, mesh, rules, optimizer)
@@ -66,7 +66,7 @@ def lower_sampler(config, mesh, batch: int | None = None):
     rules = tuple(sharding.rules_from_config(config.mesh))
     cfg = config_lib.model_config(config)
     r = config.rollout
-    b = batch or r.max_batch or config.train.prompts_per_step * len(r.budgets) * r.samples_per_budget
+    b = batch or r.max_batch or config.train.prompts_per_step * r.rollouts_per_prompt
     p, n = r.max_prompt_len, r.max_response_len
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
     params = jax.tree.map(_sds, state, sharding.state_shardings(state, mesh, rules))

@@ -38,7 +38,7 @@ def test_qwen1_5b_abstract_parameter_count():
 def test_qwen1_5b_matches_paper_setup():
     c = load("qwen1_5b")
     assert tuple(c.rollout.budgets) == (512, 1024, 2048, 2560)
-    assert len(c.rollout.budgets) * c.rollout.samples_per_budget == 16
+    assert c.rollout.rollouts_per_prompt == 16 and config_lib.samples_per_budget(c) == 4
     assert c.rollout.max_response_len == c.objective.l_max == 4096
     assert (c.train.prompts_per_step, c.train.mini_batches, c.train.steps) == (64, 4, 629)
     assert (c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip) == (1e-6, 0.01, 1.0)
@@ -49,6 +49,8 @@ BAD = [
     ("rollout.budgets", (), "must not be empty"),
     ("rollout.budgets", (1024, 512), "strictly increasing"),
     ("rollout.budgets", (512, 4096), "L_max"),
+    ("rollout.budgets", (512, 1024, 2048), "multiple of the 3 budgets"),
+    ("rollout.rollouts_per_prompt", 10, "rollout.rollouts_per_prompt"),
     ("rollout.temperature", 0.0, "rollout.temperature"),
     ("train.mini_batches", 3, "train.mini_batches"),
     ("train.micro_batch_size", 7, "train.micro_batch_size"),

@@ -19,7 +19,7 @@ FAST = [
     "--config.task.train_problems=64",
     "--config.model.num_layers=2", "--config.model.hidden_size=64", "--config.model.intermediate_size=128",
     "--config.model.head_dim=16",
-    "--config.rollout.budgets=(16,32)", "--config.rollout.samples_per_budget=2",
+    "--config.rollout.budgets=(16,32)", "--config.rollout.rollouts_per_prompt=4",
     "--config.rollout.max_response_len=48", "--config.objective.l_max=48",
     "--config.train.prompts_per_step=4", "--config.train.mini_batches=2", "--config.train.micro_batch_size=4",
     "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=3",

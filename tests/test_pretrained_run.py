@@ -24,7 +24,7 @@ def test_train_from_a_model_folder_and_a_jsonl_file(tmp_path, caplog):
     config.model = {}
     config.data.path = str(tmp_path / "train.jsonl")
     r = config.rollout
-    r.budgets, r.samples_per_budget, r.max_prompt_len, r.max_response_len = (16, 32), 2, 64, 48
+    r.budgets, r.rollouts_per_prompt, r.max_prompt_len, r.max_response_len = (16, 32), 4, 64, 48
     config.objective.l_max = 48
     t = config.train
     t.steps, t.prompts_per_step, t.mini_batches, t.micro_batch_size, t.checkpoint_every = 2, 4, 2, 8, 1

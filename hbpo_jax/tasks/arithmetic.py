@@ -46,8 +46,7 @@ DISTINCT = True  # the numbers of a question are all different
 # model knows how far along it is without counting repeated lines; each continuation probability is
 # above 1/2, so a greedy warm start writes them all (long, like a verbose reasoning model), and
 # they fall off, so length pressure flips the last ones first (graded lengths under RL).
-STYLE = "chain"  # "chain": each line is the remaining expression; "ops": each line is "a+b=c"
-NEEDLESS = ("check {line}", "so far {line}", "again {line}", "yes {line}")
+NEEDLESS = ("check {line}", "so far {c}", "again {line}", "yes {c}")
 CONTINUE = (0.85, 0.7, 0.6, 0.55)  # mean 2.0 needless lines per operation
 OPENING = 0.5  # P(restating the question first) and P(restating the answer last)
 REDUNDANCY = 1.0  # scales CONTINUE and OPENING; 0 gives the minimal solution
@@ -124,14 +123,8 @@ def _check(step) -> str:
 
 
 def _lines(problem: dict) -> list[str]:
-    """One line per operation. STYLE "ops": "a+b=c" with the running result c. STYLE "chain": the
-    expression left after the operation, e.g. 6-4+5-7 -> "2+5-7", "7-7", "0" (the next operand
-    sits at a fixed place in the line before, so a small model copies it reliably)."""
-    ops = steps(problem)
-    if STYLE == "ops":
-        return [_check(step) for step in ops]
-    return [str(c) + "".join(f"{s}{b}" for _, s, b, _ in ops[i + 1:])
-            for i, (_, _, _, c) in enumerate(ops)]
+    """One line per operation: "a+b=c" with the running result c."""
+    return [_check(step) for step in steps(problem)]
 
 
 def minimal_solution(problem: dict) -> str:
