@@ -86,7 +86,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(uninterrupt
     while time.time() < deadline and proc.poll() is None:
         logged = metrics.exists() and sum("loss" in line for line in metrics.read_text().splitlines()) >= 2
         # Kill only once a checkpoint has been committed (saves are asynchronous).
-        if logged and list(tmp_path.glob("checkpoints/[0-9]*/_CHECKPOINT_METADATA")):
+        if logged and any(p.parent.name.isdigit() for p in tmp_path.glob("checkpoints/*/commit_success.txt")):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
