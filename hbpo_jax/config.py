@@ -41,12 +41,21 @@ def base_config() -> config_dict.ConfigDict:
     # own tokenizer and a supervised warm start cached in the workdir.
     c.task = config_dict.ConfigDict(dict(
         name="", train_problems=4096, eval_problems=200, tokenizer_vocab_size=192,
-        sft_examples=6000, sft_steps=500, sft_batch_size=32, sft_lr=3e-3, sft_max_len=192))
+        sft_examples=6000, sft_steps=500, sft_batch_size=32, sft_lr=3e-3, sft_max_len=192,
+        # Budgets the tokenizer and the warm-start data are built for (empty: rollout.budgets).
+        # Runs with other rollout budgets set them equal so they can share one warm start.
+        sft_budgets=(),
+        # How much the warm-start data shortens reasoning under smaller budget prompts
+        # (tasks.arithmetic.sft_examples' budget_prior; 0: lengths independent of the prompt).
+        sft_budget_prior=0.0))
 
     c.rollout = config_dict.ConfigDict(dict(
         mode="budget", budgets=(512, 1024, 2048, 2560), rollouts_per_prompt=16,
         max_prompt_len=1024, max_response_len=4096, temperature=1.0, top_p=1.0, top_k=0,
-        prefix_in_response=True, hard_budget_cap=False, system_prompt="",
+        # prefix_in_response: the pre-filled budget text counts in the length n (HBPO's code);
+        # prefix_loss: it also gets the policy loss (HBPO's code), although the policy never
+        # sampled it. Both default to the code's behaviour.
+        prefix_in_response=True, prefix_loss=True, hard_budget_cap=False, system_prompt="",
         max_batch=0))  # rows per sampler call (0: all); bounds the KV cache
 
     c.objective = config_dict.ConfigDict(dict(
@@ -67,7 +76,19 @@ def base_config() -> config_dict.ConfigDict:
 
     c.grading = config_dict.ConfigDict(dict(workers=4, timeout_s=5.0))
     c.eval = config_dict.ConfigDict(dict(every=0, temperature=0.6, top_p=0.95,
-                                         max_response_len=32768, samples=1, before_after=False))
+                                         max_response_len=32768, samples=1, before_after=False,
+                                         # prompting modes (evaluation.evaluate; "fixed" = each budget)
+                                         modes=("natural", "efficiency", "fixed"),
+                                         # keep a "before" already in <workdir>/results.json (copied
+                                         # from a run with the same starting policy), not re-evaluate
+                                         reuse_before=False))
+    # Benchmarks (launch/eval.py, and every `eval.every` steps): eval_sets specs such as
+    # "math500:/data/math500.jsonl", "champ", "rg:basic_arithmetic", "tiny" (empty: the task's
+    # eval set); eval.modes may also name "fixed:N" and "l1[:N]"; max_problems 0 = all;
+    # batch_size: problems per sampler call; max_response_len 0 = rollout.max_response_len.
+    c.eval.benchmarks = ()
+    c.eval.max_problems = 0
+    c.eval.batch_size = 256
     return c
 
 
@@ -120,6 +141,13 @@ def validate(config, num_devices: int | None = None) -> None:
     _require(r.top_k >= 0, f"rollout.top_k must be ≥ 0 (0 = off), got {r.top_k}.")
     _require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
 
+    sft_budgets = tuple(config.task.get("sft_budgets", ()))
+    _require(all(isinstance(b, int) and b > 0 for b in sft_budgets),
+             f"task.sft_budgets must be positive integers, got {sft_budgets}.")
+    prior = config.task.get("sft_budget_prior", 0.0)
+    _require(0.0 <= prior <= 1.0, f"task.sft_budget_prior must be in [0, 1], got {prior}.")
+    validate_eval(config)
+
     o = config.objective
     _require(o.l_max == r.max_response_len,
              f"objective.l_max ({o.l_max}) must equal rollout.max_response_len ({r.max_response_len}).")
@@ -170,3 +198,30 @@ def validate(config, num_devices: int | None = None) -> None:
     _require(rows % batch_ways == 0 and t.micro_batch_size % batch_ways == 0,
              f"train.micro_batch_size ({t.micro_batch_size}) and the {rows} rollouts per step must be "
              f"divisible by the {batch_ways} data-parallel ways of mesh.shape {shape}.")
+
+
+def validate_eval(config) -> None:
+    """The eval section (benchmark specs are checked for syntax only; files are read later)."""
+    from hbpo_jax import eval_sets, evaluation
+
+    e = config.eval
+    _require(e.every >= 0, f"eval.every must be ≥ 0 (0 = off), got {e.every}.")
+    _require(e.samples >= 1, f"eval.samples must be at least 1, got {e.samples}.")
+    _require(e.temperature >= 0, f"eval.temperature must be ≥ 0 (0 = greedy), got {e.temperature}.")
+    _require(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}.")
+    _require(e.max_response_len >= 0, f"eval.max_response_len must be ≥ 0, got {e.max_response_len}.")
+    modes = tuple(e.get("modes", ("natural",)))
+    try:
+        evaluation.parse_modes(modes, tuple(config.rollout.budgets))
+    except ValueError as err:
+        raise ConfigError(f"eval.modes: {err}") from None
+    _require(e.get("max_problems", 0) >= 0, f"eval.max_problems must be ≥ 0 (0 = all), got {e.get('max_problems')}.")
+    _require(e.get("batch_size", 1) >= 1, f"eval.batch_size must be at least 1, got {e.get('batch_size')}.")
+    benchmarks = tuple(e.get("benchmarks", ()))
+    for spec in benchmarks:
+        try:
+            eval_sets.parse_spec(spec)
+        except ValueError as err:
+            raise ConfigError(f"eval.benchmarks: {err}") from None
+    _require(e.every == 0 or benchmarks or config.task.name == "arithmetic",
+             "eval.every > 0 needs eval.benchmarks (or a task with an eval set, task.name).")

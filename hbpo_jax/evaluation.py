@@ -2,16 +2,36 @@
 
 This is the paper's evaluation shape (accuracy % / mean tokens) at whatever scale: natural mode
 (nothing pre-filled), efficiency prompting, and each budget prompt.
+
+Two layers:
+  * `ModeResult` / `evaluate` / `before_after_table`: the training loop's before/after table on
+    the tiny task's eval problems.
+  * benchmarks (launch/eval.py, the loop's periodic eval): `parse_modes` -> `generate` responses
+    -> `score` (grading; model-free, so fixed responses can be scored) -> `BenchmarkResult.summary`.
+
+Statistics of a BenchmarkResult (P problems x S samples):
+  accuracy   pass@1 in %: the mean over samples of each problem's correctness, then the mean of
+             those P per-problem means.
+  ci95       normal approximation over the per-problem means: accuracy +- 1.96 * sd / sqrt(P),
+             sd with ddof = 1, clipped to [0, 100]; None when P < 2. (With S = 1 it is the
+             Wald interval; it is 0 wide when every problem scores the same.)
+  tokens     mean and median over all P * S responses (counted as in training: the pre-filled
+             prefix is included when rollout.prefix_in_response).
+  by_level   the same statistics over the problems of each level (when the data has levels).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from typing import Sequence
 
 import jax
 import numpy as np
 
 from hbpo_jax import grading, rollout
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -59,7 +79,7 @@ def evaluate_mode(policy, tokenizer, records: Sequence[dict], *, mode: str, budg
         key, sub = jax.random.split(key)
         batch = rollout.budget_rollouts(
             policy, tokenizer, [r["problem"] for r in chunk], mode=mode,
-            budgets=(budget,) if mode == "fixed" else (), samples_per_budget=samples,
+            budgets=(budget,) if mode in ("fixed", "l1") else (), samples_per_budget=samples,
             max_new_tokens=max_new_tokens, prefix_in_response=prefix_in_response,
             temperature=temperature, top_p=top_p, key=sub, mesh=mesh, rules=rules)
         truths = [chunk[i]["answer"] for i in np.asarray(batch.prompt_index)]
@@ -69,19 +89,20 @@ def evaluate_mode(policy, tokenizer, records: Sequence[dict], *, mode: str, budg
         lengths.append(np.asarray(batch.lengths))
         levels.append(np.array([int(chunk[i].get("difficulty", chunk[i].get("level", 0)) or 0)
                                 for i in np.asarray(batch.prompt_index)]))
-    name = f"budget_{budget}" if mode == "fixed" else mode
+    name = f"budget_{budget}" if mode == "fixed" else f"l1_{budget}" if mode == "l1" else mode
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
     return ModeResult(name, cat(correct), cat(fmt), cat(lengths), cat(levels))
 
 
 def evaluate(policy, tokenizer, records, *, budgets: Sequence[int], key: jax.Array,
              modes: Sequence[str] = ("natural", "efficiency", "fixed"), **kwargs) -> list[ModeResult]:
-    """evaluate_mode for natural, efficiency and each budget in `budgets` (mode "fixed")."""
+    """evaluate_mode for each of `modes` (`parse_modes` specs: "fixed" / "l1" alone = each budget
+    in `budgets`, or "fixed:N", "l1:N")."""
     results = []
-    for mode in modes:
-        for budget in (budgets if mode == "fixed" else (0,)):
-            key, sub = jax.random.split(key)
-            results.append(evaluate_mode(policy, tokenizer, records, mode=mode, budget=budget, key=sub, **kwargs))
+    for spec in parse_modes(modes, budgets):
+        key, sub = jax.random.split(key)
+        results.append(evaluate_mode(policy, tokenizer, records, mode=spec.mode, budget=spec.budget,
+                                     key=sub, **kwargs))
     return results
 
 
@@ -105,3 +126,166 @@ def before_after_table(before: list[dict], after: list[dict]) -> str:
         lines.append(f"| {b['mode']} | {b['accuracy']:.1f}% | {a['accuracy']:.1f}% | "
                      f"{b['mean_tokens']:.1f} | {a['mean_tokens']:.1f} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+@dataclasses.dataclass(frozen=True)
+class ModeSpec:
+    """One prompting mode: `name` labels tables and scalars ("natural", "efficiency",
+    "budget_<b>", "l1_<b>"); `mode` is rollout's mode; `budget` 0 unless fixed / l1."""
+
+    name: str
+    mode: str
+    budget: int = 0
+
+
+def parse_modes(specs: Sequence[str], budgets: Sequence[int] = ()) -> list[ModeSpec]:
+    """Mode specs -> ModeSpecs: "natural", "efficiency", "fixed:N" (also "budget:N", "budget_N"),
+    "l1:N", and "fixed" / "l1" alone for each of `budgets` (rollout.budgets). Raises ValueError
+    naming the bad spec; duplicates are dropped."""
+    out: list[ModeSpec] = []
+    for spec in specs:
+        text = str(spec).strip().lower().replace("budget_", "fixed:").replace("budget:", "fixed:")
+        kind, _, arg = text.partition(":")
+        if kind in ("natural", "efficiency") and not arg:
+            new = [ModeSpec(kind, kind)]
+        elif kind in ("fixed", "l1"):
+            values = [arg] if arg else list(budgets)
+            if not values or not all(str(v).isdigit() and int(v) > 0 for v in values):
+                raise ValueError(f"eval mode {spec!r}: {kind} needs positive budgets ({kind}:N, or "
+                                 "rollout.budgets for a bare name).")
+            label = "budget" if kind == "fixed" else "l1"
+            new = [ModeSpec(f"{label}_{int(v)}", kind, int(v)) for v in values]
+        else:
+            raise ValueError(f"eval mode {spec!r} is not one of natural, efficiency, fixed[:N], l1[:N].")
+        out += [m for m in new if m not in out]
+    if not out:
+        raise ValueError("no eval modes given.")
+    return out
+
+
+@dataclasses.dataclass
+class BenchmarkResult:
+    """One benchmark under one mode. P problems x S samples; arrays are numpy.
+
+    ids, levels: P strings (levels None when the data has none).
+    correct, format_ok: bool [P, S]; tokens: int [P, S]; texts, extracted: P lists of S.
+    """
+
+    benchmark: str
+    mode: str
+    budget: int
+    ids: list
+    levels: list
+    correct: np.ndarray
+    format_ok: np.ndarray
+    tokens: np.ndarray
+    texts: list
+    extracted: list
+
+    def summary(self) -> dict:
+        """{benchmark, mode, budget, **stats(all problems), by_level: {level: stats}}."""
+        out = {"benchmark": self.benchmark, "mode": self.mode, "budget": self.budget,
+               **stats(self.correct, self.tokens, self.format_ok), "by_level": {}}
+        levels = [lv for lv in self.levels if lv is not None]
+        for level in sort_levels(set(levels)):
+            sel = np.array([lv == level for lv in self.levels])
+            out["by_level"][level] = stats(self.correct[sel], self.tokens[sel], self.format_ok[sel])
+        return out
+
+    def rows(self):
+        """One dict per response (the responses.jsonl rows)."""
+        for i, pid in enumerate(self.ids):
+            for j in range(self.correct.shape[1]):
+                yield {"benchmark": self.benchmark, "mode": self.mode, "id": pid, "level": self.levels[i],
+                       "sample": j, "response": self.texts[i][j], "tokens": int(self.tokens[i, j]),
+                       "extracted": self.extracted[i][j], "correct": bool(self.correct[i, j])}
+
+
+def sort_levels(levels) -> list:
+    """Numeric levels in numeric order, then the others alphabetically."""
+    return sorted(levels, key=lambda s: (0, float(s), "") if _is_number(s) else (1, 0.0, s))
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def stats(correct: np.ndarray, tokens: np.ndarray, format_ok: np.ndarray | None = None) -> dict:
+    """Pass@1 accuracy (%), its 95% interval and token statistics of bool correct [P, S] and
+    tokens [P, S] (see the module docstring)."""
+    correct, tokens = np.asarray(correct, float), np.asarray(tokens, float)
+    p = correct.shape[0]
+    per_problem = correct.mean(axis=1) * 100 if p else np.zeros(0)
+    acc = float(per_problem.mean()) if p else float("nan")
+    ci = None
+    if p >= 2:
+        half = 1.96 * float(per_problem.std(ddof=1)) / math.sqrt(p)
+        ci = [max(acc - half, 0.0), min(acc + half, 100.0)]
+    out = {"accuracy": acc, "ci95": ci, "mean_tokens": float(tokens.mean()) if p else float("nan"),
+           "median_tokens": float(np.median(tokens)) if p else float("nan"),
+           "problems": int(p), "samples": int(correct.shape[1]) if correct.ndim == 2 else 0}
+    if format_ok is not None and p:
+        out["format_error_rate"] = float(1 - np.asarray(format_ok, float).mean())
+    return out
+
+
+def score(benchmark: str, mode: ModeSpec | str, records: Sequence[dict], texts: Sequence[str],
+          tokens, *, samples: int = 1, workers: int | None = 1, timeout_s: float = 5.0) -> BenchmarkResult:
+    """Grades fixed responses (no model): texts and tokens are [P * S], prompt-major (problem 0's
+    S samples first), as `generate` returns them. records: dicts with answer (and id, level)."""
+    mode = mode if isinstance(mode, ModeSpec) else ModeSpec(str(mode), str(mode))
+    p, s = len(records), int(samples)
+    if len(texts) != p * s or np.size(tokens) != p * s:
+        raise ValueError(f"{len(texts)} texts and {np.size(tokens)} token counts for {p} problems x {s} samples.")
+    truths = [str(r["answer"]) for r in records for _ in range(s)]
+    grades = grading.grade_batch(list(texts), truths, workers=workers, timeout_s=timeout_s)
+    shape = (p, s)
+    grid = lambda xs: [list(xs[i * s:(i + 1) * s]) for i in range(p)]  # noqa: E731
+    return BenchmarkResult(
+        benchmark=benchmark, mode=mode.name, budget=mode.budget,
+        ids=[str(r.get("id", i)) for i, r in enumerate(records)],
+        levels=[None if r.get("level") is None else str(r["level"]) for r in records],
+        correct=np.array([g.correct for g in grades], bool).reshape(shape),
+        format_ok=np.array([g.format_ok for g in grades], bool).reshape(shape),
+        tokens=np.asarray(tokens, np.int64).reshape(shape), texts=grid(list(texts)),
+        extracted=grid([g.extracted for g in grades]))
+
+
+def generate(policy, tokenizer, problems: Sequence[str], mode: ModeSpec, *, samples: int,
+             max_new_tokens: int, key: jax.Array, temperature: float = 0.6, top_p: float = 0.95,
+             batch_size: int = 256, max_batch: int = 0, prefix_in_response: bool = True,
+             system_prompt: str | None = None, mesh=None, rules=None) -> tuple[list, np.ndarray]:
+    """Samples `samples` responses per problem in `mode`, `batch_size` problems per call.
+
+    policy: an nnx model or (graphdef, state). Returns (texts [P * S], lengths int32 [P * S]),
+    prompt-major. Every process must call it (the sampler is collective)."""
+    texts, lengths = [], []
+    for start in range(0, len(problems), batch_size):
+        key, sub = jax.random.split(key)
+        batch = rollout.budget_rollouts(
+            policy, tokenizer, list(problems[start:start + batch_size]), mode=mode.mode,
+            budgets=mode.budget or None, samples_per_budget=samples, max_new_tokens=max_new_tokens,
+            prefix_in_response=prefix_in_response, temperature=temperature, top_p=top_p, key=sub,
+            mesh=mesh, rules=rules, system_prompt=system_prompt, max_batch=max_batch)
+        texts += list(batch.texts)
+        lengths.append(np.asarray(batch.lengths))
+    return texts, np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+
+
+def max_new_tokens(requested: int, max_positions: int, prompt_tokens: int) -> int:
+    """`requested` response tokens, capped so prompt + response fit the model's positions
+    (logged when it cuts)."""
+    room = int(max_positions) - int(prompt_tokens)
+    if room < 1:
+        raise ValueError(f"a prompt of {prompt_tokens} tokens leaves no room in the model's "
+                         f"{max_positions} positions.")
+    if requested > room:
+        log.warning("eval: %d response tokens do not fit the model's %d positions after a %d-token "
+                    "prompt; generating %d.", requested, max_positions, prompt_tokens, room)
+    return min(int(requested), room)

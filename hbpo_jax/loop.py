@@ -14,6 +14,7 @@ a one-process run on the same mesh (tests/test_multiprocess.py).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from hbpo_jax import checkpoint, data, evaluation, grading
 from hbpo_jax import loss as loss_lib
 from hbpo_jax import metrics as metrics_lib
-from hbpo_jax import rollout, sharding, trainer
+from hbpo_jax import rollout, sampler, sharding, trainer
 from hbpo_jax import config as config_lib
 from hbpo_jax.models import create_model, load_pretrained, save_pretrained
 
@@ -48,6 +49,7 @@ class Policy:
     tokenizer: Any
     train_records: list
     eval_records: list
+    cache_dir: str | None = None  # where a cached warm start lives (its evaluation is cached too)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -58,7 +60,7 @@ def _arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
     from hbpo_jax.tasks import arithmetic
 
     t, r = config.task, config.rollout
-    budgets = tuple(r.budgets)
+    budgets = tuple(t.get("sft_budgets", ())) or tuple(r.budgets)
     tokenizer = tokenizer_lib.build_tokenizer(
         arithmetic.corpus_texts(seed=config.seed, budgets=budgets),
         vocab_size=t.tokenizer_vocab_size, workdir=workdir)
@@ -70,7 +72,8 @@ def _arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
         log.info("warm start: restoring the cached SFT model from %s", warm)
         model = checkpoint.restore_params(warm, mesh=mesh, rules=rules, dtype=model_cfg.param_dtype)
     else:
-        examples = arithmetic.sft_examples(t.sft_examples, config.seed + 1, budgets=budgets)
+        examples = arithmetic.sft_examples(t.sft_examples, config.seed + 1, budgets=budgets,
+                                           budget_prior=t.get("sft_budget_prior", 0.0))
         arrays = sft.tokenize_sft(tokenizer, examples, t.sft_max_len)
         model = create_model(model_cfg, seed=config.seed, mesh=mesh, rules=rules)
         result = sft.sft_train(model, arrays, steps=t.sft_steps, lr=t.sft_lr, batch_size=t.sft_batch_size,
@@ -82,7 +85,7 @@ def _arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
     graphdef, params = nnx.split(model)
     train = arithmetic.make_dataset(t.train_problems, config.seed + 2)
     evals = arithmetic.make_dataset(t.eval_problems, config.seed + 3)
-    return Policy(graphdef, params, tokenizer, train, evals)
+    return Policy(graphdef, params, tokenizer, train, evals, cache_dir=warm)
 
 
 def _pretrained_policy(config, mesh, rules) -> Policy:
@@ -217,8 +220,11 @@ class Step:
             budgets.reshape(shape), **self.settings)
         rewards, adv = np.asarray(rewards).reshape(-1), np.asarray(adv, np.float32).reshape(-1)
 
-        # Training arrays, the response cut to the longest one (bucketed to bound recompiles).
-        n = min(_bucket(int(np.asarray(batch.response_mask).sum(1).max())), batch.response_ids.shape[1])
+        # Training arrays, the response cut to the longest one, rounded up to half the generation
+        # cap: at most two shapes, so the update compiles at most twice (a compile of the tiny
+        # model's step costs as much CPU time as several steps).
+        n = min(_bucket(int(np.asarray(batch.response_mask).sum(1).max()), max(64, r.max_response_len // 2)),
+                batch.response_ids.shape[1])
         prompt_len = batch.prompt_ids.shape[1]
         resp_mask = np.asarray(batch.response_mask, bool)[:, :n]
         if self.objective.dynamic_sampling:
@@ -229,6 +235,8 @@ class Step:
                                np.asarray(batch.response_mask, bool)[:, :n]], 1).astype(np.int32)
         old = np.asarray(batch.logprobs, np.float32)[:, :n]
         sampled = np.asarray(batch.sampled_mask, bool)[:, :n]
+        if not r.prefix_loss:  # the pre-filled budget text still counts in n, but gets no loss
+            resp_mask &= sampled
         mode = c.train.recompute_old_logprobs
         if mode == "always" or (mode == "auto" and (resp_mask & ~sampled).any()):
             recomputed = self._logprobs(state.params, tokens, attn, prompt_len)
@@ -302,7 +310,21 @@ def _evaluate(config, policy: Policy, params, mesh, rules, key) -> list[evaluati
         (policy.graphdef, params), policy.tokenizer, policy.eval_records, budgets=tuple(r.budgets),
         key=key, max_new_tokens=r.max_response_len, temperature=e.temperature, top_p=e.top_p,
         samples=e.samples, prefix_in_response=r.prefix_in_response, mesh=mesh, rules=rules,
-        workers=config.grading.workers, timeout_s=config.grading.timeout_s)
+        workers=config.grading.workers, timeout_s=config.grading.timeout_s,
+        modes=tuple(e.get("modes", ("natural", "efficiency", "fixed"))))
+
+
+def _periodic_eval(config, policy: Policy, params, sets, mesh, rules, key, step, writer, workdir) -> None:
+    """eval_run.evaluate_sets on `sets`; scalars eval/<mode>/... and <workdir>/eval/step_<step>.json."""
+    from hbpo_jax import eval_run
+    cfg = sampler.graphdef_cfg(policy.graphdef, params)
+    results = eval_run.evaluate_sets(config, policy.graphdef, params, policy.tokenizer, cfg, sets, key,
+                                     mesh=mesh, rules=rules)
+    summaries = [r.summary() for r in results]
+    writer.scalars(step, eval_run.scalars(summaries), console=False)
+    if writer.enabled:
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    _write_json(os.path.join(workdir, "eval", f"step_{step}.json"), {"step": step, "results": summaries})
 
 
 def run(config, workdir: str) -> dict:
@@ -335,11 +357,19 @@ def run(config, workdir: str) -> dict:
     summary: dict = {"workdir": workdir}
     results_path = os.path.join(workdir, "results.json")
     if config.eval.before_after:
-        if start == 0 or not os.path.exists(results_path):
-            before = _evaluate(config, policy, policy.params, mesh, rules, jax.random.fold_in(base_key, 10**6))
-            _write_json(results_path, {"before": [m.summary() for m in before]})
+        reuse = (config.eval.get("reuse_before", False) and os.path.exists(results_path)
+                 and "before" in _read_json(results_path))
+        if not reuse and (start == 0 or not os.path.exists(results_path)):
+            before = _evaluate_warm_start(config, policy, mesh, rules, jax.random.fold_in(base_key, 10**6))
+            _write_json(results_path, {"before": before})
         if writer.enabled:  # process 0, which wrote the file
             _log_eval(writer, "before", _read_json(results_path)["before"], 0)
+
+    eval_sets = None  # every eval.every steps: eval.benchmarks, default the task's eval set
+    if config.eval.every:
+        from hbpo_jax import eval_run
+        eval_sets = eval_run.load_sets(config, policy.eval_records or None)
+        eval_run.drop_long_prompts(eval_sets, policy.tokenizer, config)
 
     step = start
     with _Preemption() as preemption:
@@ -348,6 +378,9 @@ def run(config, workdir: str) -> dict:
             state, metrics = step_fn(state, records, jax.random.fold_in(base_key, step))
             if step % t.log_every == 0 or step == t.steps:
                 writer.scalars(step, metrics)
+            if eval_sets is not None and step % config.eval.every == 0:
+                _periodic_eval(config, policy, state.params, eval_sets, mesh, rules,
+                               jax.random.fold_in(base_key, 2 * 10**6 + step), step, writer, workdir)
             if int(state.skipped) > t.max_consecutive_skips:
                 ckpt.save(step, state, _meta(batches, config, step))
                 ckpt.close()
@@ -383,6 +416,26 @@ def run(config, workdir: str) -> dict:
         summary["table"] = table
     writer.close()
     return summary
+
+
+def _evaluate_warm_start(config, policy: Policy, mesh, rules, key) -> list[dict]:
+    """The before-training evaluation (summaries). Runs that share a cached warm start and the
+    same evaluation settings get the same numbers, so they are cached beside it (an ablation's
+    runs evaluate their common warm start once)."""
+    path = None
+    if policy.cache_dir:
+        settings = json.dumps([config.eval.to_dict(), list(config.rollout.budgets),
+                               config.rollout.max_response_len, config.rollout.prefix_in_response,
+                               config.rollout.system_prompt, config.task.to_dict(), config.seed],
+                              sort_keys=True, default=str)
+        path = os.path.join(policy.cache_dir, f"eval-{hashlib.sha1(settings.encode()).hexdigest()[:16]}.json")
+        if os.path.exists(path):
+            log.info("before-training evaluation: cached in %s", path)
+            return _read_json(path)
+    before = [m.summary() for m in _evaluate(config, policy, policy.params, mesh, rules, key)]
+    if path and jax.process_index() == 0:
+        _write_json(path, before)
+    return before
 
 
 def _initialize_distributed(config) -> None:

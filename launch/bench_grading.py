@@ -6,11 +6,15 @@ responses/s, p50/p99 per-item latency, timeouts. Pools are warmed up before timi
 """
 
 import argparse
+import os
 import random
 import statistics
+import sys
 import time
 
-from hbpo_jax import grading
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without an install
+
+from hbpo_jax import grading  # noqa: E402
 
 # (ground truth, same-form answer, equivalent other form, a wrong answer)
 PROBLEMS = [

@@ -4,8 +4,12 @@ Random weights; prints tokens/s, ms per decode step, bytes read per step and the
 device's memory bandwidth (hbpo_jax.benchmarks holds the logic).
 """
 import argparse
+import os
+import sys
 
-from hbpo_jax import benchmarks
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without an install
+
+from hbpo_jax import benchmarks  # noqa: E402
 
 
 def main(argv=None):

@@ -3,9 +3,14 @@
     python launch/convert.py --to=orbax --src=/models/DeepSeek-R1-Distill-Qwen-1.5B --dst=/ckpt/r1
     python launch/convert.py --to=hf --src=/ckpt/r1 --dst=/export/r1 --dtype=bfloat16
 """
+import os
+import sys
+
 from absl import app, flags
 
-from hbpo_jax import checkpoint
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without an install
+
+from hbpo_jax import checkpoint  # noqa: E402
 
 flags.DEFINE_enum("to", None, ["orbax", "hf"], "Target format.", required=True)
 flags.DEFINE_string("src", None, "Source folder.", required=True)

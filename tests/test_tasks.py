@@ -103,3 +103,19 @@ def test_reasoning_length_independent_of_budget():
     means = [np.mean(v) for v in by_budget.values()]
     assert len(means) == len(A.BUDGETS)
     assert max(means) - min(means) < 0.1 * np.mean(means), means
+
+
+def _lines_by_prefix(examples):
+    out = {}
+    for ex in examples:
+        out.setdefault(ex.prefix, []).append(ex.response[len(ex.prefix):].count("\n"))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def test_budget_prior_orders_reasoning_length_by_budget_rank():
+    lines = _lines_by_prefix(A.sft_examples(8000, 1, budget_prior=0.3))
+    by_budget = [lines[A.BUDGET_PREFIX.format(budget=b)] for b in A.BUDGETS]
+    assert by_budget == sorted(by_budget) and by_budget[0] < 0.85 * by_budget[-1], by_budget
+    # The efficiency prefix gets the smallest budget's scale; natural responses are untouched.
+    assert abs(lines[A.MINIMAL_PREFIX] - by_budget[0]) < 0.1 * by_budget[0]
+    assert abs(lines[""] - _lines_by_prefix(A.sft_examples(8000, 1))[""]) < 0.05 * lines[""]

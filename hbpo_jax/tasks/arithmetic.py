@@ -188,22 +188,33 @@ def prompt_messages(problem: dict) -> list[dict]:
 
 def sft_examples(n: int, seed: int, difficulties: Sequence[int] = DIFFICULTIES, *,
                  budgets: Sequence[int] = BUDGETS, natural_frac: float = 0.4,
-                 minimal_frac: float = 0.1, redundancy: float = REDUNDANCY, **kwargs) -> list[SFTExample]:
+                 minimal_frac: float = 0.1, redundancy: float = REDUNDANCY, budget_prior: float = 0.0,
+                 **kwargs) -> list[SFTExample]:
     """n warm-start examples: a `natural_frac` share of natural responses, `minimal_frac` with the
-    efficiency prefix, the rest with a budget prefix for a budget uniform over `budgets`. The
-    reasoning length is independent of the prefix. kwargs go to make_problem."""
+    efficiency prefix, the rest with a budget prefix for a budget uniform over `budgets`.
+
+    budget_prior: how much a prefix shortens the reasoning. 0: the length is independent of the
+    prefix; p > 0: the redundancy under the k-th smallest of K budgets is scaled by
+    1 - p * (K - 1 - k) / (K - 1), under the efficiency prefix by 1 - p (a weak length prior, as
+    instruction-tuned models have; spaced by rank, so that with the default CONTINUE each budget
+    gets its own number of needless lines in a greedy response). kwargs go to make_problem."""
     rng = np.random.default_rng(seed)
     problems = make_dataset(n, seed + 1_000_003, difficulties, **kwargs)
     out = []
     for problem in problems:
         u = rng.random()
+        scale = 1.0
         if u < natural_frac:
             prefix = ""
         elif u < natural_frac + minimal_frac:
-            prefix = MINIMAL_PREFIX
+            prefix, scale = MINIMAL_PREFIX, 1.0 - budget_prior
         else:
-            prefix = BUDGET_PREFIX.format(budget=int(rng.choice(np.asarray(budgets))))
-        response = warm_start_response(problem, rng, prefix=prefix or None, redundancy=redundancy)
+            budget = int(rng.choice(np.asarray(budgets)))
+            prefix = BUDGET_PREFIX.format(budget=budget)
+            ranked = sorted(set(int(b) for b in budgets))
+            steps_below_max = len(ranked) - 1 - ranked.index(budget)
+            scale = 1.0 - budget_prior * (steps_below_max / (len(ranked) - 1) if len(ranked) > 1 else 0.0)
+        response = warm_start_response(problem, rng, prefix=prefix or None, redundancy=redundancy * scale)
         out.append(SFTExample(prompt_messages(problem), response, prefix))
     return out
 

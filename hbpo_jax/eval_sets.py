@@ -1,0 +1,159 @@
+"""Evaluation sets: benchmark specs -> problem records with ids and difficulty levels.
+
+A spec is ``KIND`` or ``KIND:ARG`` (``eval.benchmarks`` in the config, ``--benchmarks`` of
+launch/eval.py):
+
+  gsm8k:PATH  math500:PATH  olympiadbench:PATH  aime25:PATH  deepscaler:PATH
+      local jsonl / json / parquet files in their usual columns (data.FIELD_PRESETS); MATH500's
+      `level` is kept as the level.
+  champ           the 270 competition problems of the `champ-dataset` package (level = its
+                  category, e.g. "Number-Theory"); `champ:N` keeps the first N.
+  rg:TASK         a procedural task of the `reasoning-gym` package (e.g. rg:basic_arithmetic,
+                  rg:gsm_symbolic, rg:simple_equations), `size` problems from `seed`.
+  tiny            the tiny run's arithmetic eval problems (hbpo_jax.tasks.arithmetic; level =
+                  difficulty), the same set loop.py evaluates before and after training.
+
+Every benchmark is graded by hbpo_jax.grading (last \\boxed{} after </think>), so the answers of
+reasoning-gym tasks are compared by our grader, not by reasoning-gym's `score_answer`.
+champ-dataset and reasoning-gym are the `eval` extra of setup.py (imported only when used).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from hbpo_jax import data
+
+FILE_KINDS = ("gsm8k", "math500", "olympiadbench", "aime25", "deepscaler")
+KINDS = FILE_KINDS + ("champ", "rg", "tiny")
+DEFAULT_RG_SIZE = 50
+
+
+@dataclasses.dataclass
+class Benchmark:
+    """A named list of records ``{"id": str, "problem": str, "answer": str, "level": str|None}``
+    and the SkipReport of source rows left out (malformed rows, too many rows)."""
+
+    name: str
+    records: list
+    report: data.SkipReport
+    source: str = ""
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """(kind, arg) of a spec; raises data.DataError naming the spec when it is malformed."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise data.DataError(f"benchmark spec must be a non-empty string, got {spec!r}.")
+    kind, _, arg = spec.strip().partition(":")
+    kind = {"reasoning_gym": "rg", "reasoning-gym": "rg", "arithmetic": "tiny"}.get(kind.lower(), kind.lower())
+    if kind not in KINDS:
+        raise data.DataError(f"benchmark {spec!r}: unknown kind {kind!r}; one of {KINDS}.")
+    if kind in FILE_KINDS + ("rg",) and not arg:
+        what = "a file path" if kind in FILE_KINDS else "a task name"
+        raise data.DataError(f"benchmark {spec!r}: {kind} needs {what} ({kind}:...).")
+    if kind == "tiny" and arg:
+        raise data.DataError(f"benchmark {spec!r}: tiny takes no argument.")
+    if kind == "champ" and arg and not arg.isdigit():
+        raise data.DataError(f"benchmark {spec!r}: champ takes a problem count (champ:N).")
+    return kind, arg
+
+
+def _level(value) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    if text.lower().startswith("level "):  # MATH's "Level 3"
+        text = text[6:].strip()
+    return text or None
+
+
+def _cap(records: list, report: data.SkipReport, max_problems: int) -> list:
+    if max_problems and len(records) > max_problems:
+        for i in range(max_problems, len(records)):
+            report.add("over_max_problems", i)
+        records = records[:max_problems]
+    return records
+
+
+def load(spec: str, *, max_problems: int = 0, seed: int = 0, size: int = DEFAULT_RG_SIZE,
+         tiny_records: list | None = None) -> Benchmark:
+    """Reads one benchmark (see the module docstring for specs).
+
+    max_problems: keep the first N usable problems (0: all); the rest are counted in the report
+      as "over_max_problems". size / seed: reasoning-gym problems generated (before the cap).
+    tiny_records: the arithmetic eval problems (required for "tiny").
+    Raises data.DataError: bad spec, missing / malformed file, no usable rows, a missing package.
+    """
+    kind, arg = parse_spec(spec)
+    if kind in FILE_KINDS:
+        raw, report = data.load_records(arg, field_map=kind)
+        records = [{"id": str(i), "problem": r["problem"], "answer": r["answer"],
+                    "level": _level(r.get("level", r.get("difficulty")))} for i, r in enumerate(raw)]
+        name, source = kind, arg
+    elif kind == "tiny":
+        if tiny_records is None:
+            raise data.DataError("benchmark 'tiny' needs the arithmetic task (config.task.name='arithmetic').")
+        report = data.SkipReport(rows_read=len(tiny_records))
+        records = [{"id": str(i), "problem": r["problem"], "answer": str(r["answer"]),
+                    "level": _level(r.get("difficulty"))} for i, r in enumerate(tiny_records)]
+        name, source = "tiny", "hbpo_jax.tasks.arithmetic"
+    elif kind == "champ":
+        records, report = _champ()
+        if arg:
+            max_problems = min(int(arg), max_problems or int(arg))
+        name, source = "champ", "champ-dataset"
+    else:
+        records, report = _reasoning_gym(arg, size=size, seed=seed)
+        name, source = f"rg_{arg}", f"reasoning-gym:{arg}"
+    records = _cap(records, report, max_problems)
+    if not records:
+        raise data.DataError(f"benchmark {spec!r}: no usable problems ({report.summary()}).")
+    return Benchmark(name, records, report, source)
+
+
+def _import(module: str, package: str):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise data.DataError(f"the {package!r} package is not installed ({e}); "
+                             "pip install -e '.[eval]'.") from None
+
+
+def _champ() -> tuple[list, data.SkipReport]:
+    """CHAMP's problems in the package's (natural) order: id = its identifier, level = category."""
+    champ = _import("champ_dataset", "champ-dataset")
+    dataset = champ.load("v0")
+    report, records = data.SkipReport(), []
+    for i, (ident, p) in enumerate(dataset.problems.items()):
+        report.rows_read += 1
+        problem, answer = getattr(p, "text", None), getattr(p, "answer", None)
+        if not isinstance(problem, str) or not problem.strip():
+            report.add("problem_missing", i)
+        elif not isinstance(answer, str) or not answer.strip():
+            report.add("answer_missing", i)
+        elif len(answer) > data.MAX_ANSWER_CHARS:
+            report.add("answer_too_long", i)
+        else:
+            records.append({"id": str(ident), "problem": problem, "answer": answer.strip(),
+                            "level": _level(getattr(p, "category", None))})
+    return records, report
+
+
+def _reasoning_gym(task: str, *, size: int, seed: int) -> tuple[list, data.SkipReport]:
+    rg = _import("reasoning_gym", "reasoning-gym")
+    try:
+        dataset = rg.create_dataset(task, size=int(size), seed=int(seed))
+    except Exception as e:  # unknown task names raise a plain error inside reasoning-gym
+        raise data.DataError(f"reasoning-gym task {task!r} could not be created: {e}") from None
+    report, records = data.SkipReport(), []
+    for i, item in enumerate(dataset):
+        report.rows_read += 1
+        answer = item.get("answer")
+        if not isinstance(answer, str) or not answer.strip():
+            report.add("answer_missing", i)
+            continue
+        records.append({"id": str(item.get("metadata", {}).get("source_index", i)),
+                        "problem": item["question"], "answer": answer.strip(), "level": None})
+    return records, report

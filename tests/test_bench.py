@@ -1,0 +1,143 @@
+"""launch/bench.py: the smoke run end to end, and every failure path leaving a table behind."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hbpo_jax import benchmarks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORBIDDEN = ("ml_collections", "grain", "tensorboardX", "math_verify", "datasets")
+
+
+def _env(**extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as on the GPU machine
+    env.pop(benchmarks._FAULT_ENV, None)
+    env.update(extra)
+    return env
+
+
+def _collect():
+    messages = []
+    return messages, lambda kind, **kw: messages.append(dict(kw, type=kind))
+
+
+def test_run_sections_records_a_failure_and_runs_the_rest():
+    messages, emit = _collect()
+
+    def boom(row):
+        row(job="partial", tokens_per_s=1.0)
+        raise MemoryError("RESOURCE_EXHAUSTED: out of memory while allocating 3 GiB")
+
+    def nothing(row):
+        raise benchmarks.SectionSkipped("nothing to compare")
+
+    fns = dict(ceilings=boom, sampler_large=lambda row: row(job="ok", tokens_per_s=2.0),
+               sampler_small=lambda row: pytest.fail("must be skipped"), train_xla=nothing)
+    est = {"ceilings": 1.0, "sampler_large": 1.0, "sampler_small": 10_000.0, "train_xla": 1.0}
+    benchmarks.run_sections(list(fns), fns, deadline=time.time() + 600, est=est.get, emit=emit)
+    ends = {m["section"]: m["status"] for m in messages if m["type"] == "end"}
+    assert ends["ceilings"].startswith("failed: OOM: MemoryError: RESOURCE_EXHAUSTED")
+    assert ends["sampler_large"] == "ok"
+    assert ends["sampler_small"] == "skipped: time"
+    assert ends["train_xla"] == "skipped: nothing to compare"
+    rows = [m["row"] for m in messages if m["type"] == "row"]
+    assert [(r["section"], r["tokens_per_s"]) for r in rows] == [("ceilings", 1.0), ("sampler_large", 2.0)]
+
+
+def test_run_sections_keeps_time_for_more_important_sections_elsewhere():
+    messages, emit = _collect()
+    fns = {"hbpo_fraction": lambda row: pytest.fail("must be skipped"), "train_large": lambda row: None}
+    # 100 s left; hbpo_fraction (priority 7) needs 30 s but hf_train (priority 6) reserves 80 s;
+    # train_large (priority 9) has only itself and the same reserve: 10 + 80 <= 100.
+    benchmarks.run_sections(list(fns), fns, deadline=time.time() + 100, external=[(6, 80.0)],
+                            est={"hbpo_fraction": 30.0, "train_large": 10.0}.get, emit=emit)
+    ends = {m["section"]: m["status"] for m in messages if m["type"] == "end"}
+    assert ends == {"hbpo_fraction": "skipped: time", "train_large": "ok"}
+
+
+def test_report_renders_failed_and_skipped_sections(tmp_path):
+    s = benchmarks.bench_settings(smoke=True)
+    report = benchmarks.Report(s, str(tmp_path), budget_s=60)
+    report.meta.update(jax_device="NVIDIA H100 80GB HBM3", jax_platform="gpu")
+    report.ceilings.update(copy_bandwidth=2.9e12, matmul_flops=780e12)
+    cfg = benchmarks.bench_model_config("qwen1_5b", "bfloat16")
+    report.add_row(dict(section="sampler_large", kind="sampler", job="sampler (generate)", impl="hbpo_jax",
+                        shape="B=256", tokens_per_s=40_000.0, step_s=0.012, step_label="decode step",
+                        compile_s=20.0, **benchmarks.decode_bytes(cfg, 256, 256, 512)))
+    report.add_row(dict(section="hf_sampler_large", kind="sampler", job="sampler (generate)", impl="transformers",
+                        shape="B=256", tokens_per_s=5_000.0, step_s=0.05, step_label="token", kv_read=None,
+                        **{k: v for k, v in benchmarks.decode_bytes(cfg, 256, 256, 512).items() if k != "kv_read"}))
+    report.set_status("sampler_large", "ok")
+    report.set_status("train_small", "failed: OOM: RESOURCE_EXHAUSTED")
+    report.set_status("hbpo_fraction", "skipped: time")
+    report.write()
+    md = (tmp_path / "bench.md").read_text()
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert "| training step | hbpo_jax | 2 x 32 tokens | failed: OOM: RESOURCE_EXHAUSTED |" in md
+    assert "skipped: time" in md
+    # weights 3.08 GB + KV 2.64 GB (needed) in 12 ms: 477 TB/s... of a 2.9 TB/s copy ceiling.
+    b = benchmarks.decode_bytes(cfg, 256, 256, 512)
+    assert b["weight_bytes"] == pytest.approx((cfg.num_params() - 151936 * 1536) * 2)
+    assert b["kv_read"] == pytest.approx(2 * 28 * 2 * 128 * 2 * 256 * 768)
+    assert b["kv_needed"] == pytest.approx(2 * 28 * 2 * 128 * 2 * 256 * 512)
+    needed = (b["weight_bytes"] + b["kv_needed"]) / 0.012
+    assert f"= {needed / 2.9e12:.0%} / {needed / 3.0e12:.0%} of ref" in md
+    assert "| sampler, batch 2 | 40,000 | 5,000 | 8.00x |" in md
+    statuses = {r["section"]: r["status"] for r in data["rows"] if r["kind"] == "status"}
+    assert statuses == {"train_small": "failed: OOM: RESOURCE_EXHAUSTED", "hbpo_fraction": "skipped: time"}
+
+
+def test_bench_import_chain_has_no_training_only_packages():
+    code = ("import sys, runpy; sys.argv = ['bench.py', '--help']\n"
+            "try:\n    runpy.run_path('launch/bench.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            f"print([m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end(tmp_path):
+    out_dir = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "launch/bench.py", "--smoke", f"--out={out_dir}"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out_dir / "bench.json").read_text())
+    md = (out_dir / "bench.md").read_text()
+    assert data["sections"] == {name: "ok" for name in benchmarks.SECTIONS}, data["sections"]
+    rows = data["rows"]
+    measured = [r for r in rows if r["section"] != "ceilings"]
+    assert {r["section"] for r in measured} == set(benchmarks.SECTIONS) - {"ceilings"}
+    for r in measured:
+        assert r["status"] == "ok" and isinstance(r["tokens_per_s"], float) and r["tokens_per_s"] > 0, r
+    assert data["ceilings"]["copy_bandwidth"] > 0 and data["ceilings"]["matmul_flops"] > 0
+    assert all(q["ratio"] and q["ratio"] > 0 for q in data["ratios"]), data["ratios"]
+    assert "failed" not in md and "skipped" not in md
+    table = [line for line in md.splitlines() if line.startswith("| ") and "tokens/s" not in line]
+    assert len(table) >= len(measured)
+    assert md in proc.stdout  # the table is printed at the end too
+    assert data["meta"]["jax"] and data["meta"]["torch"] and data["meta"]["transformers"]
+
+
+@pytest.mark.slow
+def test_hung_and_crashed_workers_are_table_entries(tmp_path, monkeypatch):
+    """ceilings hangs (killed at its time limit), sampler_small kills its worker; a fresh worker
+    runs each remaining section and the torch section still runs."""
+    for k, v in _env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv(benchmarks._FAULT_ENV, "ceilings:hang,sampler_small:crash")
+    logs = []
+    report = benchmarks.run(smoke=True, out_dir=str(tmp_path), only=["ceilings", "sampler_small", "hf_train"],
+                            overrides={"section_timeout_s": 25}, log=logs.append)
+    assert report.status["ceilings"] == "failed: timeout after 25 s", logs
+    assert report.status["sampler_small"].startswith("failed: worker exited with code 3"), logs
+    assert report.status["hf_train"] == "ok", logs
+    md = (tmp_path / "bench.md").read_text()
+    assert "failed: worker exited with code 3" in md and "| training step | transformers" in md
