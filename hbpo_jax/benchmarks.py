@@ -444,18 +444,6 @@ class _JaxCtx:
         self._params = params
 
 
-def _copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a + 1.0)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * x.nbytes / best  # read + write
-
-
 def _matmul_flops(n: int, dtype, calls: int = 10, repeats: int = 3) -> float:
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (n, n), dtype)
@@ -474,7 +462,7 @@ def _matmul_flops(n: int, dtype, calls: int = 10, repeats: int = 3) -> float:
 
 def _sec_ceilings(ctx: _JaxCtx, emit_row) -> None:
     s = ctx.s
-    bw = _copy_bandwidth(s["copy_bytes"])
+    bw = copy_bandwidth(s["copy_bytes"], repeats=10)
     _progress(f"copy bandwidth {_rate(bw, 'B')} ({s['copy_bytes'] / 2**30:.2f} GiB array, read + write)")
     _emit("ceiling", name="copy_bandwidth", value=bw, note=f"jitted x + 1 over {s['copy_bytes'] / 2**30:.2f} GiB, "
           "read + written bytes, best of 10")
