@@ -46,8 +46,9 @@ def base_config() -> config_dict.ConfigDict:
         # Runs with other rollout budgets set them equal so they can share one warm start.
         sft_budgets=(),
         # How much the warm-start data shortens reasoning under smaller budget prompts
-        # (tasks.arithmetic.sft_examples' budget_prior; 0: lengths independent of the prompt).
-        sft_budget_prior=0.0))
+        # (tasks.arithmetic.sft_examples' budget_prior; 0: lengths independent of the prompt), and
+        # optionally the redundancy scale under each budget, smallest first (budget_scales).
+        sft_budget_prior=0.0, sft_budget_scales=()))
 
     c.rollout = config_dict.ConfigDict(dict(
         mode="budget", budgets=(512, 1024, 2048, 2560), rollouts_per_prompt=16,
@@ -146,6 +147,11 @@ def validate(config, num_devices: int | None = None) -> None:
              f"task.sft_budgets must be positive integers, got {sft_budgets}.")
     prior = config.task.get("sft_budget_prior", 0.0)
     _require(0.0 <= prior <= 1.0, f"task.sft_budget_prior must be in [0, 1], got {prior}.")
+    scales = tuple(config.task.get("sft_budget_scales", ()))
+    if scales and config.task.get("name", "") == "arithmetic":  # only the synthetic task reads them
+        n_budgets = len(set(sft_budgets or budgets))
+        _require(len(scales) == n_budgets and all(0.0 <= x <= 1.0 for x in scales),
+                 f"task.sft_budget_scales needs one scale in [0, 1] per budget ({n_budgets}), got {scales}.")
     validate_eval(config)
 
     o = config.objective

@@ -54,6 +54,37 @@ class Policy:
 
 # ----------------------------------------------------------------------------- setup
 
+WARM_START_SETTINGS = "sft_settings.json"
+
+
+def _warm_start_settings(config, budgets, model_cfg) -> dict:
+    """What the cached warm start was built from: the task's data and SFT settings, the model."""
+    task = {k: v for k, v in config.task.to_dict().items()
+            if k.startswith("sft_") or k in ("name", "tokenizer_vocab_size")}
+    task.update(sft_budgets=list(budgets), sft_budget_scales=list(task.get("sft_budget_scales", ())))
+    model = {k: v for k, v in model_cfg.to_hf().items() if k not in ("dtype", "torch_dtype")}
+    return dict(task=task, seed=config.seed, model=model)
+
+
+def _check_warm_start_settings(warm: str, settings: dict) -> None:
+    """Refuses a cached warm start built from other settings: reusing it would silently train
+    from a model the config does not describe (a changed SFT setting needs a fresh workdir)."""
+    path = os.path.join(warm, WARM_START_SETTINGS)
+    if not os.path.exists(path):
+        log.warning("warm start: %s has no %s (an older cache); using it as it is", warm, WARM_START_SETTINGS)
+        return
+    cached = json.loads(json.dumps(_read_json(path)))
+    wanted = json.loads(json.dumps(settings))
+    diff = sorted(f"{part}.{k}: cached {cached.get(part, {}).get(k)!r}, config {v!r}"
+                  for part in ("task", "model") for k, v in wanted[part].items()
+                  if cached.get(part, {}).get(k) != v)
+    if cached.get("seed") != wanted["seed"]:
+        diff.append(f"seed: cached {cached.get('seed')!r}, config {wanted['seed']!r}")
+    if diff:
+        raise ValueError(f"{warm} was built with other settings ({'; '.join(diff)}). Use a new --workdir, "
+                         f"or delete {warm} to rebuild the warm start there.")
+
+
 def _arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
     """The tiny run's world: its tokenizer, problems, and an SFT warm start cached in workdir."""
     from hbpo_jax import sft, tokenizer as tokenizer_lib
@@ -68,12 +99,15 @@ def _arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
     model_cfg = config_lib.model_config(config).replace(
         vocab_size=-(-len(tokenizer) // 8) * 8, eos_token_ids=(tokenizer.eos_token_id,))
     warm = os.path.join(workdir, "warmstart")
+    settings = _warm_start_settings(config, budgets, model_cfg)
     if os.path.isdir(os.path.join(warm, "params")):
+        _check_warm_start_settings(warm, settings)
         log.info("warm start: restoring the cached SFT model from %s", warm)
         model = checkpoint.restore_params(warm, mesh=mesh, rules=rules, dtype=model_cfg.param_dtype)
     else:
         examples = arithmetic.sft_examples(t.sft_examples, config.seed + 1, budgets=budgets,
-                                           budget_prior=t.get("sft_budget_prior", 0.0))
+                                           budget_prior=t.get("sft_budget_prior", 0.0),
+                                           budget_scales=tuple(t.get("sft_budget_scales", ())))
         arrays = sft.tokenize_sft(tokenizer, examples, t.sft_max_len)
         model = create_model(model_cfg, seed=config.seed, mesh=mesh, rules=rules)
         result = sft.sft_train(model, arrays, steps=t.sft_steps, lr=t.sft_lr, batch_size=t.sft_batch_size,
@@ -82,6 +116,7 @@ def _arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
         log.info("warm start: %d SFT steps in %.0fs, final loss %.3f", t.sft_steps, result.seconds,
                  float(result.losses[-10:].mean()))
         checkpoint.save_params(warm, model)
+        _write_json(os.path.join(warm, WARM_START_SETTINGS), settings)
     graphdef, params = nnx.split(model)
     train = arithmetic.make_dataset(t.train_problems, config.seed + 2)
     evals = arithmetic.make_dataset(t.eval_problems, config.seed + 3)

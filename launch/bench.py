@@ -4,7 +4,7 @@ Sampler tokens/s against the memory-bandwidth ceiling, training-step MFU, transf
 and training step on the same shapes, and one HBPO step (a fraction, projected to the paper's
 run), within a time budget; a failed or skipped section is a table entry, never the end of the
 run. Writes OUT/bench.md and OUT/bench.json after every section and prints the table at the end.
-hbpo_jax.benchmarks holds the logic.
+hbpo_jax.bench_harness holds the logic (the workers: hbpo_jax.bench_sections).
 """
 import argparse
 import os
@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hbpo_jax import benchmarks  # noqa: E402
+from hbpo_jax import bench_harness, bench_sections  # noqa: E402
 
 
 def main(argv=None):
@@ -22,10 +22,10 @@ def main(argv=None):
     p.add_argument("--budget_s", type=float, default=None,
                    help="seconds for all sections (default: 375 full, 420 smoke); a hard stop follows 15 s later")
     p.add_argument("--only", default="", help="comma-separated section names (default: all): "
-                   + ", ".join(benchmarks.SECTIONS))
+                   + ", ".join(bench_sections.SECTIONS))
     a = p.parse_args(argv)
     only = [x for x in a.only.split(",") if x] or None
-    report = benchmarks.run(smoke=a.smoke, out_dir=a.out, budget_s=a.budget_s, only=only)
+    report = bench_harness.run(smoke=a.smoke, out_dir=a.out, budget_s=a.budget_s, only=only)
     print()
     print(report.safe_markdown(), flush=True)
     print(f"written: {os.path.join(a.out, 'bench.md')} and bench.json", flush=True)

@@ -186,7 +186,7 @@ VARIANTS = [
     Variant("classic", "classic", rollout_mode="natural"),
     Variant("cosine", "cosine", rollout_mode="natural"),
 ]
-# Full run: configs/tiny.py's SFT and RL, but 25 RL steps (the tiny run takes 30) and evaluation
+# Full run: configs/tiny.py's SFT and RL, but 25 RL steps (the tiny run takes 34) and evaluation
 # on 192 problems (not 384), so that five runs fit in 30 minutes on a 2-core CPU.
 OVERRIDES = {"task.eval_problems": 192, "train.steps": 25}
 if SMOKE:

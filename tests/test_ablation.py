@@ -83,7 +83,7 @@ def test_run_variants_trains_the_warm_start_once_and_reuses_its_evaluation(tmp_p
     overrides = {
         "task.sft_steps": 5, "task.sft_examples": 100, "task.eval_problems": 8, "task.train_problems": 32,
         "model.num_layers": 1, "model.hidden_size": 64, "model.intermediate_size": 128, "model.head_dim": 16,
-        "rollout.budgets": (16, 32), "rollout.rollouts_per_prompt": 4, "rollout.max_response_len": 48,
+        "rollout.budgets": (16, 32), "task.sft_budget_scales": (0.5, 1.0), "rollout.rollouts_per_prompt": 4, "rollout.max_response_len": 48,
         "objective.l_max": 48, "train.steps": 1, "train.prompts_per_step": 4,
         "train.micro_batch_size": 8, "train.checkpoint_every": 1}
     variants = [Variant("both", budgets=(16, 32), eval_modes=("natural", "fixed")),

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hbpo_jax import benchmarks
+from hbpo_jax import bench_harness, bench_sections, benchmarks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORBIDDEN = ("ml_collections", "grain", "tensorboardX", "math_verify", "datasets")
@@ -16,7 +16,7 @@ FORBIDDEN = ("ml_collections", "grain", "tensorboardX", "math_verify", "datasets
 def _env(**extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
     env.pop("XLA_FLAGS", None)  # one CPU device, as on the GPU machine
-    env.pop(benchmarks._FAULT_ENV, None)
+    env.pop(bench_sections._FAULT_ENV, None)
     env.update(extra)
     return env
 
@@ -34,12 +34,12 @@ def test_run_sections_records_a_failure_and_runs_the_rest():
         raise MemoryError("RESOURCE_EXHAUSTED: out of memory while allocating 3 GiB")
 
     def nothing(row):
-        raise benchmarks.SectionSkipped("nothing to compare")
+        raise bench_sections.SectionSkipped("nothing to compare")
 
     fns = dict(ceilings=boom, sampler_large=lambda row: row(job="ok", tokens_per_s=2.0),
                sampler_small=lambda row: pytest.fail("must be skipped"), train_xla=nothing)
     est = {"ceilings": 1.0, "sampler_large": 1.0, "sampler_small": 10_000.0, "train_xla": 1.0}
-    benchmarks.run_sections(list(fns), fns, deadline=time.time() + 600, est=est.get, emit=emit)
+    bench_sections.run_sections(list(fns), fns, deadline=time.time() + 600, est=est.get, emit=emit)
     ends = {m["section"]: m["status"] for m in messages if m["type"] == "end"}
     assert ends["ceilings"].startswith("failed: OOM: MemoryError: RESOURCE_EXHAUSTED")
     assert ends["sampler_large"] == "ok"
@@ -54,15 +54,15 @@ def test_run_sections_keeps_time_for_more_important_sections_elsewhere():
     fns = {"hbpo_fraction": lambda row: pytest.fail("must be skipped"), "train_large": lambda row: None}
     # 100 s left; hbpo_fraction (priority 7) needs 30 s but hf_train (priority 6) reserves 80 s;
     # train_large (priority 9) has only itself and the same reserve: 10 + 80 <= 100.
-    benchmarks.run_sections(list(fns), fns, deadline=time.time() + 100, external=[(6, 80.0)],
-                            est={"hbpo_fraction": 30.0, "train_large": 10.0}.get, emit=emit)
+    bench_sections.run_sections(list(fns), fns, deadline=time.time() + 100, external=[(6, 80.0)],
+                                est={"hbpo_fraction": 30.0, "train_large": 10.0}.get, emit=emit)
     ends = {m["section"]: m["status"] for m in messages if m["type"] == "end"}
     assert ends == {"hbpo_fraction": "skipped: time", "train_large": "ok"}
 
 
 def test_report_renders_failed_and_skipped_sections(tmp_path):
-    s = benchmarks.bench_settings(smoke=True)
-    report = benchmarks.Report(s, str(tmp_path), budget_s=60)
+    s = bench_sections.bench_settings(smoke=True)
+    report = bench_harness.Report(s, str(tmp_path), budget_s=60)
     report.meta.update(jax_device="NVIDIA H100 80GB HBM3", jax_platform="gpu")
     report.ceilings.update(copy_bandwidth=2.9e12, matmul_flops=780e12)
     cfg = benchmarks.bench_model_config("qwen1_5b", "bfloat16")
@@ -110,10 +110,10 @@ def test_smoke_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out_dir / "bench.json").read_text())
     md = (out_dir / "bench.md").read_text()
-    assert data["sections"] == {name: "ok" for name in benchmarks.SECTIONS}, data["sections"]
+    assert data["sections"] == {name: "ok" for name in bench_sections.SECTIONS}, data["sections"]
     rows = data["rows"]
     measured = [r for r in rows if r["section"] != "ceilings"]
-    assert {r["section"] for r in measured} == set(benchmarks.SECTIONS) - {"ceilings"}
+    assert {r["section"] for r in measured} == set(bench_sections.SECTIONS) - {"ceilings"}
     for r in measured:
         assert r["status"] == "ok" and isinstance(r["tokens_per_s"], float) and r["tokens_per_s"] > 0, r
     assert data["ceilings"]["copy_bandwidth"] > 0 and data["ceilings"]["matmul_flops"] > 0
@@ -132,10 +132,10 @@ def test_hung_and_crashed_workers_are_table_entries(tmp_path, monkeypatch):
     for k, v in _env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    monkeypatch.setenv(benchmarks._FAULT_ENV, "ceilings:hang,sampler_small:crash")
+    monkeypatch.setenv(bench_sections._FAULT_ENV, "ceilings:hang,sampler_small:crash")
     logs = []
-    report = benchmarks.run(smoke=True, out_dir=str(tmp_path), only=["ceilings", "sampler_small", "hf_train"],
-                            overrides={"section_timeout_s": 25}, log=logs.append)
+    report = bench_harness.run(smoke=True, out_dir=str(tmp_path), only=["ceilings", "sampler_small", "hf_train"],
+                               overrides={"section_timeout_s": 25}, log=logs.append)
     assert report.status["ceilings"] == "failed: timeout after 25 s", logs
     assert report.status["sampler_small"].startswith("failed: worker exited with code 3"), logs
     assert report.status["hf_train"] == "ok", logs

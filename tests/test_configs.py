@@ -61,6 +61,7 @@ BAD = [
     ("model.num_kv_heads", 5, "model.num_heads"),
     ("model.hidden_size", -1, "model.hidden_size"),
     ("model.dtype", "float64", "model.dtype"),
+    ("task.sft_budget_prior", 1.5, "task.sft_budget_prior"),
 ]
 
 
@@ -99,3 +100,11 @@ def test_qwen1_5b_train_step_and_sampler_lower_on_8_devices():
     assert '[{"fsdp"}, {"tensor"}]' in kernel or "devices=[2,4" in kernel, kernel  # Shardy or GSPMD
     prefill, decode = planning.lower_sampler(config, mesh, batch=16)
     assert "while" in decode.as_text()
+
+
+@pytest.mark.parametrize("scales", [(0.5, 1.0), (0.2, 0.5, 0.8, 1.2)])
+def test_tiny_budget_scales_need_one_scale_in_0_1_per_budget(scales):
+    config = load("tiny")
+    config.task.sft_budget_scales = scales
+    with pytest.raises(ConfigError, match="task.sft_budget_scales"):
+        config_lib.validate(config, num_devices=1)

@@ -19,7 +19,8 @@ FAST = [
     "--config.task.train_problems=64",
     "--config.model.num_layers=2", "--config.model.hidden_size=64", "--config.model.intermediate_size=128",
     "--config.model.head_dim=16",
-    "--config.rollout.budgets=(16,32)", "--config.rollout.rollouts_per_prompt=4",
+    "--config.rollout.budgets=(16,32)", "--config.task.sft_budget_scales=(0.5,1.0)",
+    "--config.rollout.rollouts_per_prompt=4",
     "--config.rollout.max_response_len=48", "--config.objective.l_max=48",
     "--config.train.prompts_per_step=4", "--config.train.mini_batches=2", "--config.train.micro_batch_size=4",
     "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=3",
@@ -118,3 +119,28 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     last = max(_metrics(tmp_path))
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [last] and last < 50  # checkpoint_every=100: only the SIGTERM one
+
+
+def test_a_cached_warm_start_built_from_other_settings_is_refused(tmp_path):
+    import importlib.util
+
+    from hbpo_jax import config as config_lib
+    from hbpo_jax import loop
+
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    budgets, model_cfg = tuple(config.rollout.budgets), config_lib.model_config(config)
+    (tmp_path / loop.WARM_START_SETTINGS).write_text(
+        json.dumps(loop._warm_start_settings(config, budgets, model_cfg)))
+    loop._check_warm_start_settings(str(tmp_path), loop._warm_start_settings(config, budgets, model_cfg))
+    config.task.sft_budget_scales = (0.2, 0.6, 0.8, 1.0)
+    config.seed = 7
+    with pytest.raises(ValueError, match=r"task.sft_budget_scales: cached \[\], config \[0.2, 0.6, 0.8, 1.0\]; "
+                                         r"seed: cached 0, config 7\). Use a new --workdir"):
+        loop._check_warm_start_settings(str(tmp_path), loop._warm_start_settings(config, budgets, model_cfg))
+    # RL settings are not the warm start's: a run may change them and keep its cache.
+    config.task.sft_budget_scales, config.seed = (), 0
+    config.optim.learning_rate, config.train.steps = 1e-5, 99
+    loop._check_warm_start_settings(str(tmp_path), loop._warm_start_settings(config, budgets, model_cfg))

@@ -119,3 +119,21 @@ def test_budget_prior_orders_reasoning_length_by_budget_rank():
     # The efficiency prefix gets the smallest budget's scale; natural responses are untouched.
     assert abs(lines[A.MINIMAL_PREFIX] - by_budget[0]) < 0.1 * by_budget[0]
     assert abs(lines[""] - _lines_by_prefix(A.sft_examples(8000, 1))[""]) < 0.05 * lines[""]
+
+
+def test_budget_scales_set_each_budgets_redundancy():
+    scales = (0.3, 0.7, 0.85, 1.0)
+    lines = _lines_by_prefix(A.sft_examples(8000, 1, budget_prior=0.7, budget_scales=scales))
+    full = _lines_by_prefix(A.sft_examples(8000, 1, budget_scales=(1.0,) * 4))
+    by_budget = [lines[A.BUDGET_PREFIX.format(budget=b)] for b in A.BUDGETS]
+    weak = _lines_by_prefix(A.sft_examples(8000, 1, budget_prior=0.3))
+    weak = [weak[A.BUDGET_PREFIX.format(budget=b)] for b in A.BUDGETS]
+    # Ordered, and 32 is further below 64 than the rank-spaced prior 0.3 puts it (x0.3 vs x0.7).
+    assert by_budget == sorted(by_budget), by_budget
+    assert by_budget[1] - by_budget[0] > 2 * (weak[1] - weak[0]), (by_budget, weak)
+    # Full redundancy under every budget: as long as a natural response; the efficiency prefix
+    # keeps budget_prior's scale (1 - 0.7), close to the smallest budget's 0.3.
+    assert abs(by_budget[-1] - full[""]) < 0.05 * full[""]
+    assert abs(lines[A.MINIMAL_PREFIX] - by_budget[0]) < 0.1 * by_budget[0]
+    with pytest.raises(ValueError, match="one scale per budget"):
+        A.sft_examples(10, 1, budget_scales=(0.5, 1.0))

@@ -19,10 +19,12 @@ the one before was written: 2.0 per operation on average, so a sampled warm-star
 ~2.5-3x its minimal solution, with short ones common enough for RL to find, while a greedy one
 writes them all. Numbers in a question are distinct, so copying an operand is unambiguous.
 
-Budget-mode SFT responses start with the budget sentence that rollouts pre-fill; the reasoning that
-follows is drawn independently of the stated budget (SFT teaches the format, RL the meaning). The
-text after the pre-filled part always starts with a newline, so the prefix tokenises the same way
-whether or not the rest follows.
+Budget-mode SFT responses start with the budget sentence that rollouts pre-fill; by default the
+reasoning that follows is drawn independently of the stated budget (SFT teaches the format, RL the
+meaning), and `sft_examples(budget_prior=..., budget_scales=...)` lets smaller budgets write fewer
+needless lines (a length prior, as instruction-tuned models have). The text after the pre-filled
+part always starts with a newline, so the prefix tokenises the same way whether or not the rest
+follows.
 
 Records use DeepScaleR's column names (`problem`, `answer`, `solution`) plus `difficulty`.
 Everything is deterministic given seeds (numpy PCG64 generators).
@@ -189,15 +191,20 @@ def prompt_messages(problem: dict) -> list[dict]:
 def sft_examples(n: int, seed: int, difficulties: Sequence[int] = DIFFICULTIES, *,
                  budgets: Sequence[int] = BUDGETS, natural_frac: float = 0.4,
                  minimal_frac: float = 0.1, redundancy: float = REDUNDANCY, budget_prior: float = 0.0,
-                 **kwargs) -> list[SFTExample]:
+                 budget_scales: Sequence[float] = (), **kwargs) -> list[SFTExample]:
     """n warm-start examples: a `natural_frac` share of natural responses, `minimal_frac` with the
     efficiency prefix, the rest with a budget prefix for a budget uniform over `budgets`.
 
     budget_prior: how much a prefix shortens the reasoning. 0: the length is independent of the
     prefix; p > 0: the redundancy under the k-th smallest of K budgets is scaled by
-    1 - p * (K - 1 - k) / (K - 1), under the efficiency prefix by 1 - p (a weak length prior, as
-    instruction-tuned models have; spaced by rank, so that with the default CONTINUE each budget
-    gets its own number of needless lines in a greedy response). kwargs go to make_problem."""
+    1 - p * (K - 1 - k) / (K - 1), under the efficiency prefix by 1 - p (a length prior, as
+    instruction-tuned models have; spaced by rank).
+    budget_scales: the redundancy scale under each budget, smallest budget first (one per distinct
+    budget); replaces the rank spacing of budget_prior, which still sets the efficiency prefix's.
+    kwargs go to make_problem."""
+    ranked = sorted(set(int(b) for b in budgets))
+    if budget_scales and len(budget_scales) != len(ranked):
+        raise ValueError(f"budget_scales needs one scale per budget {ranked}, got {tuple(budget_scales)}")
     rng = np.random.default_rng(seed)
     problems = make_dataset(n, seed + 1_000_003, difficulties, **kwargs)
     out = []
@@ -211,9 +218,11 @@ def sft_examples(n: int, seed: int, difficulties: Sequence[int] = DIFFICULTIES, 
         else:
             budget = int(rng.choice(np.asarray(budgets)))
             prefix = BUDGET_PREFIX.format(budget=budget)
-            ranked = sorted(set(int(b) for b in budgets))
-            steps_below_max = len(ranked) - 1 - ranked.index(budget)
-            scale = 1.0 - budget_prior * (steps_below_max / (len(ranked) - 1) if len(ranked) > 1 else 0.0)
+            if budget_scales:
+                scale = float(budget_scales[ranked.index(budget)])
+            else:
+                steps_below_max = len(ranked) - 1 - ranked.index(budget)
+                scale = 1.0 - budget_prior * (steps_below_max / (len(ranked) - 1) if len(ranked) > 1 else 0.0)
         response = warm_start_response(problem, rng, prefix=prefix or None, redundancy=redundancy * scale)
         out.append(SFTExample(prompt_messages(problem), response, prefix))
     return out
