@@ -277,7 +277,7 @@ def _timed_generate(graphdef, params, ids, key, n: int):
     try:
         logits, cache = call.fns.prefill(call.state, call.cache, call.prompt_ids, call.prompt_mask)
     except TypeError:  # raised before anything runs or is donated: time generate() whole
-        del call
+        call = None  # drop the prepared cache before generate() allocates its own
         t = time.perf_counter()
         out = sampler.generate((graphdef, params), ids, **kw)
         jax.block_until_ready(out)

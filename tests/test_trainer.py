@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 from hbpo_jax import loss as loss_lib
