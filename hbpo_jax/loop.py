@@ -58,12 +58,15 @@ WARM_START_SETTINGS = "sft_settings.json"
 
 
 def _warm_start_settings(config, budgets, model_cfg) -> dict:
-    """What the cached warm start was built from: the task's data and SFT settings, the model."""
+    """What the cached warm start was built from, flat and JSON-normalised: "task.<key>" for the
+    task's data and SFT settings, "model.<key>" for the architecture, and "seed"."""
     task = {k: v for k, v in config.task.to_dict().items()
             if k.startswith("sft_") or k in ("name", "tokenizer_vocab_size")}
-    task.update(sft_budgets=list(budgets), sft_budget_scales=list(task.get("sft_budget_scales", ())))
+    task["sft_budgets"] = budgets  # the budgets actually used (sft_budgets or rollout.budgets)
     model = {k: v for k, v in model_cfg.to_hf().items() if k not in ("dtype", "torch_dtype")}
-    return dict(task=task, seed=config.seed, model=model)
+    flat = {**{f"task.{k}": v for k, v in task.items()}, **{f"model.{k}": v for k, v in model.items()},
+            "seed": config.seed}
+    return json.loads(json.dumps(flat))  # tuples as lists, as they come back from the file
 
 
 def _check_warm_start_settings(warm: str, settings: dict) -> None:
@@ -73,13 +76,9 @@ def _check_warm_start_settings(warm: str, settings: dict) -> None:
     if not os.path.exists(path):
         log.warning("warm start: %s has no %s (an older cache); using it as it is", warm, WARM_START_SETTINGS)
         return
-    cached = json.loads(json.dumps(_read_json(path)))
-    wanted = json.loads(json.dumps(settings))
-    diff = sorted(f"{part}.{k}: cached {cached.get(part, {}).get(k)!r}, config {v!r}"
-                  for part in ("task", "model") for k, v in wanted[part].items()
-                  if cached.get(part, {}).get(k) != v)
-    if cached.get("seed") != wanted["seed"]:
-        diff.append(f"seed: cached {cached.get('seed')!r}, config {wanted['seed']!r}")
+    cached = _read_json(path)
+    diff = [f"{k}: cached {cached.get(k)!r}, config {v!r}" for k, v in sorted(settings.items())
+            if cached.get(k) != v]
     if diff:
         raise ValueError(f"{warm} was built with other settings ({'; '.join(diff)}). Use a new --workdir, "
                          f"or delete {warm} to rebuild the warm start there.")
@@ -454,9 +453,10 @@ def run(config, workdir: str) -> dict:
 
 
 def _evaluate_warm_start(config, policy: Policy, mesh, rules, key) -> list[dict]:
-    """The before-training evaluation (summaries). Runs that share a cached warm start and the
-    same evaluation settings get the same numbers, so they are cached beside it (an ablation's
-    runs evaluate their common warm start once)."""
+    """The before-training evaluation (summaries), cached beside the cached warm start and keyed
+    by the evaluation settings: a rerun in the same workdir with other RL settings evaluates the
+    warm start once. (Ablation variants each copy the warm start; they share their "before"
+    through eval.reuse_before instead.)"""
     path = None
     if policy.cache_dir:
         settings = json.dumps([config.eval.to_dict(), list(config.rollout.budgets),
@@ -468,7 +468,7 @@ def _evaluate_warm_start(config, policy: Policy, mesh, rules, key) -> list[dict]
             log.info("before-training evaluation: cached in %s", path)
             return _read_json(path)
     before = [m.summary() for m in _evaluate(config, policy, policy.params, mesh, rules, key)]
-    if path and jax.process_index() == 0:
+    if path:
         _write_json(path, before)
     return before
 

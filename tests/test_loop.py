@@ -137,8 +137,8 @@ def test_a_cached_warm_start_built_from_other_settings_is_refused(tmp_path):
     loop._check_warm_start_settings(str(tmp_path), loop._warm_start_settings(config, budgets, model_cfg))
     config.task.sft_budget_scales = (0.2, 0.6, 0.8, 1.0)
     config.seed = 7
-    with pytest.raises(ValueError, match=r"task.sft_budget_scales: cached \[\], config \[0.2, 0.6, 0.8, 1.0\]; "
-                                         r"seed: cached 0, config 7\). Use a new --workdir"):
+    with pytest.raises(ValueError, match=r"seed: cached 0, config 7; task.sft_budget_scales: cached \[\], "
+                                         r"config \[0.2, 0.6, 0.8, 1.0\]\). Use a new --workdir"):
         loop._check_warm_start_settings(str(tmp_path), loop._warm_start_settings(config, budgets, model_cfg))
     # RL settings are not the warm start's: a run may change them and keep its cache.
     config.task.sft_budget_scales, config.seed = (), 0
