@@ -109,12 +109,10 @@ def bench_sampler(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int
     t_all = _best_time(lambda: run(new_tokens), repeats)
     t_one = _best_time(lambda: run(1), repeats)
     step = max(t_all - t_one, 1e-9) / max(new_tokens - 1, 1)
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    kv_item = jnp.dtype(cfg.compute_dtype).itemsize
-    cache_bytes = 2 * cfg.num_layers * batch * (prompt_len + new_tokens) * cfg.num_kv_heads * cfg.head_dim * kv_item
+    moved = decode_bytes(cfg, batch, prompt_len, new_tokens)  # the loop reads the whole cache
     return dict(impl="hbpo_jax", tokens_per_s=batch * new_tokens / t_all, ms_per_step=1e3 * step,
-                prefill_ms=1e3 * t_one, weight_bytes=weight_bytes, kv_bytes=cache_bytes,
-                bytes_per_step=weight_bytes + cache_bytes)
+                prefill_ms=1e3 * t_one, weight_bytes=moved["weight_bytes"], kv_bytes=moved["kv_read"],
+                bytes_per_step=moved["weight_bytes"] + moved["kv_read"])
 
 
 def bench_transformers(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, seed: int = 0) -> dict:

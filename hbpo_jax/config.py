@@ -41,6 +41,9 @@ def base_config() -> config_dict.ConfigDict:
     # own tokenizer and a supervised warm start cached in the workdir.
     c.task = config_dict.ConfigDict(dict(
         name="", train_problems=4096, eval_problems=200, tokenizer_vocab_size=192,
+        # The budget numbers as single tokens (tokenizer.build_tokenizer's whole_words) instead
+        # of digit by digit; the operands stay single digits either way.
+        tokenizer_whole_budgets=False,
         sft_examples=6000, sft_steps=500, sft_batch_size=32, sft_lr=3e-3, sft_max_len=192,
         # Budgets the tokenizer and the warm-start data are built for (empty: rollout.budgets).
         # Runs with other rollout budgets set them equal so they can share one warm start.

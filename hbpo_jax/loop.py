@@ -61,7 +61,7 @@ def _warm_start_settings(config, budgets, model_cfg) -> dict:
     """What the cached warm start was built from, flat and JSON-normalised: "task.<key>" for the
     task's data and SFT settings, "model.<key>" for the architecture, and "seed"."""
     task = {k: v for k, v in config.task.to_dict().items()
-            if k.startswith("sft_") or k in ("name", "tokenizer_vocab_size")}
+            if k.startswith(("sft_", "tokenizer_")) or k == "name"}
     task["sft_budgets"] = budgets  # the budgets actually used (sft_budgets or rollout.budgets)
     model = {k: v for k, v in model_cfg.to_hf().items() if k not in ("dtype", "torch_dtype")}
     flat = {**{f"task.{k}": v for k, v in task.items()}, **{f"model.{k}": v for k, v in model.items()},
@@ -77,6 +77,10 @@ def _check_warm_start_settings(warm: str, settings: dict) -> None:
         log.warning("warm start: %s has no %s (an older cache); using it as it is", warm, WARM_START_SETTINGS)
         return
     cached = _read_json(path)
+    # A setting added since the cache was written was at its default then.
+    defaults = json.loads(json.dumps(
+        {f"task.{k}": v for k, v in config_lib.base_config().task.to_dict().items()}))
+    cached = {**{k: v for k, v in defaults.items() if k in settings}, **cached}
     diff = [f"{k}: cached {cached.get(k)!r}, config {v!r}" for k, v in sorted(settings.items())
             if cached.get(k) != v]
     if diff:
@@ -93,7 +97,8 @@ def _arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
     budgets = tuple(t.get("sft_budgets", ())) or tuple(r.budgets)
     tokenizer = tokenizer_lib.build_tokenizer(
         arithmetic.corpus_texts(seed=config.seed, budgets=budgets),
-        vocab_size=t.tokenizer_vocab_size, workdir=workdir)
+        vocab_size=t.tokenizer_vocab_size, workdir=workdir,
+        whole_words=tuple(str(b) for b in budgets) if t.get("tokenizer_whole_budgets", False) else ())
     # The task's tokenizer decides the vocabulary (rounded up to a multiple of 8).
     model_cfg = config_lib.model_config(config).replace(
         vocab_size=-(-len(tokenizer) // 8) * 8, eos_token_ids=(tokenizer.eos_token_id,))

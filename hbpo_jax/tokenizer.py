@@ -39,11 +39,13 @@ _FIXED = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS + EXTRA_TOKENS
 _META = "\u2581"
 
 
-def _segments(texts: Iterable[str]) -> list[str]:
-    """The pieces of text between fixed tokens: what the unigram model will ever see."""
+def _segments(texts: Iterable[str], whole_words: Sequence[str] = ()) -> list[str]:
+    """The pieces of text between fixed tokens (and whole words): what the BPE trainer sees."""
+    fixed = _FIXED if not whole_words else re.compile(
+        "|".join([_FIXED.pattern] + [rf"\b{re.escape(w)}\b" for w in whole_words]))
     out = []
     for text in texts:
-        out += [s for s in _FIXED.split(text) if s.strip()]
+        out += [s for s in fixed.split(text) if s.strip()]
     return out
 
 
@@ -75,7 +77,7 @@ def _merges(pieces: Sequence[str]) -> list[tuple[str, str]]:
     return [(left, right) for *_, left, right in sorted(merges)]
 
 
-def _fast_tokenizer(pieces: list[str]):
+def _fast_tokenizer(pieces: list[str], whole_words: Sequence[str] = ()):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,17 +89,21 @@ def _fast_tokenizer(pieces: list[str]):
     tok.decoder = decoders.Metaspace(**meta)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in EXTRA_TOKENS])
+    tok.add_tokens([AddedToken(w, special=False, normalized=False, single_word=True) for w in whole_words])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token="<unk>",
         chat_template=CHAT_TEMPLATE, padding_side="left", clean_up_tokenization_spaces=False,
         model_max_length=1 << 20)
 
 
-def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 192, workdir: str | None = None):
+def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 192, whole_words: Sequence[str] = (),
+                    workdir: str | None = None):
     """Trains a tokenizer on `texts` and returns it as a transformers fast tokenizer.
 
     vocab_size: the sentencepiece vocabulary (a soft limit: a small corpus may give fewer pieces);
     the fixed tokens come on top, so len(tokenizer) is about vocab_size + 7.
+    whole_words: words that become one token each wherever they stand alone (e.g. the budget
+    numbers "32", "160", which digit splitting would spread over the operand digits' tokens).
     workdir: when given, the tokenizer is cached in workdir/tokenizer-<hash of texts and settings>
     and loaded from there on later calls (transformers' save_pretrained layout).
     Takes about a second for a few thousand short texts.
@@ -105,11 +111,13 @@ def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 192, workdir: str
     texts = list(_BASE_TEXTS) + list(texts)
     folder = None
     if workdir is not None:
-        digest = hashlib.sha256(json.dumps([vocab_size, texts]).encode()).hexdigest()[:16]
+        key = [vocab_size, texts] + ([list(whole_words)] if whole_words else [])
+        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
         folder = os.path.join(workdir, f"tokenizer-{digest}")
         if os.path.exists(os.path.join(folder, "tokenizer.json")):
             return load_tokenizer(folder)
-    tokenizer = _fast_tokenizer(_train_pieces(_segments(texts), vocab_size))
+    whole_words = tuple(whole_words)
+    tokenizer = _fast_tokenizer(_train_pieces(_segments(texts, whole_words), vocab_size), whole_words)
     if folder is not None:
         tmp = f"{folder}.tmp{os.getpid()}"
         tokenizer.save_pretrained(tmp)

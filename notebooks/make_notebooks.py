@@ -151,8 +151,8 @@ four-budget run also evaluates each budget prompt. The warm start is evaluated o
 first run) and every other run reuses that evaluation.
 
 Time: smoke mode (`HBPO_SMOKE=1`) about a minute on a CPU. The full run, estimated for a free
-2-core CPU: about 25 minutes (SFT ≈ 3.5 min, the first run ≈ 4.5 min with its before/after
-evaluation in five modes, each later run ≈ 3.5 min); minutes on a Colab TPU. Runs 2-5 load the
+2-core CPU: about 25 minutes (SFT ≈ 3.5 min, the first run ≈ 5.5 min with its before/after
+evaluation in five modes, each later run ≈ 4 min); minutes on a Colab TPU. Runs 2-5 load the
 first run's compiled programs from the persistent compilation cache in WORKDIR."""),
         code(INSTALL),
         _parameters("""\
@@ -186,9 +186,9 @@ VARIANTS = [
     Variant("classic", "classic", rollout_mode="natural"),
     Variant("cosine", "cosine", rollout_mode="natural"),
 ]
-# Full run: configs/tiny.py's SFT and RL, but 25 RL steps (the tiny run takes 34) and evaluation
-# on 192 problems (not 384), so that five runs fit in 30 minutes on a 2-core CPU.
-OVERRIDES = {"task.eval_problems": 192, "train.steps": 25}
+# Full run: configs/tiny.py's SFT and RL (36 RL steps per run), evaluation on 192 problems (not
+# 384), so that five runs fit in 30 minutes on a 2-core CPU.
+OVERRIDES = {"task.eval_problems": 192}
 if SMOKE:
     OVERRIDES.update({"model.num_layers": 1, "task.sft_steps": 10, "task.sft_examples": 200,
                       "train.steps": 2, "train.prompts_per_step": 4, "train.micro_batch_size": 16,
@@ -228,7 +228,7 @@ fig.savefig(os.path.join(WORKDIR, "ablation.png"), dpi=120)
 plt.show()"""),
         md("""The paper (DeepScaleR-1.5B base, mean over four benchmarks, accuracy % / tokens): one budget
 59.8 / 1842, two 61.7 / 2427, four 63.7 / 2364; on AIME25, classic 24.4%, cosine 23.3%, HBPO
-31.1%. At tiny scale, 25 RL steps on a 99%-accurate warm start, read the table as a check that
+31.1%. At tiny scale, 36 RL steps on a 97%-accurate warm start, read the table as a check that
 each objective runs and moves length and accuracy in its own direction, not as a replication."""),
     ]
 

@@ -141,3 +141,17 @@ def test_hung_and_crashed_workers_are_table_entries(tmp_path, monkeypatch):
     assert report.status["hf_train"] == "ok", logs
     md = (tmp_path / "bench.md").read_text()
     assert "failed: worker exited with code 3" in md and "| training step | transformers" in md
+
+
+def test_quick_sampler_benchmark_table(monkeypatch):
+    """launch/bench_sampler.py's table: a row of measured rates, and bytes per step as decode_bytes
+    counts them (weights once, the whole preallocated cache)."""
+    cfg = benchmarks.model_config("tiny")
+    row = benchmarks.bench_sampler(cfg, batch=2, prompt_len=8, new_tokens=4, repeats=1)
+    moved = benchmarks.decode_bytes(cfg, 2, 8, 4)
+    assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0
+    assert row["bytes_per_step"] == moved["weight_bytes"] + moved["kv_read"]
+    assert moved["kv_read"] == 2 * cfg.num_layers * 2 * (8 + 4) * cfg.num_kv_heads * cfg.head_dim * 4
+    monkeypatch.setattr(benchmarks, "device_bandwidth", lambda: (1e10, "test"))
+    table = benchmarks.run_sampler_benchmark("tiny", batch=2, prompt_len=8, new_tokens=4)
+    assert "hbpo_jax" in table.splitlines()[3] and "bytes/step = weights" in table

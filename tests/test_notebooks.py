@@ -51,7 +51,7 @@ def test_notebooks_are_generated_and_stored_without_outputs():
         code = [c for c in nb.cells if c.cell_type == "code"]
         if name in FULL_RUN_STORED:
             text = "".join(o.get("text", "") for o in _outputs(nb, "text"))
-            assert "model.num_layers" not in text and "'train.steps': 25" in text, "not a full run"
+            assert "model.num_layers" not in text and "'task.eval_problems': 192" in text, "not a full run"
             assert _outputs(nb, "text/markdown") and _outputs(nb, "image/png"), name
         else:
             assert all(not c.outputs and c.execution_count is None for c in code), name

@@ -82,3 +82,22 @@ def test_prefix_tokenization_is_stable(tok):
             rest = A.warm_start_response(p, rng, prefix=prefix or None)[len(prefix):]
             head, full = _ids(tok, prompt + prefix), _ids(tok, prompt + prefix + rest + tok.eos_token)
             assert full[:len(head)] == head, (prefix, rest)
+
+
+def test_whole_words_are_single_tokens_only_where_they_stand_alone(tmp_path):
+    budgets = tuple(str(b) for b in A.BUDGETS)
+    whole = T.build_tokenizer(A.corpus_texts(300, 0), whole_words=budgets, workdir=str(tmp_path))
+    split = T.build_tokenizer(A.corpus_texts(300, 0), workdir=str(tmp_path))
+    assert len(list(tmp_path.iterdir())) == 2  # cached apart
+    for b in budgets:
+        prefix = A.BUDGET_PREFIX.format(budget=b)
+        assert len(_ids(split, prefix)) == len(_ids(whole, prefix)) + len(b) - 1
+        assert whole.convert_ids_to_tokens(_ids(whole, prefix))[-2] == b
+        rest = A.warm_start_response(A.make_problem(0, 3), 0, prefix=prefix)[len(prefix):]
+        assert _ids(whole, prefix + rest)[:len(_ids(whole, prefix))] == _ids(whole, prefix)  # pre-fill is stable
+    # the operands and any number that merely contains a budget stay digit by digit
+    for text in ("Compute 3+2-6+4.", "1320 321 6432"):
+        assert whole.convert_ids_to_tokens(_ids(whole, text)) == split.convert_ids_to_tokens(_ids(split, text))
+    for ex in A.sft_examples(60, 5):
+        text = whole.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False) + ex.response
+        assert whole.decode(_ids(whole, text)) == text
