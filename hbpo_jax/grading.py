@@ -569,6 +569,30 @@ class GradingPool:
                     self._replace(w)
         return [r if r is not None else (False, "error", 0.0) for r in results]
 
+    def wait_ready(self, timeout_s: float = _STARTUP_TIMEOUT_S) -> bool:
+        """Block until every worker has imported its grader (True) or timeout_s passes (False).
+
+        `map` never needs this (it hands items to whichever worker is ready first); it is for
+        callers that want the start-up cost paid up front, or must know which worker will take
+        the next item.
+        """
+        with self._lock:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                waiting = [w for w in self._pool if not w.ready]
+                left = deadline - time.monotonic()
+                if not waiting or left <= 0:
+                    return not waiting
+                for w in mp_connection.wait(waiting, timeout=left):
+                    try:
+                        msgs = self._read_lines(w)
+                    except (OSError, ValueError):
+                        msgs = None
+                    if msgs is None:  # died while starting: start another, within the deadline
+                        self._replace(w)
+                        continue
+                    w.ready = w.ready or any(m.get("ready") for m in msgs)
+
     def pids(self) -> list[int]:
         """Process ids of the current workers (for monitoring and tests)."""
         return [w.proc.pid for w in self._pool]

@@ -174,7 +174,9 @@ def test_inline_timeout_stops_slow_symbolic_work():
 
 def test_pool_kills_hung_worker_and_keeps_other_items():
     with G.GradingPool(2) as pool:
-        warm = pool.map([("b+a", "a+b")] * 2, 5.0)  # both workers ready
+        # Both workers must be ready: a worker still importing would never be handed an item.
+        assert pool.wait_ready(60.0)
+        warm = pool.map([("b+a", "a+b")] * 2, 5.0)
         assert [r[:2] for r in warm] == [(True, "ok")] * 2
         stuck = pool.pids()[0]
         os.kill(stuck, signal.SIGSTOP)  # a worker hung in C code looks exactly like this

@@ -144,7 +144,8 @@ def test_a_cached_warm_start_built_from_other_settings_is_refused(tmp_path):
     config.task.sft_budget_scales, config.seed = (), 0
     config.optim.learning_rate, config.train.steps = 1e-5, 99
     loop._check_warm_start_settings(str(tmp_path), loop._warm_start_settings(config, budgets, model_cfg))
-    # A cache from before a setting existed was built at its default.
+    # A cache from before a setting existed was built at its default (False; tiny sets True).
+    config.task.tokenizer_whole_budgets = False
     older = loop._warm_start_settings(config, budgets, model_cfg)
     del older["task.tokenizer_whole_budgets"]
     (tmp_path / loop.WARM_START_SETTINGS).write_text(json.dumps(older))
