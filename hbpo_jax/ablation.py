@@ -100,7 +100,7 @@ def variant_config(base, variant: Variant, overrides: dict | None = None):
 
 
 def mode_names(config) -> list[str]:
-    """The evaluation.ModeResult names that `config`'s evaluation produces, in order."""
+    """The evaluation mode names that `config`'s evaluation produces, in order."""
     from hbpo_jax import evaluation
     return [m.name for m in evaluation.parse_modes(tuple(config.eval.modes), tuple(config.rollout.budgets))]
 
@@ -145,9 +145,9 @@ def run_variants(base, variants: Sequence[Variant], workdir: str, *, overrides: 
 
     Every config is validated before anything runs. Returns (and writes to
     <workdir>/ablation.json, with a markdown table in ablation.md):
-      {"warm_start": {"seconds": SFT seconds, "before": [ModeResult.summary() of the first run]},
+      {"warm_start": {"seconds": SFT seconds, "before": [BenchmarkResult.summary() of the first run]},
        "runs": [{"name", "objective", "budgets", "rollout_mode", "seconds", "before_reused",
-                 "after": [ModeResult.summary(), ...]}, ...]}
+                 "after": [BenchmarkResult.summary(), ...]}, ...]}
     """
     from hbpo_jax import loop
     if not variants:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 from hbpo_jax import data
+from hbpo_jax.evaluation import level_label
 
 FILE_KINDS = ("gsm8k", "math500", "olympiadbench", "aime25", "deepscaler")
 KINDS = FILE_KINDS + ("champ", "rg", "tiny")
@@ -57,17 +58,6 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, arg
 
 
-def _level(value) -> str | None:
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip()
-    if text.lower().startswith("level "):  # MATH's "Level 3"
-        text = text[6:].strip()
-    return text or None
-
-
 def _cap(records: list, report: data.SkipReport, max_problems: int) -> list:
     if max_problems and len(records) > max_problems:
         for i in range(max_problems, len(records)):
@@ -89,14 +79,14 @@ def load(spec: str, *, max_problems: int = 0, seed: int = 0, size: int = DEFAULT
     if kind in FILE_KINDS:
         raw, report = data.load_records(arg, field_map=kind)
         records = [{"id": str(i), "problem": r["problem"], "answer": r["answer"],
-                    "level": _level(r.get("level", r.get("difficulty")))} for i, r in enumerate(raw)]
+                    "level": level_label(r.get("level", r.get("difficulty")))} for i, r in enumerate(raw)]
         name, source = kind, arg
     elif kind == "tiny":
         if tiny_records is None:
             raise data.DataError("benchmark 'tiny' needs the arithmetic task (config.task.name='arithmetic').")
         report = data.SkipReport(rows_read=len(tiny_records))
         records = [{"id": str(i), "problem": r["problem"], "answer": str(r["answer"]),
-                    "level": _level(r.get("difficulty"))} for i, r in enumerate(tiny_records)]
+                    "level": level_label(r.get("difficulty"))} for i, r in enumerate(tiny_records)]
         name, source = "tiny", "hbpo_jax.tasks.arithmetic"
     elif kind == "champ":
         records, report = _champ()
@@ -137,7 +127,7 @@ def _champ() -> tuple[list, data.SkipReport]:
             report.add("answer_too_long", i)
         else:
             records.append({"id": str(ident), "problem": problem, "answer": answer.strip(),
-                            "level": _level(getattr(p, "category", None))})
+                            "level": level_label(getattr(p, "category", None))})
     return records, report
 
 

@@ -3,11 +3,10 @@
 This is the paper's evaluation shape (accuracy % / mean tokens) at whatever scale: natural mode
 (nothing pre-filled), efficiency prompting, and each budget prompt.
 
-Two layers:
-  * `ModeResult` / `evaluate` / `before_after_table`: the training loop's before/after table on
-    the tiny task's eval problems.
-  * benchmarks (launch/eval.py, the loop's periodic eval): `parse_modes` -> `generate` responses
-    -> `score` (grading; model-free, so fixed responses can be scored) -> `BenchmarkResult.summary`.
+One path for every evaluation: `parse_modes` -> `generate` responses -> `score` (grading;
+model-free, so fixed responses can be scored) -> `BenchmarkResult.summary`. launch/eval.py and the
+loop's periodic eval drive it per benchmark (eval_run); `evaluate` runs it over a list of records
+(the loop's before/after evaluation) and `before_after_table` compares two of its summaries.
 
 Statistics of a BenchmarkResult (P problems x S samples):
   accuracy   pass@1 in %: the mean over samples of each problem's correctness, then the mean of
@@ -33,102 +32,6 @@ from hbpo_jax import grading, rollout
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass
-class ModeResult:
-    """One prompting mode over a set of problems. Arrays are per response, [problems * samples]."""
-
-    mode: str  # "natural", "efficiency", or "budget=<b>"
-    correct: np.ndarray
-    format_ok: np.ndarray
-    lengths: np.ndarray
-    levels: np.ndarray
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.correct.mean() * 100) if self.correct.size else float("nan")
-
-    @property
-    def mean_tokens(self) -> float:
-        return float(self.lengths.mean()) if self.lengths.size else float("nan")
-
-    def by_level(self) -> dict[int, tuple[float, float]]:
-        """{level: (accuracy %, mean tokens)}."""
-        out = {}
-        for level in sorted(set(self.levels.tolist())):
-            sel = self.levels == level
-            out[int(level)] = (float(self.correct[sel].mean() * 100), float(self.lengths[sel].mean()))
-        return out
-
-    def summary(self) -> dict:
-        return {"mode": self.mode, "accuracy": self.accuracy, "mean_tokens": self.mean_tokens,
-                "format_error_rate": float(1 - self.format_ok.mean()) if self.format_ok.size else 0.0,
-                "by_level": {str(k): {"accuracy": a, "mean_tokens": t} for k, (a, t) in self.by_level().items()}}
-
-
-def evaluate_mode(policy, tokenizer, records: Sequence[dict], *, mode: str, budget: int = 0,
-                  max_new_tokens: int, key: jax.Array, temperature: float = 0.0, top_p: float = 1.0,
-                  samples: int = 1, batch_size: int = 256, prefix_in_response: bool = True,
-                  mesh=None, rules=None, workers: int = 1, timeout_s: float = 5.0) -> ModeResult:
-    """Generates `samples` responses per record in `mode` ("natural", "efficiency", "fixed" with
-    `budget`) and grades them. records: dicts with problem, answer and optionally difficulty/level.
-    Lengths are counted as in training (the pre-filled prefix included when prefix_in_response)."""
-    correct, fmt, lengths, levels = [], [], [], []
-    for start in range(0, len(records), batch_size):
-        chunk = list(records[start:start + batch_size])
-        key, sub = jax.random.split(key)
-        batch = rollout.budget_rollouts(
-            policy, tokenizer, [r["problem"] for r in chunk], mode=mode,
-            budgets=(budget,) if mode in ("fixed", "l1") else (), samples_per_budget=samples,
-            max_new_tokens=max_new_tokens, prefix_in_response=prefix_in_response,
-            temperature=temperature, top_p=top_p, key=sub, mesh=mesh, rules=rules)
-        truths = [chunk[i]["answer"] for i in np.asarray(batch.prompt_index)]
-        grades = grading.grade_batch(list(batch.texts), truths, workers=workers, timeout_s=timeout_s)
-        correct.append(np.array([g.correct for g in grades], bool))
-        fmt.append(np.array([g.format_ok for g in grades], bool))
-        lengths.append(np.asarray(batch.lengths))
-        levels.append(np.array([int(chunk[i].get("difficulty", chunk[i].get("level", 0)) or 0)
-                                for i in np.asarray(batch.prompt_index)]))
-    name = f"budget_{budget}" if mode == "fixed" else f"l1_{budget}" if mode == "l1" else mode
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
-    return ModeResult(name, cat(correct), cat(fmt), cat(lengths), cat(levels))
-
-
-def evaluate(policy, tokenizer, records, *, budgets: Sequence[int], key: jax.Array,
-             modes: Sequence[str] = ("natural", "efficiency", "fixed"), **kwargs) -> list[ModeResult]:
-    """evaluate_mode for each of `modes` (`parse_modes` specs: "fixed" / "l1" alone = each budget
-    in `budgets`, or "fixed:N", "l1:N")."""
-    results = []
-    for spec in parse_modes(modes, budgets):
-        key, sub = jax.random.split(key)
-        results.append(evaluate_mode(policy, tokenizer, records, mode=spec.mode, budget=spec.budget,
-                                     key=sub, **kwargs))
-    return results
-
-
-def before_after_table(before: list[dict], after: list[dict]) -> str:
-    """Markdown from two lists of ModeResult.summary() dicts: natural mode per level, then every
-    prompting mode overall, before and after training."""
-    lines = ["| natural mode | accuracy before | accuracy after | mean tokens before | mean tokens after |",
-             "|---|---|---|---|---|"]
-    nat_b = next(r for r in before if r["mode"] == "natural")
-    nat_a = next(r for r in after if r["mode"] == "natural")
-    for level in sorted(nat_b["by_level"], key=int):
-        b, a = nat_b["by_level"][level], nat_a["by_level"].get(level, {"accuracy": float("nan"), "mean_tokens": float("nan")})
-        lines.append(f"| level {level} | {b['accuracy']:.1f}% | {a['accuracy']:.1f}% | "
-                     f"{b['mean_tokens']:.1f} | {a['mean_tokens']:.1f} |")
-    lines.append(f"| **all** | {nat_b['accuracy']:.1f}% | {nat_a['accuracy']:.1f}% | "
-                 f"{nat_b['mean_tokens']:.1f} | {nat_a['mean_tokens']:.1f} |")
-    lines += ["", "| prompt | accuracy before | accuracy after | mean tokens before | mean tokens after |",
-              "|---|---|---|---|---|"]
-    for b in before:
-        a = next(r for r in after if r["mode"] == b["mode"])
-        lines.append(f"| {b['mode']} | {b['accuracy']:.1f}% | {a['accuracy']:.1f}% | "
-                     f"{b['mean_tokens']:.1f} | {a['mean_tokens']:.1f} |")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- benchmarks
 
 @dataclasses.dataclass(frozen=True)
 class ModeSpec:
@@ -203,6 +106,19 @@ class BenchmarkResult:
                        "extracted": self.extracted[i][j], "correct": bool(self.correct[i, j])}
 
 
+def level_label(value) -> str | None:
+    """A record's level as a table label: 3, 3.0, "3" and MATH's "Level 3" -> "3"; None (or a
+    bool, or blank) -> None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    if text.lower().startswith("level "):
+        text = text[6:].strip()
+    return text or None
+
+
 def sort_levels(levels) -> list:
     """Numeric levels in numeric order, then the others alphabetically."""
     return sorted(levels, key=lambda s: (0, float(s), "") if _is_number(s) else (1, 0.0, s))
@@ -238,7 +154,8 @@ def stats(correct: np.ndarray, tokens: np.ndarray, format_ok: np.ndarray | None 
 def score(benchmark: str, mode: ModeSpec | str, records: Sequence[dict], texts: Sequence[str],
           tokens, *, samples: int = 1, workers: int | None = 1, timeout_s: float = 5.0) -> BenchmarkResult:
     """Grades fixed responses (no model): texts and tokens are [P * S], prompt-major (problem 0's
-    S samples first), as `generate` returns them. records: dicts with answer (and id, level)."""
+    S samples first), as `generate` returns them. records: dicts with answer (and id, level or
+    difficulty)."""
     mode = mode if isinstance(mode, ModeSpec) else ModeSpec(str(mode), str(mode))
     p, s = len(records), int(samples)
     if len(texts) != p * s or np.size(tokens) != p * s:
@@ -250,7 +167,7 @@ def score(benchmark: str, mode: ModeSpec | str, records: Sequence[dict], texts: 
     return BenchmarkResult(
         benchmark=benchmark, mode=mode.name, budget=mode.budget,
         ids=[str(r.get("id", i)) for i, r in enumerate(records)],
-        levels=[None if r.get("level") is None else str(r["level"]) for r in records],
+        levels=[level_label(r.get("level", r.get("difficulty"))) for r in records],
         correct=np.array([g.correct for g in grades], bool).reshape(shape),
         format_ok=np.array([g.format_ok for g in grades], bool).reshape(shape),
         tokens=np.asarray(tokens, np.int64).reshape(shape), texts=grid(list(texts)),
@@ -289,3 +206,50 @@ def max_new_tokens(requested: int, max_positions: int, prompt_tokens: int) -> in
         log.warning("eval: %d response tokens do not fit the model's %d positions after a %d-token "
                     "prompt; generating %d.", requested, max_positions, prompt_tokens, room)
     return min(int(requested), room)
+
+
+# ------------------------------------------------- the training loop's before/after evaluation
+
+def evaluate(policy, tokenizer, records: Sequence[dict], *, budgets: Sequence[int], key: jax.Array,
+             modes: Sequence[str] = ("natural", "efficiency", "fixed"), benchmark: str = "eval",
+             samples: int = 1, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             batch_size: int = 256, prefix_in_response: bool = True, mesh=None, rules=None,
+             workers: int | None = 1, timeout_s: float = 5.0) -> list[BenchmarkResult]:
+    """`generate` then `score` for each of `modes` (`parse_modes` specs: "fixed" / "l1" alone =
+    each budget in `budgets`, or "fixed:N", "l1:N"); the training loop's before/after evaluation.
+
+    records: dicts with problem, answer and optionally id and level (or difficulty). Lengths are
+    counted as in training (the pre-filled prefix included when prefix_in_response)."""
+    problems = [r["problem"] for r in records]
+    results = []
+    for spec in parse_modes(modes, budgets):
+        key, sub = jax.random.split(key)
+        texts, lengths = generate(policy, tokenizer, problems, spec, samples=samples,
+                                  max_new_tokens=max_new_tokens, key=sub, temperature=temperature,
+                                  top_p=top_p, batch_size=batch_size,
+                                  prefix_in_response=prefix_in_response, mesh=mesh, rules=rules)
+        results.append(score(benchmark, spec, records, texts, lengths, samples=samples,
+                             workers=workers, timeout_s=timeout_s))
+    return results
+
+
+def before_after_table(before: list[dict], after: list[dict]) -> str:
+    """Markdown from two lists of BenchmarkResult.summary() dicts: natural mode per level, then every
+    prompting mode overall, before and after training."""
+    lines = ["| natural mode | accuracy before | accuracy after | mean tokens before | mean tokens after |",
+             "|---|---|---|---|---|"]
+    nat_b = next(r for r in before if r["mode"] == "natural")
+    nat_a = next(r for r in after if r["mode"] == "natural")
+    for level in sorted(nat_b["by_level"], key=int):
+        b, a = nat_b["by_level"][level], nat_a["by_level"].get(level, {"accuracy": float("nan"), "mean_tokens": float("nan")})
+        lines.append(f"| level {level} | {b['accuracy']:.1f}% | {a['accuracy']:.1f}% | "
+                     f"{b['mean_tokens']:.1f} | {a['mean_tokens']:.1f} |")
+    lines.append(f"| **all** | {nat_b['accuracy']:.1f}% | {nat_a['accuracy']:.1f}% | "
+                 f"{nat_b['mean_tokens']:.1f} | {nat_a['mean_tokens']:.1f} |")
+    lines += ["", "| prompt | accuracy before | accuracy after | mean tokens before | mean tokens after |",
+              "|---|---|---|---|---|"]
+    for b in before:
+        a = next(r for r in after if r["mode"] == b["mode"])
+        lines.append(f"| {b['mode']} | {b['accuracy']:.1f}% | {a['accuracy']:.1f}% | "
+                     f"{b['mean_tokens']:.1f} | {a['mean_tokens']:.1f} |")
+    return "\n".join(lines)

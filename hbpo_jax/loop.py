@@ -343,7 +343,7 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _evaluate(config, policy: Policy, params, mesh, rules, key) -> list[evaluation.ModeResult]:
+def _evaluate(config, policy: Policy, params, mesh, rules, key) -> list[evaluation.BenchmarkResult]:
     e, r = config.eval, config.rollout
     return evaluation.evaluate(
         (policy.graphdef, params), policy.tokenizer, policy.eval_records, budgets=tuple(r.budgets),

@@ -150,9 +150,9 @@ set divides them) and is then evaluated greedily in natural mode (nothing pre-fi
 four-budget run also evaluates each budget prompt. The warm start is evaluated once (by the
 first run) and every other run reuses that evaluation.
 
-Time: smoke mode (`HBPO_SMOKE=1`) about a minute on a CPU. The full run, estimated for a free
-2-core CPU: about 25 minutes (SFT ≈ 3.5 min, the first run ≈ 5.5 min with its before/after
-evaluation in five modes, each later run ≈ 4 min); minutes on a Colab TPU. Runs 2-5 load the
+Time: smoke mode (`HBPO_SMOKE=1`) about a minute on a CPU. The full run, measured on a free
+2-core CPU: 19.3 minutes (SFT 3.2 min, the first run 3.8 min with its before/after evaluation
+in five modes, each later run 2.6-3.6 min; see `seconds` below); minutes on a Colab TPU. Runs 2-5 load the
 first run's compiled programs from the persistent compilation cache in WORKDIR."""),
         code(INSTALL),
         _parameters("""\

@@ -67,19 +67,19 @@ def test_markdown_table_compares_every_run_with_the_warm_start():
 @pytest.mark.slow
 def test_run_variants_trains_the_warm_start_once_and_reuses_its_evaluation(tmp_path, monkeypatch):
     calls = {"sft": 0, "eval": []}
-    sft_train, evaluate_mode = sft.sft_train, evaluation.evaluate_mode
+    sft_train, score = sft.sft_train, evaluation.score
 
     def counting_sft(*args, **kwargs):
         calls["sft"] += 1
         return sft_train(*args, **kwargs)
 
     def counting_eval(*args, **kwargs):
-        result = evaluate_mode(*args, **kwargs)
+        result = score(*args, **kwargs)
         calls["eval"].append(result.mode)
         return result
 
     monkeypatch.setattr(sft, "sft_train", counting_sft)
-    monkeypatch.setattr(evaluation, "evaluate_mode", counting_eval)
+    monkeypatch.setattr(evaluation, "score", counting_eval)
     overrides = {
         "task.sft_steps": 5, "task.sft_examples": 100, "task.eval_problems": 8, "task.train_problems": 32,
         "model.num_layers": 1, "model.hidden_size": 64, "model.intermediate_size": 128, "model.head_dim": 16,
