@@ -13,8 +13,6 @@ device's bandwidth and the fraction of it reached.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 
 import jax
@@ -25,7 +23,8 @@ from flax import nnx
 from hbpo_jax import sampler
 from hbpo_jax.models import ModelConfig, create_model
 
-# Used when configs/<name>.py is absent or cannot be read.
+# The benchmarked shapes: the models of configs/tiny.py and configs/qwen1_5b.py (a test keeps
+# them equal), so the benchmark needs neither a config file nor weights.
 SHAPES = {
     "tiny": dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4,
                  num_kv_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=512),
@@ -35,29 +34,6 @@ SHAPES = {
 }
 # Measured device-to-device copy bandwidth (bytes/s), by substring of jax's device_kind.
 BANDWIDTH = {"H200": 4.2e12, "H100": 3.0e12}
-
-
-def model_config(name: str, dtype: str = "float32", config_dir: str | None = None) -> ModelConfig:
-    """configs/<name>.py's get_config().model when readable, else SHAPES[name]; weights and
-    compute in `dtype`."""
-    fields = None
-    path = os.path.join(config_dir or os.path.join(os.path.dirname(__file__), "..", "configs"), f"{name}.py")
-    if os.path.exists(path):
-        try:
-            spec = importlib.util.spec_from_file_location(f"_bench_cfg_{name}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            fields = dict(module.get_config().model)
-        except Exception:  # the config module is someone else's: fall back to the table
-            fields = None
-    if fields is None:
-        if name not in SHAPES:
-            raise ValueError(f"--model must be one of {sorted(SHAPES)}, got {name!r}.")
-        fields = dict(SHAPES[name])
-    known = set(ModelConfig.__dataclass_fields__)
-    fields = {k: v for k, v in fields.items() if k in known}
-    fields.update(dtype=dtype, param_dtype=dtype, eos_token_ids=())
-    return ModelConfig(**fields)
 
 
 def copy_bandwidth(nbytes: int = 1 << 27, repeats: int = 5) -> float:
@@ -176,7 +152,7 @@ def format_table(cfg_name: str, batch: int, prompt_len: int, new_tokens: int, ro
 def run_sampler_benchmark(model: str = "tiny", batch: int = 8, prompt_len: int = 64, new_tokens: int = 64,
                           dtype: str = "float32", baseline: bool = False) -> str:
     """The table `launch/bench_sampler.py` prints."""
-    cfg = model_config(model, dtype)
+    cfg = bench_model_config(model, dtype)
     rows = [bench_sampler(cfg, batch, prompt_len, new_tokens)]
     if baseline:
         rows.append(bench_transformers(cfg, batch, prompt_len, new_tokens))

@@ -146,7 +146,7 @@ def test_hung_and_crashed_workers_are_table_entries(tmp_path, monkeypatch):
 def test_quick_sampler_benchmark_table(monkeypatch):
     """launch/bench_sampler.py's table: a row of measured rates, and bytes per step as decode_bytes
     counts them (weights once, the whole preallocated cache)."""
-    cfg = benchmarks.model_config("tiny")
+    cfg = benchmarks.bench_model_config("tiny", "float32")
     row = benchmarks.bench_sampler(cfg, batch=2, prompt_len=8, new_tokens=4, repeats=1)
     moved = benchmarks.decode_bytes(cfg, 2, 8, 4)
     assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0

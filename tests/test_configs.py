@@ -35,6 +35,13 @@ def test_qwen1_5b_abstract_parameter_count():
     assert count == 1_777_088_000 == cfg.num_params()
 
 
+@pytest.mark.parametrize("name", ["tiny", "qwen1_5b"])
+def test_benchmark_shapes_are_the_config_files_models(name):
+    from hbpo_jax import benchmarks
+    model = load(name).model
+    assert {k: model[k] for k in benchmarks.SHAPES[name]} == benchmarks.SHAPES[name]
+
+
 def test_qwen1_5b_matches_paper_setup():
     c = load("qwen1_5b")
     assert tuple(c.rollout.budgets) == (512, 1024, 2048, 2560)
