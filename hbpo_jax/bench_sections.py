@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 
 from hbpo_jax import sampler, trainer
-from hbpo_jax.benchmarks import bench_model_config, copy_bandwidth, decode_bytes, failure_reason, format_rate
+from hbpo_jax.benchmarks import (bench_model_config, copy_bandwidth, decode_bytes, failure_reason, format_rate,
+                                 timed_generate)
 from hbpo_jax.models import ModelConfig, Qwen2, create_model
 
 PAPER = dict(steps=629, prompts=64, rollouts=16, prompt_len=256, mean_response=2400, max_response=4096,
@@ -252,45 +253,6 @@ def _sec_ceilings(ctx: _JaxCtx, emit_row) -> None:
     _emit("ceiling", name="matmul_flops", value=mm, note=f"{s['matmul_n']}^3 {s['dtype']} matmul, best of 3 x 10 calls")
 
 
-def _timed_generate(graphdef, params, ids, key, n: int):
-    """One sampler.generate call as (prefill s, decode-loop s, SamplerOutput); no EOS, T = 1.
-    Times the two jitted halves separately when the sampler exposes them (sampler._prepare)."""
-    kw = dict(key=key, max_new_tokens=n, limits=None, eos_ids=(), pad_id=0, temperature=1.0, top_p=1.0,
-              top_k=0, mesh=None, rules=None, prompt_bucket="pow2", cache_dtype=None)
-    prepare = getattr(sampler, "_prepare", None)
-    call = None
-    if prepare is not None:
-        try:
-            call = prepare((graphdef, params), ids, None, **kw)
-            fns = call.fns
-            _ = (fns.prefill, fns.decode, call.state, call.cache, call.prompt_ids, call.prompt_mask,
-                 call.prompt_lens, call.limits, call.key)
-        except (TypeError, AttributeError):  # the sampler's internals changed: time generate() whole
-            call = None
-    if call is None:
-        t = time.perf_counter()
-        out = sampler.generate((graphdef, params), ids, **kw)
-        jax.block_until_ready(out)
-        return float("nan"), time.perf_counter() - t, out
-    jax.block_until_ready(call.cache)
-    t0 = time.perf_counter()
-    try:
-        logits, cache = call.fns.prefill(call.state, call.cache, call.prompt_ids, call.prompt_mask)
-    except TypeError:  # raised before anything runs or is donated: time generate() whole
-        call = None  # drop the prepared cache before generate() allocates its own
-        t = time.perf_counter()
-        out = sampler.generate((graphdef, params), ids, **kw)
-        jax.block_until_ready(out)
-        return float("nan"), time.perf_counter() - t, out
-    jax.block_until_ready(logits)
-    t1 = time.perf_counter()
-    out, cache = call.fns.decode(call.state, cache, logits, call.prompt_lens, call.limits, call.key)
-    jax.block_until_ready(out)
-    t2 = time.perf_counter()
-    del cache, call
-    return t1 - t0, t2 - t1, out
-
-
 def _sampler_section(ctx: _JaxCtx, emit_row, batch: int) -> None:
     s, cfg = ctx.s, ctx.cfg
     p, n = s["prompt_len"], s["new_tokens"]
@@ -298,17 +260,17 @@ def _sampler_section(ctx: _JaxCtx, emit_row, batch: int) -> None:
     ids = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, p)).astype(np.int32)
     calls = []
     for r in range(1 + s["sampler_repeats"]):
-        pre, dec, out = _timed_generate(graphdef, params, ids, jax.random.key(r), n)
+        pre, dec, out = timed_generate(graphdef, params, ids, jax.random.key(r), n)
         calls.append((pre, dec))
         _progress(f"{'warm-up (compile)' if r == 0 else 'timed'} call: prefill {pre:.3f} s, decode {dec:.3f} s")
     lengths = np.asarray(out.lengths)
     pre = _median([c[0] for c in calls[1:]])
     dec = _median([c[1] for c in calls[1:]])
-    total = dec + (0.0 if np.isnan(pre) else pre)
-    warm = sum(x for x in calls[0] if not np.isnan(x))
+    total = pre + dec
+    warm = sum(calls[0])
     cache_prompt = sampler.bucket_length(p)
-    notes = [f"median of {s['sampler_repeats']} timed calls", f"prefill {pre * 1e3:.0f} ms" if not np.isnan(pre)
-             else "prefill not timed apart", f"decode loop {dec:.2f} s"]
+    notes = [f"median of {s['sampler_repeats']} timed calls", f"prefill {pre * 1e3:.0f} ms",
+             f"decode loop {dec:.2f} s"]
     if int(lengths.min()) != n:
         notes.append(f"WARNING rows stopped early (min length {int(lengths.min())})")
     emit_row(kind="sampler", job="sampler (generate)", impl="hbpo_jax", shape=section_shape(
@@ -417,9 +379,8 @@ def _sec_hbpo(ctx: _JaxCtx, emit_row) -> None:
     ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (rows, p)).astype(np.int32)
 
     # 1. Rollouts: the sampler, every row to the cap (random weights, no EOS).
-    pre0, dec0, _ = _timed_generate(sample_gd, params, ids, jax.random.key(100), n)
-    pre, dec, out = _timed_generate(sample_gd, params, ids, jax.random.key(101), n)
-    pre = 0.0 if np.isnan(pre) else pre
+    pre0, dec0, _ = timed_generate(sample_gd, params, ids, jax.random.key(100), n)
+    pre, dec, out = timed_generate(sample_gd, params, ids, jax.random.key(101), n)
     t_roll = pre + dec
     _progress(f"rollout {t_roll:.2f} s (first call {pre0 + dec0:.2f} s)")
     prompt_len = sampler.bucket_length(p)

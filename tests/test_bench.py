@@ -148,10 +148,10 @@ def test_quick_sampler_benchmark_table(monkeypatch):
     counts them (weights once, the whole preallocated cache)."""
     cfg = benchmarks.bench_model_config("tiny", "float32")
     row = benchmarks.bench_sampler(cfg, batch=2, prompt_len=8, new_tokens=4, repeats=1)
-    moved = benchmarks.decode_bytes(cfg, 2, 8, 4)
-    assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0
+    moved = benchmarks.decode_bytes(cfg, 2, 8, 4, cache_prompt=16)  # prompts bucket to 16 slots
+    assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0 and row["prefill_ms"] > 0
     assert row["bytes_per_step"] == moved["weight_bytes"] + moved["kv_read"]
-    assert moved["kv_read"] == 2 * cfg.num_layers * 2 * (8 + 4) * cfg.num_kv_heads * cfg.head_dim * 4
+    assert moved["kv_read"] == 2 * cfg.num_layers * 2 * (16 + 4) * cfg.num_kv_heads * cfg.head_dim * 4
     monkeypatch.setattr(benchmarks, "device_bandwidth", lambda: (1e10, "test"))
     table = benchmarks.run_sampler_benchmark("tiny", batch=2, prompt_len=8, new_tokens=4)
     assert "hbpo_jax" in table.splitlines()[3] and "bytes/step = weights" in table
