@@ -182,8 +182,7 @@ def _objective_settings(objective: loss_lib.Objective, config) -> dict:
     o = config.objective
     candidates = dict(beta=o.beta, l_max=o.l_max, variant=o.reward_variant, format_reward=o.format_reward,
                       wrong_reward=o.wrong_reward, intra_weight=o.intra_weight)
-    names = loss_lib._keyword_names(objective.reward_fn) | loss_lib._keyword_names(objective.advantage_fn)
-    settings = {k: v for k, v in candidates.items() if k in names}
+    settings = {k: v for k, v in candidates.items() if k in objective.setting_names()}
     if objective.overlong_penalty:
         settings.update(max_len=o.l_max, cache_len=max(o.l_max // 8, 1))
     return settings

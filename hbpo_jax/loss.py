@@ -369,6 +369,11 @@ class Objective:
         return dict(aggregation=self.aggregation, clip_low=self.clip_low,
                     clip_high=self.clip_high, dual_clip=self.dual_clip)
 
+    def setting_names(self) -> set[str]:
+        """The settings (keyword-only parameters) its reward and advantage functions take: what
+        `compute_advantages` accepts as overrides, besides max_len / cache_len."""
+        return _keyword_names(self.reward_fn) | _keyword_names(self.advantage_fn)
+
 
 # Adapters normalising every reward to (correct, format_ok, lengths, budgets, **cfg).
 def _classic(correct, format_ok, lengths, budgets):
@@ -447,7 +452,7 @@ def compute_advantages(objective: Objective | str, correct, format_ok, lengths, 
     overlong = {"max_len": overrides.pop("max_len", L_MAX),
                 "cache_len": overrides.pop("cache_len", 512)}
     r_names, a_names = _keyword_names(obj.reward_fn), _keyword_names(obj.advantage_fn)
-    unused = set(overrides) - r_names - a_names
+    unused = set(overrides) - obj.setting_names()
     if unused:
         raise TypeError(f"objective {obj.name!r} takes no setting(s) {sorted(unused)}")
     r_kw = {k: v for k, v in overrides.items() if k in r_names}

@@ -377,3 +377,7 @@ def test_compute_advantages():
         assert r.shape == a.shape == (2, 16) and np.all(np.isfinite(np.asarray(a)))
     with pytest.raises(TypeError, match="intra_weight"):
         L.compute_advantages("grpo", correct, fmt, lengths, b, intra_weight=2.0)
+    # The loop passes each objective only the config values it takes.
+    assert L.OBJECTIVES["hbpo"].setting_names() == {"alpha", "beta", "eps", "format_reward", "intra_weight",
+                                                      "l_max", "variant", "wrong_reward"}
+    assert L.OBJECTIVES["grpo"].setting_names() == {"eps"} and not L.OBJECTIVES["dr_grpo"].setting_names()
