@@ -98,7 +98,7 @@ def _arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
     tokenizer = tokenizer_lib.build_tokenizer(
         arithmetic.corpus_texts(seed=config.seed, budgets=budgets),
         vocab_size=t.tokenizer_vocab_size, workdir=workdir,
-        whole_words=tuple(str(b) for b in budgets) if t.get("tokenizer_whole_budgets", False) else ())
+        whole_words=tuple(str(b) for b in budgets) if t.tokenizer_whole_budgets else ())
     # The task's tokenizer decides the vocabulary (rounded up to a multiple of 8).
     model_cfg = config_lib.model_config(config).replace(
         vocab_size=-(-len(tokenizer) // 8) * 8, eos_token_ids=(tokenizer.eos_token_id,))

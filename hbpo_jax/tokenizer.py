@@ -108,7 +108,7 @@ def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 192, whole_words:
     and loaded from there on later calls (transformers' save_pretrained layout).
     Takes about a second for a few thousand short texts.
     """
-    texts = list(_BASE_TEXTS) + list(texts)
+    texts, whole_words = list(_BASE_TEXTS) + list(texts), tuple(whole_words)
     folder = None
     if workdir is not None:
         key = [vocab_size, texts] + ([list(whole_words)] if whole_words else [])
@@ -116,7 +116,6 @@ def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 192, whole_words:
         folder = os.path.join(workdir, f"tokenizer-{digest}")
         if os.path.exists(os.path.join(folder, "tokenizer.json")):
             return load_tokenizer(folder)
-    whole_words = tuple(whole_words)
     tokenizer = _fast_tokenizer(_train_pieces(_segments(texts, whole_words), vocab_size), whole_words)
     if folder is not None:
         tmp = f"{folder}.tmp{os.getpid()}"

@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without an install
 
-from hbpo_jax import grading  # noqa: E402
+from hbpo_jax import grading, grading_pool  # noqa: E402
 
 # (ground truth, same-form answer, equivalent other form, a wrong answer)
 PROBLEMS = [
@@ -76,7 +76,7 @@ def main() -> None:
         print(f"{workers:>7} | {len(res) / wall:>8.1f} | {pct(lat, 50):>7.2f} | {pct(lat, 99):>7.2f} | "
               f"{sum(r.status == 'timeout' for r in res):>8} | {sum(r.correct for r in res):>7} | "
               f"{sum(r.format_ok for r in res):>9}")
-    grading.close_pool()
+    grading_pool.close_pool()
 
 
 if __name__ == "__main__":

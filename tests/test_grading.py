@@ -7,6 +7,7 @@ import time
 import pytest
 
 from hbpo_jax import grading as G
+from hbpo_jax import grading_pool as P
 
 
 def resp(answer: str, thinking: str = "Let me think step by step.") -> str:
@@ -165,7 +166,7 @@ def test_symbolic_safe():
 def test_inline_timeout_stops_slow_symbolic_work():
     # Bypass the hostile-input guard to exercise the alarm itself: 9^(9^9) is slow in sympy.
     t0 = time.perf_counter()
-    ok, status = G._symbolic_with_alarm("9^{9^{9}}", "1", 0.5)
+    ok, status = G.symbolic_with_alarm("9^{9^{9}}", "1", 0.5)
     assert time.perf_counter() - t0 < 0.5 + 5.0
     assert (ok, status) == (False, "timeout")
 
@@ -173,7 +174,7 @@ def test_inline_timeout_stops_slow_symbolic_work():
 # ---------------------------------------------------------------------------- the pool
 
 def test_pool_kills_hung_worker_and_keeps_other_items():
-    with G.GradingPool(2) as pool:
+    with P.GradingPool(2) as pool:
         # Both workers must be ready: a worker still importing would never be handed an item.
         assert pool.wait_ready(60.0)
         warm = pool.map([("b+a", "a+b")] * 2, 5.0)
@@ -196,7 +197,7 @@ def test_pool_kills_hung_worker_and_keeps_other_items():
 
 
 def test_pool_survives_a_dead_worker():
-    with G.GradingPool(1) as pool:
+    with P.GradingPool(1) as pool:
         pool.map([("1", "1")], 5.0)
         dead = pool.pids()[0]
         os.kill(dead, signal.SIGKILL)
@@ -208,11 +209,11 @@ def test_pool_survives_a_dead_worker():
 
 def test_shared_pool_is_reused_and_closable():
     G.grade_batch([resp("b+a")], ["a+b"], workers=1)
-    pids = G._get_pool(1).pids()
+    pids = P.shared_pool(1).pids()
     G.grade_batch([resp("b+a")], ["a+b"], workers=1)
-    assert G._get_pool(1).pids() == pids
-    G.close_pool()
-    assert G._shared_pool is None
+    assert P.shared_pool(1).pids() == pids
+    P.close_pool()
+    assert P._shared_pool is None
 
 
 def test_grade_batch_input_checks_and_order():
