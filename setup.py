@@ -28,7 +28,7 @@ setup(
         "matplotlib>=3.8",  # evaluation plots (Agg backend)
     ],
     extras_require={
-        # Offline benchmarks from PyPI (hbpo_jax.eval_sets: "champ", "rg:<task>"); reasoning-gym
+        # Offline benchmarks from PyPI (hbpo_jax.eval.sets: "champ", "rg:<task>"); reasoning-gym
         # brings ~10 small pure-Python packages.
         "eval": ["champ-dataset>=1.0", "reasoning-gym>=0.1.25"],
         "test": [

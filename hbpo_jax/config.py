@@ -1,21 +1,22 @@
-"""Run configuration: the defaults every config file starts from, and start-up validation.
+"""Run configuration: the defaults every config file starts from.
 
 Config files (configs/*.py) define `get_config(arg=None)` returning an ml_collections ConfigDict
-built on `base_config()`. `validate(config)` runs before anything compiles and raises ConfigError
-with one sentence naming the offending key.
+built on `base_config()`. `hbpo_jax.spec.resolve(config)` validates it before anything compiles
+(ConfigError, one sentence naming the key) and resolves it into the run's typed RunSpec. Keys
+that default to None take the objective's recipe (loss.OBJECTIVES) unless set.
 """
 from __future__ import annotations
-
-import math
 
 from ml_collections import config_dict
 
 from hbpo_jax import sharding
 from hbpo_jax.models.config import ConfigError, ModelConfig
 
-ROLLOUT_MODES = ("budget", "natural", "efficiency", "fixed", "l1")
-AGGREGATIONS = ("token-mean", "sequence-mean-token-mean", "token-sum-norm")
-SCHEDULES = ("constant", "cosine", "linear")
+
+
+def _unset(kind):
+    """None unless the user sets it (then of type `kind`): the objective's value applies."""
+    return config_dict.placeholder(kind)
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -54,7 +55,8 @@ def base_config() -> config_dict.ConfigDict:
         sft_budget_prior=0.0, sft_budget_scales=()))
 
     c.rollout = config_dict.ConfigDict(dict(
-        mode="budget", budgets=(512, 1024, 2048, 2560), rollouts_per_prompt=16,
+        # Prompting of training rollouts (rollout.MODES); None: the objective's (HBPO: "budget").
+        mode=_unset(str), budgets=(512, 1024, 2048, 2560), rollouts_per_prompt=16,
         max_prompt_len=1024, max_response_len=4096, temperature=1.0, top_p=1.0, top_k=0,
         # prefix_in_response: the pre-filled budget text counts in the length n (HBPO's code);
         # prefix_loss: it also gets the policy loss (HBPO's code), although the policy never
@@ -62,12 +64,18 @@ def base_config() -> config_dict.ConfigDict:
         prefix_in_response=True, prefix_loss=True, hard_budget_cap=False, system_prompt="",
         max_batch=0))  # rows per sampler call (0: all); bounds the KV cache
 
+    # objective.name picks a recipe from loss.OBJECTIVES. The settings below are None = the
+    # objective's default (HBPO: beta 4, reward_variant "code", format_reward -1, wrong_reward 0,
+    # intra_weight 1); a value set for a setting the objective does not take is an error.
+    # l_max None follows rollout.max_response_len.
     c.objective = config_dict.ConfigDict(dict(
-        name="hbpo", beta=4.0, l_max=4096, reward_variant="code", format_reward=-1.0,
-        wrong_reward=0.0, intra_weight=1.0))
+        name="hbpo", l_max=_unset(int), beta=_unset(float), reward_variant=_unset(str),
+        format_reward=_unset(float), wrong_reward=_unset(float), intra_weight=_unset(float)))
 
+    # None = the objective's (HBPO: clip 0.2 / 0.28, dual clip 3, token-mean); dual_clip 0 = off.
     c.loss = config_dict.ConfigDict(dict(
-        clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.0, aggregation="token-mean"))
+        clip_low=_unset(float), clip_high=_unset(float), dual_clip=_unset(float), kl_coef=0.0,
+        aggregation=_unset(str)))
 
     c.optim = config_dict.ConfigDict(dict(
         learning_rate=1e-6, schedule="constant", warmup_steps=0, weight_decay=0.01,
@@ -81,7 +89,7 @@ def base_config() -> config_dict.ConfigDict:
     c.grading = config_dict.ConfigDict(dict(workers=4, timeout_s=5.0))
     c.eval = config_dict.ConfigDict(dict(every=0, temperature=0.6, top_p=0.95,
                                          max_response_len=32768, samples=1, before_after=False,
-                                         # prompting modes (evaluation.evaluate; "fixed" = each budget)
+                                         # prompting modes (rollout.parse_modes; "fixed" = each budget)
                                          modes=("natural", "efficiency", "fixed"),
                                          # keep a "before" already in <workdir>/results.json (copied
                                          # from a run with the same starting policy), not re-evaluate
@@ -109,128 +117,3 @@ def model_config(config) -> ModelConfig:
         return ModelConfig(**fields)
     except TypeError as e:
         raise ConfigError(f"model: {e}.") from None
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate(config, num_devices: int | None = None) -> None:
-    """Checks every value a run depends on before anything is compiled.
-
-    num_devices: the devices the mesh must cover (default: jax.device_count()).
-    """
-    if config.model_path == "" or "vocab_size" in config.model:
-        model_config(config)  # with a model_path, config.json is checked when it is read
-
-    r = config.rollout
-    _require(r.mode in ROLLOUT_MODES, f"rollout.mode must be one of {ROLLOUT_MODES}, got {r.mode!r}.")
-    budgets = tuple(r.budgets)
-    _require(len(budgets) > 0, "rollout.budgets must not be empty.")
-    _require(all(isinstance(b, int) and b > 0 for b in budgets),
-             f"rollout.budgets must be positive integers, got {budgets}.")
-    _require(list(budgets) == sorted(set(budgets)),
-             f"rollout.budgets must be strictly increasing, got {budgets}.")
-    _require(budgets[-1] < r.max_response_len,
-             f"rollout.budgets holds {budgets[-1]}, not below rollout.max_response_len "
-             f"(L_max = {r.max_response_len}).")
-    _require(r.rollouts_per_prompt >= len(budgets) and r.rollouts_per_prompt % len(budgets) == 0,
-             f"rollout.rollouts_per_prompt ({r.rollouts_per_prompt}) must be a positive multiple of the "
-             f"{len(budgets)} budgets in rollout.budgets.")
-    _require(r.max_prompt_len > 0 and r.max_response_len > 0,
-             "rollout.max_prompt_len and rollout.max_response_len must be positive.")
-    _require(r.temperature > 0, f"rollout.temperature must be positive for RL, got {r.temperature}.")
-    _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
-    _require(r.top_k >= 0, f"rollout.top_k must be ≥ 0 (0 = off), got {r.top_k}.")
-    _require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
-
-    sft_budgets = tuple(config.task.get("sft_budgets", ()))
-    _require(all(isinstance(b, int) and b > 0 for b in sft_budgets),
-             f"task.sft_budgets must be positive integers, got {sft_budgets}.")
-    prior = config.task.get("sft_budget_prior", 0.0)
-    _require(0.0 <= prior <= 1.0, f"task.sft_budget_prior must be in [0, 1], got {prior}.")
-    scales = tuple(config.task.get("sft_budget_scales", ()))
-    if scales and config.task.get("name", "") == "arithmetic":  # only the synthetic task reads them
-        n_budgets = len(set(sft_budgets or budgets))
-        _require(len(scales) == n_budgets and all(0.0 <= x <= 1.0 for x in scales),
-                 f"task.sft_budget_scales needs one scale in [0, 1] per budget ({n_budgets}), got {scales}.")
-    validate_eval(config)
-
-    o = config.objective
-    _require(o.l_max == r.max_response_len,
-             f"objective.l_max ({o.l_max}) must equal rollout.max_response_len ({r.max_response_len}).")
-    _require(o.reward_variant in ("code", "paper"),
-             f"objective.reward_variant must be 'code' or 'paper', got {o.reward_variant!r}.")
-    _require(o.beta > 0, f"objective.beta must be positive, got {o.beta}.")
-
-    loss = config.loss
-    _require(0 <= loss.clip_low < 1, f"loss.clip_low must be in [0, 1), got {loss.clip_low}.")
-    _require(loss.clip_high >= 0, f"loss.clip_high must be ≥ 0, got {loss.clip_high}.")
-    _require(loss.dual_clip is None or loss.dual_clip > 1,
-             f"loss.dual_clip must be > 1 or None, got {loss.dual_clip}.")
-    _require(loss.kl_coef >= 0, f"loss.kl_coef must be ≥ 0, got {loss.kl_coef}.")
-    _require(loss.aggregation in AGGREGATIONS,
-             f"loss.aggregation must be one of {AGGREGATIONS}, got {loss.aggregation!r}.")
-
-    opt = config.optim
-    _require(opt.learning_rate > 0, f"optim.learning_rate must be positive, got {opt.learning_rate}.")
-    _require(opt.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got {opt.schedule!r}.")
-    _require(opt.warmup_steps >= 0, f"optim.warmup_steps must be ≥ 0, got {opt.warmup_steps}.")
-    _require(opt.grad_clip is None or opt.grad_clip > 0, f"optim.grad_clip must be positive, got {opt.grad_clip}.")
-
-    t = config.train
-    _require(t.steps >= 1, f"train.steps must be at least 1, got {t.steps}.")
-    _require(t.prompts_per_step >= 1, f"train.prompts_per_step must be at least 1, got {t.prompts_per_step}.")
-    _require(t.mini_batches >= 1 and t.prompts_per_step % t.mini_batches == 0,
-             f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by train.mini_batches "
-             f"({t.mini_batches}).")
-    group = r.rollouts_per_prompt
-    mini_batch_rows = t.prompts_per_step // t.mini_batches * group
-    _require(t.micro_batch_size >= 1 and mini_batch_rows % t.micro_batch_size == 0,
-             f"train.micro_batch_size ({t.micro_batch_size}) must divide the {mini_batch_rows} "
-             "sequences of a mini-batch.")
-
-    m = config.mesh
-    _require(len(tuple(m.shape)) == len(tuple(m.axes)),
-             f"mesh.shape {tuple(m.shape)} and mesh.axes {tuple(m.axes)} must have the same length.")
-    if num_devices is None:
-        import jax
-        num_devices = jax.device_count()
-    try:
-        shape = sharding.resolve_mesh_shape(tuple(m.shape), num_devices)
-    except sharding.MeshError as e:
-        raise ConfigError(str(e)) from None
-    batch_axes = dict(sharding.rules_from_config(m)).get("batch", ())
-    batch_ways = math.prod(s for s, a in zip(shape, m.axes) if a in batch_axes)
-    rows = t.prompts_per_step * group
-    _require(rows % batch_ways == 0 and t.micro_batch_size % batch_ways == 0,
-             f"train.micro_batch_size ({t.micro_batch_size}) and the {rows} rollouts per step must be "
-             f"divisible by the {batch_ways} data-parallel ways of mesh.shape {shape}.")
-
-
-def validate_eval(config) -> None:
-    """The eval section (benchmark specs are checked for syntax only; files are read later)."""
-    from hbpo_jax import eval_sets, evaluation
-
-    e = config.eval
-    _require(e.every >= 0, f"eval.every must be ≥ 0 (0 = off), got {e.every}.")
-    _require(e.samples >= 1, f"eval.samples must be at least 1, got {e.samples}.")
-    _require(e.temperature >= 0, f"eval.temperature must be ≥ 0 (0 = greedy), got {e.temperature}.")
-    _require(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}.")
-    _require(e.max_response_len >= 0, f"eval.max_response_len must be ≥ 0, got {e.max_response_len}.")
-    modes = tuple(e.get("modes", ("natural",)))
-    try:
-        evaluation.parse_modes(modes, tuple(config.rollout.budgets))
-    except ValueError as err:
-        raise ConfigError(f"eval.modes: {err}") from None
-    _require(e.get("max_problems", 0) >= 0, f"eval.max_problems must be ≥ 0 (0 = all), got {e.get('max_problems')}.")
-    _require(e.get("batch_size", 1) >= 1, f"eval.batch_size must be at least 1, got {e.get('batch_size')}.")
-    benchmarks = tuple(e.get("benchmarks", ()))
-    for spec in benchmarks:
-        try:
-            eval_sets.parse_spec(spec)
-        except ValueError as err:
-            raise ConfigError(f"eval.benchmarks: {err}") from None
-    _require(e.every == 0 or benchmarks or config.task.name == "arithmetic",
-             "eval.every > 0 needs eval.benchmarks (or a task with an eval set, task.name).")

@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hbpo_jax import checkpoint, data, evaluation, grading
+from hbpo_jax import checkpoint, data, grading
+from hbpo_jax.eval import evaluation
 from hbpo_jax import loss as loss_lib
 from hbpo_jax import metrics as metrics_lib
 from hbpo_jax import rollout, sampler, sharding, trainer
@@ -90,7 +91,8 @@ def _check_warm_start_settings(warm: str, settings: dict) -> None:
 
 def _arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
     """The tiny run's world: its tokenizer, problems, and an SFT warm start cached in workdir."""
-    from hbpo_jax import sft, tokenizer as tokenizer_lib
+    from hbpo_jax.tasks import sft
+    from hbpo_jax.tasks import tokenizer as tokenizer_lib
     from hbpo_jax.tasks import arithmetic
 
     t, r = config.task, config.rollout
@@ -354,7 +356,7 @@ def _evaluate(config, policy: Policy, params, mesh, rules, key) -> list[evaluati
 
 def _periodic_eval(config, policy: Policy, params, sets, mesh, rules, key, step, writer, workdir) -> None:
     """eval_run.evaluate_sets on `sets`; scalars eval/<mode>/... and <workdir>/eval/step_<step>.json."""
-    from hbpo_jax import eval_run
+    from hbpo_jax.eval import run as eval_run
     cfg = sampler.graphdef_cfg(policy.graphdef, params)
     results = eval_run.evaluate_sets(config, policy.graphdef, params, policy.tokenizer, cfg, sets, key,
                                      mesh=mesh, rules=rules)
@@ -405,7 +407,7 @@ def run(config, workdir: str) -> dict:
 
     eval_sets = None  # every eval.every steps: eval.benchmarks, default the task's eval set
     if config.eval.every:
-        from hbpo_jax import eval_run
+        from hbpo_jax.eval import run as eval_run
         eval_sets = eval_run.load_sets(config, policy.eval_records or None)
         eval_run.drop_long_prompts(eval_sets, policy.tokenizer, config)
 

@@ -16,7 +16,6 @@ dtype is accepted and cast to float32 for arithmetic); correct / format_ok are b
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from typing import Any, Callable, Mapping
 
@@ -276,20 +275,28 @@ def dapo_reward(correct, format_ok=True) -> jax.Array:
     return 2.0 * classic_reward(correct, format_ok) - 1.0
 
 
-def cosine_reward(correct, format_ok, lengths, *, l_max: int = L_MAX, r_min: float = 1.0,
-                  r_max: float = 2.0, wrong_reward: float = 0.0,
-                  format_reward: float = -1.0) -> jax.Array:
-    """Cosine length reward (Yeo et al.): r_min + (r_max - r_min)/2 * (1 + cos(pi*n/l_max)).
+def _cos_schedule(n, l_max: int, r_0: float, r_l: float) -> jax.Array:
+    """r_l + (r_0 - r_l)/2 * (1 + cos(pi * n / l_max)): r_0 at n = 0, r_l at n = l_max."""
+    return r_l + 0.5 * (r_0 - r_l) * (1.0 + jnp.cos(math.pi * n / l_max))
 
-    Correct answers get r_max at n = 0 falling to r_min at n = l_max (lengths beyond l_max are
-    clamped to it); wrong answers `wrong_reward`, format errors `format_reward`.
+
+def cosine_reward(correct, format_ok, lengths, *, l_max: int = L_MAX, r_min: float = 1.0,
+                  r_max: float = 2.0, wrong_r0: float = -10.0, wrong_rl: float = 0.0,
+                  format_reward: float = -10.0) -> jax.Array:
+    """Cosine length reward (Yeo et al. 2025, arXiv 2502.03373, "Demystifying Long Chain-of-Thought
+    Reasoning in LLMs").
+
+    Correct answers: r_max at n = 0 falling to r_min at n = l_max (shorter is better). Wrong
+    answers: wrong_r0 at n = 0 rising to wrong_rl at n = l_max (a wrong answer given after longer
+    thought is penalised less). Format errors, including responses cut off at l_max, pay
+    `format_reward` (the paper's exceed-length penalty, -10). Lengths beyond l_max are clamped.
 
     Args:
       correct, format_ok: bool [...]; lengths: int32 [...]. Returns float32 [...].
     """
     n = jnp.minimum(_f32(lengths), float(l_max))
-    r_c = r_min + 0.5 * (r_max - r_min) * (1.0 + jnp.cos(math.pi * n / l_max))
-    r = jnp.where(jnp.asarray(correct, bool), r_c, jnp.float32(wrong_reward))
+    r = jnp.where(jnp.asarray(correct, bool), _cos_schedule(n, l_max, r_max, r_min),
+                  _cos_schedule(n, l_max, wrong_r0, wrong_rl))
     return jnp.where(jnp.asarray(format_ok, bool), r, jnp.float32(format_reward)).astype(jnp.float32)
 
 
@@ -337,45 +344,44 @@ def dynamic_sampling_mask(correct) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------
-# Registry: a config picks its objective by name.
+# Registry: a config picks its objective by name; each objective owns its recipe.
 
-RewardFn = Callable[..., jax.Array]      # (correct, format_ok, lengths, budgets, **cfg) -> R
-AdvantageFn = Callable[..., jax.Array]   # (rewards, budgets, **cfg) -> A
+RewardFn = Callable[..., jax.Array]      # (correct, format_ok, lengths, budgets, **settings) -> R
+AdvantageFn = Callable[..., jax.Array]   # (rewards, budgets, **settings) -> A
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """One RL objective: how to score, how to normalise, how to aggregate the loss.
+    """One RL objective's recipe: how to prompt, score, normalise and aggregate.
 
-    reward_fn: (correct, format_ok, lengths, budgets, **cfg) -> float32 rewards, same shape.
-    advantage_fn: (rewards [P, G], budgets [P, G], **cfg) -> float32 advantages [P, G].
-    budget_prompts: rollouts carry a budget prefix in the prompt (HBPO, L1).
-    dynamic_sampling: drop groups that are all right or all wrong (see dynamic_sampling_mask).
-    overlong_penalty: add dapo_overlong_penalty to the reward.
+    reward_fn: (correct, format_ok, lengths, budgets, **reward_settings) -> float32, same shape.
+    advantage_fn: (rewards [P, G], budgets [P, G], **advantage_settings) -> float32 [P, G].
+    reward_settings / advantage_settings: the settings each function takes, with this objective's
+      defaults (the names config.objective may override; see spec.py).
+    prompting: the rollout mode its training rollouts use (rollout.MODES): "budget" (HBPO's
+      prefixes), "natural" (no prefix), "l1" / "l1_max" (L1's prompts, N drawn per prompt).
+    dynamic_sampling: drop groups that are all right or all wrong (dynamic_sampling_mask).
+    overlong_penalty: add dapo_overlong_penalty(max_len = L_max, cache_len = L_max / 8).
     """
     name: str
     reward_fn: RewardFn
     advantage_fn: AdvantageFn
+    prompting: str = "natural"
     aggregation: str = "token-mean"
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float | None = 3.0
-    budget_prompts: bool = False
+    reward_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    advantage_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     dynamic_sampling: bool = False
     overlong_penalty: bool = False
 
-    def loss_kwargs(self) -> dict[str, Any]:
-        """The policy_loss keyword arguments this objective fixes."""
-        return dict(aggregation=self.aggregation, clip_low=self.clip_low,
-                    clip_high=self.clip_high, dual_clip=self.dual_clip)
-
     def setting_names(self) -> set[str]:
-        """The settings (keyword-only parameters) its reward and advantage functions take: what
-        `compute_advantages` accepts as overrides, besides max_len / cache_len."""
-        return _keyword_names(self.reward_fn) | _keyword_names(self.advantage_fn)
+        """Every setting its reward and advantage functions take."""
+        return set(self.reward_settings) | set(self.advantage_settings)
 
 
-# Adapters normalising every reward to (correct, format_ok, lengths, budgets, **cfg).
+# Adapters normalising every reward to (correct, format_ok, lengths, budgets, **settings).
 def _classic(correct, format_ok, lengths, budgets):
     del lengths, budgets
     return classic_reward(correct, format_ok)
@@ -386,16 +392,14 @@ def _dapo(correct, format_ok, lengths, budgets):
     return dapo_reward(correct, format_ok)
 
 
-def _cosine(correct, format_ok, lengths, budgets, *, l_max: int = L_MAX, r_min: float = 1.0,
-            r_max: float = 2.0, wrong_reward: float = 0.0, format_reward: float = -1.0):
+def _cosine(correct, format_ok, lengths, budgets, **settings):
     del budgets
-    return cosine_reward(correct, format_ok, lengths, l_max=l_max, r_min=r_min, r_max=r_max,
-                         wrong_reward=wrong_reward, format_reward=format_reward)
+    return cosine_reward(correct, format_ok, lengths, **settings)
 
 
-def _grpo_adv(rewards, budgets, *, eps: float = 1e-6):
+def _grpo_adv(rewards, budgets):
     del budgets
-    return grpo_advantages(rewards, scale_by_std=True, eps=eps)
+    return grpo_advantages(rewards, scale_by_std=True)
 
 
 def _dr_grpo_adv(rewards, budgets):
@@ -403,17 +407,21 @@ def _dr_grpo_adv(rewards, budgets):
     return grpo_advantages(rewards, scale_by_std=False)
 
 
-_SYM = dict(clip_low=0.2, clip_high=0.2, dual_clip=None)
+_HBPO_REWARD = dict(beta=BETA, l_max=L_MAX, variant="code", format_reward=-1.0, wrong_reward=0.0)
+_HBPO_ADVANTAGE = dict(beta=BETA, l_max=L_MAX, intra_weight=1.0)
+_SYMMETRIC = dict(clip_low=0.2, clip_high=0.2, dual_clip=None)
 OBJECTIVES: Mapping[str, Objective] = {o.name: o for o in (
-    Objective("hbpo", budget_reward, hierarchical_advantages, budget_prompts=True),
-    Objective("grpo", _classic, _grpo_adv, aggregation="sequence-mean-token-mean", **_SYM),
-    Objective("dr_grpo", _classic, _dr_grpo_adv, aggregation="token-sum-norm", **_SYM),
-    Objective("dapo", _dapo, _grpo_adv, dual_clip=None, dynamic_sampling=True,
-              overlong_penalty=True),
+    Objective("hbpo", budget_reward, hierarchical_advantages, prompting="budget",
+              reward_settings=_HBPO_REWARD, advantage_settings=_HBPO_ADVANTAGE),
+    Objective("grpo", _classic, _grpo_adv, aggregation="sequence-mean-token-mean", **_SYMMETRIC),
+    Objective("dr_grpo", _classic, _dr_grpo_adv, aggregation="token-sum-norm", **_SYMMETRIC),
+    Objective("dapo", _dapo, _grpo_adv, dual_clip=None, dynamic_sampling=True, overlong_penalty=True),
     # L1, cosine and classic as run in HBPO's ablations: HBPO's loss settings, GRPO advantages.
-    Objective("l1_exact", l1_exact_reward, _grpo_adv, budget_prompts=True),
-    Objective("l1_max", l1_max_reward, _grpo_adv, budget_prompts=True),
-    Objective("cosine", _cosine, _grpo_adv),
+    Objective("l1_exact", l1_exact_reward, _grpo_adv, prompting="l1", reward_settings=dict(alpha=0.0003)),
+    Objective("l1_max", l1_max_reward, _grpo_adv, prompting="l1_max", reward_settings=dict(alpha=0.0003)),
+    Objective("cosine", _cosine, _grpo_adv,
+              reward_settings=dict(l_max=L_MAX, r_min=1.0, r_max=2.0, wrong_r0=-10.0, wrong_rl=0.0,
+                                   format_reward=-10.0)),
     Objective("classic", _classic, _grpo_adv),
 )}
 
@@ -426,37 +434,30 @@ def get_objective(name: str) -> Objective:
         raise ValueError(f"unknown objective {name!r}; valid names: {sorted(OBJECTIVES)}") from None
 
 
-def _keyword_names(fn: Callable) -> set[str]:
-    """Names of fn's keyword-only parameters (its tunable settings)."""
-    return {p.name for p in inspect.signature(fn).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
 def compute_advantages(objective: Objective | str, correct, format_ok, lengths, budgets,
-                       **overrides) -> tuple[jax.Array, jax.Array]:
+                       **settings) -> tuple[jax.Array, jax.Array]:
     """Rewards and advantages of one rollout batch under `objective`.
 
-    Each override goes to every function that takes it (e.g. `beta` and `l_max` reach both
-    HBPO's reward and advantage); `max_len` / `cache_len` set the DAPO overlong penalty
-    (defaults 4096 / 512). Dynamic sampling is not applied here: it decides which groups to
-    keep, see `dynamic_sampling_mask`.
+    settings: values for the objective's declared settings (Objective.reward_settings /
+    advantage_settings; a name both declare, e.g. HBPO's `beta` and `l_max`, reaches both);
+    the rest keep the objective's defaults. `max_len` / `cache_len` set the DAPO overlong
+    penalty (defaults 4096 / 512). Dynamic sampling is not applied here: it decides which groups
+    to keep, see `dynamic_sampling_mask`.
 
     Args:
       correct, format_ok: bool [prompts, group]; lengths, budgets: int32 [prompts, group].
     Returns:
       (rewards, advantages): float32 [prompts, group] each.
     Raises:
-      TypeError: an override no function of the objective takes.
+      TypeError: a setting the objective does not declare.
     """
     obj = get_objective(objective) if isinstance(objective, str) else objective
-    overlong = {"max_len": overrides.pop("max_len", L_MAX),
-                "cache_len": overrides.pop("cache_len", 512)}
-    r_names, a_names = _keyword_names(obj.reward_fn), _keyword_names(obj.advantage_fn)
-    unused = set(overrides) - obj.setting_names()
+    overlong = {"max_len": settings.pop("max_len", L_MAX), "cache_len": settings.pop("cache_len", 512)}
+    unused = set(settings) - obj.setting_names()
     if unused:
         raise TypeError(f"objective {obj.name!r} takes no setting(s) {sorted(unused)}")
-    r_kw = {k: v for k, v in overrides.items() if k in r_names}
-    a_kw = {k: v for k, v in overrides.items() if k in a_names}
+    r_kw = {**obj.reward_settings, **{k: v for k, v in settings.items() if k in obj.reward_settings}}
+    a_kw = {**obj.advantage_settings, **{k: v for k, v in settings.items() if k in obj.advantage_settings}}
     rewards = obj.reward_fn(correct, format_ok, lengths, budgets, **r_kw)
     if obj.overlong_penalty:
         rewards = rewards + dapo_overlong_penalty(lengths, **overlong)

@@ -7,8 +7,12 @@ so group statistics are reshapes to `group_shape`. Modes (the assistant turn's p
   fixed       one budget for all rows, same prefix
   efficiency  "<think> I will answer the question with minimal tokens" (budgets unused, recorded 0)
   natural     nothing pre-filled (budgets unused, recorded 0)
-  l1          L1's prompt: the user message becomes problem + "\\n\\nThink for {b} tokens." and
+  l1          L1-Exact's prompt: the user message becomes problem + "\\n\\nThink for {b} tokens." and
               nothing is pre-filled (budgets recorded)
+  l1_max      L1-Max's prompt: problem + "\\n\\nThink for maximum {b} tokens." (budgets recorded)
+
+In training, l1 / l1_max draw one N per prompt (`prompt_budgets`), as L1 does (Aggarwal & Welleck
+2025, arXiv 2503.04697), and every rollout of the prompt shares it.
 
 If the rendered template already ends in "<think>" (e.g. DeepSeek-R1-Distill's "<think>\\n"), the
 prefix's own "<think>" is dropped (and the space after it when the template ends in a newline).
@@ -26,11 +30,52 @@ import numpy as np
 
 from hbpo_jax import sampler, sharding
 
-MODES = ("budget", "natural", "efficiency", "fixed", "l1")
+MODES = ("budget", "natural", "efficiency", "fixed", "l1", "l1_max")
+BUDGETED = ("budget", "fixed", "l1", "l1_max")  # modes whose rows carry a budget
 THINK = "<think>"
 BUDGET_PREFIX = "<think> I will answer the question with {budget} tokens"
 EFFICIENCY_PREFIX = "<think> I will answer the question with minimal tokens"
 L1_SUFFIX = "\n\nThink for {budget} tokens."
+L1_MAX_SUFFIX = "\n\nThink for maximum {budget} tokens."
+USER_SUFFIXES = {"l1": L1_SUFFIX, "l1_max": L1_MAX_SUFFIX}
+PREFIXES = {"budget": BUDGET_PREFIX, "fixed": BUDGET_PREFIX, "efficiency": EFFICIENCY_PREFIX}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeSpec:
+    """One prompting mode of an evaluation: `name` labels tables and scalars ("natural",
+    "efficiency", "budget_<b>", "l1_<b>", "l1_max_<b>"); `mode` is one of MODES; `budget` 0 unless
+    the mode is budgeted."""
+
+    name: str
+    mode: str
+    budget: int = 0
+
+
+def parse_modes(specs: Sequence[str], budgets: Sequence[int] = ()) -> list[ModeSpec]:
+    """Mode specs -> ModeSpecs: "natural", "efficiency", "fixed:N" (also "budget:N", "budget_N"),
+    "l1:N", "l1_max:N", and "fixed" / "l1" / "l1_max" alone for each of `budgets`. Raises
+    ValueError naming the bad spec; duplicates are dropped."""
+    out: list[ModeSpec] = []
+    for spec in specs:
+        text = str(spec).strip().lower().replace("budget_", "fixed:").replace("budget:", "fixed:")
+        kind, _, arg = text.partition(":")
+        if kind in ("natural", "efficiency") and not arg:
+            new = [ModeSpec(kind, kind)]
+        elif kind in ("fixed", "l1", "l1_max"):
+            values = [arg] if arg else list(budgets)
+            if not values or not all(str(v).isdigit() and int(v) > 0 for v in values):
+                raise ValueError(f"eval mode {spec!r}: {kind} needs positive budgets ({kind}:N, or "
+                                 "rollout.budgets for a bare name).")
+            label = "budget" if kind == "fixed" else kind
+            new = [ModeSpec(f"{label}_{int(v)}", kind, int(v)) for v in values]
+        else:
+            raise ValueError(f"eval mode {spec!r} is not one of natural, efficiency, fixed[:N], l1[:N], "
+                             "l1_max[:N].")
+        out += [m for m in new if m not in out]
+    if not out:
+        raise ValueError("no eval modes given.")
+    return out
 _DEFAULT_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -95,6 +140,7 @@ def assistant_prefix(rendered: str, prefix: str) -> str:
 
 
 def _budgets_for(mode: str, budgets) -> list[int]:
+    """The budgets a mode lays out per prompt (K of [P, K, M])."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     if mode in ("natural", "efficiency"):
@@ -108,23 +154,33 @@ def _budgets_for(mode: str, budgets) -> list[int]:
 
 
 def build_prompts(tokenizer, problems: Sequence[str], *, budgets=None, samples_per_budget: int = 1,
-                  mode: str = "budget", system_prompt: str | None = None) -> PromptLayout:
+                  mode: str = "budget", system_prompt: str | None = None,
+                  prompt_budgets: Sequence[int] | None = None) -> PromptLayout:
     """Renders and tokenizes every (problem, budget) once and lays out the rows [P, K, M].
 
-    budgets: a sequence of ints (budget, l1), one int (fixed), ignored for natural / efficiency.
+    budgets: a sequence of ints (budget, l1, l1_max: K subgroups), one int (fixed), ignored for
+      natural / efficiency.
+    prompt_budgets: l1 / l1_max only, instead of `budgets`: one budget per problem (K = 1), the
+      N that L1's training draws per prompt.
     """
-    ks = _budgets_for(mode, budgets)
+    if prompt_budgets is not None:
+        if mode not in USER_SUFFIXES or len(prompt_budgets) != len(problems):
+            raise ValueError(f"prompt_budgets takes one budget per problem, in modes {tuple(USER_SUFFIXES)}.")
+        per_problem = [[int(b)] for b in prompt_budgets]
+        if any(b[0] <= 0 for b in per_problem):
+            raise ValueError(f"prompt_budgets must be positive, got {list(prompt_budgets)}.")
+    else:
+        per_problem = [_budgets_for(mode, budgets)] * len(problems)
     if samples_per_budget < 1 or not problems:
         raise ValueError("need at least one problem and samples_per_budget ≥ 1.")
     rendered, prefixes = [], []
-    for problem in problems:
+    for problem, ks in zip(problems, per_problem):
         for b in ks:
-            user = problem + L1_SUFFIX.format(budget=b) if mode == "l1" else problem
+            user = problem + USER_SUFFIXES[mode].format(budget=b) if mode in USER_SUFFIXES else problem
             messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
             messages.append({"role": "user", "content": user})
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            prefix = {"budget": BUDGET_PREFIX, "fixed": BUDGET_PREFIX,
-                      "efficiency": EFFICIENCY_PREFIX}.get(mode, "").format(budget=b)
+            prefix = PREFIXES.get(mode, "").format(budget=b)
             rendered.append(text)
             prefixes.append(assistant_prefix(text, prefix))
     # Template and prefix are tokenized apart, so the prefix's tokens are exactly known.
@@ -134,11 +190,11 @@ def build_prompts(tokenizer, problems: Sequence[str], *, budgets=None, samples_p
     prefix_tok = [next(enc) if p else [] for p in prefixes]
     m = samples_per_budget
     rep = lambda xs: [x for x in xs for _ in range(m)]  # noqa: E731  (shared lists, not copies)
-    n_p, n_k = len(problems), len(ks)
+    n_p, n_k = len(problems), len(per_problem[0])
+    row_budgets = [b if mode in BUDGETED else 0 for ks in per_problem for b in ks]
     return PromptLayout(
         prompt_tokens=rep(prompt_tok), prefix_tokens=rep(prefix_tok), prefix_texts=rep(prefixes),
-        budgets=np.tile(np.repeat(np.asarray(ks if mode not in ("natural", "efficiency") else [0],
-                                             np.int32), m), n_p),
+        budgets=np.repeat(np.asarray(row_budgets, np.int32), m),
         prompt_index=np.repeat(np.arange(n_p, dtype=np.int32), n_k * m),
         group_shape=(n_p, n_k, m))
 
@@ -150,6 +206,16 @@ def prompt_lengths(tokenizer, problems: Sequence[str], system_prompt: str | None
                                               add_generation_prompt=True, tokenize=False) for p in problems]
     ids = tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else []
     return np.fromiter(map(len, ids), np.int64, count=len(ids))
+
+
+def split_long_prompts(tokenizer, records: Sequence[dict], max_prompt_len: int,
+                       system_prompt: str | None = None) -> tuple[list, list]:
+    """The one prompt filter (training data and every benchmark): (records whose chat-templated
+    prompt fits max_prompt_len tokens, indices of those that do not). records: dicts with "problem"."""
+    lengths = prompt_lengths(tokenizer, [r["problem"] for r in records], system_prompt)
+    kept = [r for r, n in zip(records, lengths) if n <= max_prompt_len]
+    dropped = [i for i, n in enumerate(lengths) if n > max_prompt_len]
+    return kept, dropped
 
 
 def default_eos_ids(tokenizer, model_cfg=None) -> tuple[int, ...]:
@@ -176,7 +242,8 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, key: jax.Array,
                     mesh=None, rules=None, system_prompt: str | None = None,
                     prompt_bucket: str | int | None = "pow2", eos_ids: Sequence[int] | None = None,
-                    pad_id: int | None = None, max_batch: int = 0) -> RolloutBatch:
+                    pad_id: int | None = None, max_batch: int = 0,
+                    prompt_budgets: Sequence[int] | None = None) -> RolloutBatch:
     """Builds the prompts (`build_prompts`), samples the rows, and lays out the responses (see
     RolloutBatch for shapes).
 
@@ -184,13 +251,14 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
       prefix_in_response); also the sampler's static cap and N.
     hard_budget_cap: also cap each row's counted response at its budget (budget / fixed / l1).
     eos_ids: default `default_eos_ids`; pad_id: default the tokenizer's pad id, else the first EOS.
+    prompt_budgets: l1 / l1_max: one budget per problem instead of `budgets` (build_prompts).
     max_batch: rows per sampler call (0: all at once). The KV cache grows with the rows, so a
       large rollout batch (1,024 rows x 5,120 slots is ~150 GB for the 1.5B model) is sampled in
       chunks; every chunk has the same shape (the last is padded with finished rows), so one
       compilation serves them all, and chunk i samples with fold_in(key, i).
     """
     layout = build_prompts(tokenizer, problems, budgets=budgets, samples_per_budget=samples_per_budget,
-                           mode=mode, system_prompt=system_prompt)
+                           mode=mode, system_prompt=system_prompt, prompt_budgets=prompt_budgets)
     graphdef_state = model_or_pair
     if eos_ids is None:
         from flax import nnx
@@ -205,7 +273,7 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
     if prefix_in_response and pfx.max(initial=0) > n:
         raise ValueError(f"max_new_tokens={n} is shorter than the pre-filled prefix ({pfx.max()} tokens).")
     limits = n - counted
-    if hard_budget_cap and mode in ("budget", "fixed", "l1"):
+    if hard_budget_cap and mode in BUDGETED:
         limits = np.minimum(limits, layout.budgets - counted)
     limits = np.clip(limits, 0, n).astype(np.int32)
 
@@ -281,5 +349,6 @@ def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[
     return out, lens
 
 
-__all__ = ["BUDGET_PREFIX", "EFFICIENCY_PREFIX", "L1_SUFFIX", "MODES", "PromptLayout", "RolloutBatch",
-           "assistant_prefix", "budget_rollouts", "build_prompts", "default_eos_ids", "prompt_lengths"]
+__all__ = ["BUDGET_PREFIX", "BUDGETED", "EFFICIENCY_PREFIX", "L1_MAX_SUFFIX", "L1_SUFFIX", "MODES", "ModeSpec",
+           "PromptLayout", "RolloutBatch", "assistant_prefix", "budget_rollouts", "build_prompts",
+           "default_eos_ids", "parse_modes", "prompt_lengths", "split_long_prompts"]

@@ -4,7 +4,7 @@ Sampler tokens/s against the memory-bandwidth ceiling, training-step MFU, transf
 and training step on the same shapes, and one HBPO step (a fraction, projected to the paper's
 run), within a time budget; a failed or skipped section is a table entry, never the end of the
 run. Writes OUT/bench.md and OUT/bench.json after every section and prints the table at the end.
-hbpo_jax.bench_harness holds the logic (the workers: hbpo_jax.bench_sections).
+hbpo_jax.bench.harness holds the logic (the workers: hbpo_jax.bench.sections).
 """
 import argparse
 import os
@@ -12,7 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hbpo_jax import bench_harness, bench_sections  # noqa: E402
+from hbpo_jax import bench_sections  # noqa: E402
+from hbpo_jax.bench import harness as bench_harness
 
 
 def main(argv=None):

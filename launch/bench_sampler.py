@@ -1,7 +1,7 @@
 """Sampler throughput: python launch/bench_sampler.py --model=tiny --batch=8 --baseline
 
 Random weights; prints tokens/s, ms per decode step, bytes read per step and the fraction of the
-device's memory bandwidth (hbpo_jax.benchmarks holds the logic).
+device's memory bandwidth (hbpo_jax.bench.common holds the logic).
 """
 import argparse
 import os

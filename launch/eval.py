@@ -1,5 +1,5 @@
 """Evaluates a checkpoint on benchmarks in each prompting mode (accuracy / tokens tables, a plot,
-every response): hbpo_jax.eval_run.
+every response): hbpo_jax.eval.run.
 
     python launch/eval.py --config=configs/tiny.py --checkpoint=runs/hbpo-tiny/export
     python launch/eval.py --config=configs/qwen1_5b.py --checkpoint=/runs/hbpo/export \

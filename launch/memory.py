@@ -12,7 +12,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hbpo_jax import planning, sharding  # noqa: E402
+from hbpo_jax import sharding  # noqa: E402
+from hbpo_jax.bench import plan as planning
 
 config_flags.DEFINE_config_file("config", "configs/qwen1_5b.py", "Config file (get_config).")
 

@@ -175,8 +175,8 @@ it is the mode this notebook evaluates, so they are trained on the very distribu
 judged on, while HBPO must carry what it learns under budget prompts over to natural mode — the
 paper's claim. `Variant(..., rollout_mode="budget")` gives the other protocol."""),
         code("""\
-from hbpo_jax import ablation
-from hbpo_jax.ablation import Variant
+from hbpo_jax.eval import ablation
+from hbpo_jax.eval.ablation import Variant
 
 VARIANTS = [
     # The first run evaluates the warm start ("before") in every mode a later run needs.

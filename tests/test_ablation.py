@@ -1,12 +1,14 @@
-"""hbpo_jax.ablation: variant configs, the shared warm start and "before" evaluation, the table."""
+"""hbpo_jax.eval.ablation: variant configs, the shared warm start and "before" evaluation, the table."""
 import json
 import pathlib
 
 import pytest
 
-from hbpo_jax import ablation, evaluation, sft
+from hbpo_jax.eval import ablation
+from hbpo_jax.eval import evaluation
+from hbpo_jax.tasks import sft
 from hbpo_jax import config as config_lib
-from hbpo_jax.ablation import Variant
+from hbpo_jax.eval.ablation import Variant
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

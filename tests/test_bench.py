@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from hbpo_jax import bench_harness, bench_sections, benchmarks
+from hbpo_jax.bench import harness as bench_harness
+from hbpo_jax.bench import sections as bench_sections
+from hbpo_jax.bench import common as benchmarks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORBIDDEN = ("ml_collections", "grain", "tensorboardX", "math_verify", "datasets")

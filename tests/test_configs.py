@@ -37,7 +37,7 @@ def test_qwen1_5b_abstract_parameter_count():
 
 @pytest.mark.parametrize("name", ["tiny", "qwen1_5b"])
 def test_benchmark_shapes_are_the_config_files_models(name):
-    from hbpo_jax import benchmarks
+    from hbpo_jax.bench import common as benchmarks
     model = load(name).model
     assert {k: model[k] for k in benchmarks.SHAPES[name]} == benchmarks.SHAPES[name]
 
@@ -94,7 +94,8 @@ def test_batch_must_divide_data_parallel_ways():
 def test_qwen1_5b_train_step_and_sampler_lower_on_8_devices():
     """The full training step and the sampler of the 1.5B config, from abstract arrays (nothing
     allocated), lower on a 2x4 fsdp x tensor mesh of the 8 CPU devices."""
-    from hbpo_jax import planning, sharding
+    from hbpo_jax import sharding
+    from hbpo_jax.bench import plan as planning
     config = load("qwen1_5b")
     config.mesh.shape = (1, 2, 4)
     config_lib.validate(config, num_devices=8)

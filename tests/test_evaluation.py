@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from hbpo_jax import config as config_lib
-from hbpo_jax import data, eval_report, eval_run, eval_sets, evaluation
+from hbpo_jax import data
+from hbpo_jax.eval import report as eval_report
+from hbpo_jax.eval import run as eval_run
+from hbpo_jax.eval import sets as eval_sets
+from hbpo_jax.eval import evaluation
 from hbpo_jax.models.config import ConfigError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

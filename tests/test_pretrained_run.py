@@ -5,7 +5,8 @@ import json
 import numpy as np
 
 from hbpo_jax import config as config_lib
-from hbpo_jax import data, loop, tokenizer as tokenizer_lib
+from hbpo_jax import data, loop
+from hbpo_jax.tasks import tokenizer as tokenizer_lib
 from hbpo_jax.models import ModelConfig, create_model, load_pretrained, save_pretrained
 from hbpo_jax.tasks import arithmetic
 

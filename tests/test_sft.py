@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hbpo_jax import sft, sharding
-from hbpo_jax import tokenizer as T
+from hbpo_jax import sharding
+from hbpo_jax.tasks import sft
+from hbpo_jax.tasks import tokenizer as T
 from hbpo_jax.models import ModelConfig, Qwen2
 from hbpo_jax.tasks import arithmetic as A
 

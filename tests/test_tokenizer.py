@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from hbpo_jax import tokenizer as T
+from hbpo_jax.tasks import tokenizer as T
 from hbpo_jax.tasks import arithmetic as A
 
 

@@ -1,7 +1,7 @@
 """The worker side of launch/bench.py: settings, the section table and the sections themselves.
 
-The parent (hbpo_jax.bench_harness) runs each group of sections in its own worker process,
-`python -m hbpo_jax.bench_sections --worker jax|torch ...`: JAX sections in one, torch sections in
+The parent (hbpo_jax.bench.harness) runs each group of sections in its own worker process,
+`python -m hbpo_jax.bench.sections --worker jax|torch ...`: JAX sections in one, torch sections in
 another, so the two never hold GPU memory at once. A worker reports on its stdout, one JSON message
 a line after `TAG`: info (versions, device), ceiling, start, row, end. `run_sections` guards every
 section: one that raises is reported "failed: <reason>", one that would overrun the deadline
@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from hbpo_jax import sampler, trainer
-from hbpo_jax.benchmarks import (bench_model_config, copy_bandwidth, decode_bytes, failure_reason, format_rate,
+from hbpo_jax.bench.common import (bench_model_config, copy_bandwidth, decode_bytes, failure_reason, format_rate,
                                  timed_generate)
 from hbpo_jax.models import ModelConfig, Qwen2, create_model
 

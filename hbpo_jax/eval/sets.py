@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 from hbpo_jax import data
-from hbpo_jax.evaluation import level_label
+from hbpo_jax.eval.evaluation import level_label
 
 FILE_KINDS = ("gsm8k", "math500", "olympiadbench", "aime25", "deepscaler")
 KINDS = FILE_KINDS + ("champ", "rg", "tiny")

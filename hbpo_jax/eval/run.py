@@ -24,7 +24,10 @@ import numpy as np
 
 from hbpo_jax import checkpoint as ckpt_lib
 from hbpo_jax import config as config_lib
-from hbpo_jax import data, eval_report, eval_sets, evaluation, rollout, sharding
+from hbpo_jax import data, rollout, sharding
+from hbpo_jax.eval import report as eval_report
+from hbpo_jax.eval import sets as eval_sets
+from hbpo_jax.eval import evaluation
 from hbpo_jax.models import load_pretrained
 from hbpo_jax.models.config import ModelConfig
 from hbpo_jax.models.hf import load_tokenizer, read_hf_config

@@ -101,7 +101,7 @@ def variant_config(base, variant: Variant, overrides: dict | None = None):
 
 def mode_names(config) -> list[str]:
     """The evaluation mode names that `config`'s evaluation produces, in order."""
-    from hbpo_jax import evaluation
+    from hbpo_jax.eval import evaluation
     return [m.name for m in evaluation.parse_modes(tuple(config.eval.modes), tuple(config.rollout.budgets))]
 
 

@@ -12,7 +12,7 @@ import os
 from typing import Iterable, Sequence
 
 from hbpo_jax import data
-from hbpo_jax.evaluation import BenchmarkResult, sort_levels
+from hbpo_jax.eval.evaluation import BenchmarkResult, sort_levels
 
 FILES = {"json": "results.json", "markdown": "results.md", "plot": "accuracy_vs_tokens.png",
          "responses": "responses.jsonl"}

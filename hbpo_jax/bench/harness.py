@@ -1,6 +1,6 @@
 """The parent side of launch/bench.py: the whole benchmark within a time budget, one table.
 
-`run` starts the worker processes of hbpo_jax.bench_sections in turn (the jax group, then the
+`run` starts the worker processes of hbpo_jax.bench.sections in turn (the jax group, then the
 torch group) and reads the JSON lines they print into a `Report`. A section that raises, runs out
 of memory, hangs past its time limit or kills its worker is recorded as "failed: <reason>" and the
 rest still run (in a fresh worker when the old one died); sections that would overrun the budget
@@ -21,8 +21,8 @@ import sys
 import threading
 import time
 
-from hbpo_jax.bench_sections import DISPLAY, PAPER, PLAN, SECTIONS, TAG, bench_settings, section_shape
-from hbpo_jax.benchmarks import BANDWIDTH, bench_model_config, failure_reason, format_rate
+from hbpo_jax.bench.sections import DISPLAY, PAPER, PLAN, SECTIONS, TAG, bench_settings, section_shape
+from hbpo_jax.bench.common import BANDWIDTH, bench_model_config, failure_reason, format_rate
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM)
 
@@ -238,7 +238,7 @@ def _run_worker(group: str, names: list[str], s: dict, report: Report, deadline:
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
     else:
         env["JAX_PLATFORMS"] = "cpu"  # the torch worker must not touch the GPU through jax
-    cmd = [sys.executable, "-m", "hbpo_jax.bench_sections", "--worker", group, "--sections", ",".join(names),
+    cmd = [sys.executable, "-m", "hbpo_jax.bench.sections", "--worker", group, "--sections", ",".join(names),
            "--settings", json.dumps(s), "--deadline", repr(deadline), "--external", json.dumps(list(external))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env,
                             cwd=root, start_new_session=True)

@@ -3,8 +3,8 @@
 * `run_sampler_benchmark` (launch/bench_sampler.py): sampler throughput against the memory-
   bandwidth ceiling, optionally against transformers' generate, in this process.
 * launch/bench.py, the whole benchmark within a time budget, lives in two modules that use the
-  helpers at the end of this one: hbpo_jax.bench_harness (the parent: workers in turn, the table)
-  and hbpo_jax.bench_sections (the worker processes and the sections they run).
+  helpers at the end of this one: hbpo_jax.bench.harness (the parent: workers in turn, the table)
+  and hbpo_jax.bench.sections (the worker processes and the sections they run).
 
 Decoding is memory bound: every step reads all weights and, with whole-cache attention, the whole
 preallocated KV cache [B, P + N, K, D] of every layer. The rows report that byte count per step

@@ -1,0 +1,63 @@
+"""What every launch script shares: the --config flag, logging, and configuration errors
+reported as their one sentence (no traceback), exit status 2.
+
+    from hbpo_jax import cli
+    cli.define_config("configs/tiny.py", "Training config file (get_config).")
+    ...
+    if __name__ == "__main__":
+        cli.run(main)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from hbpo_jax.models.config import ConfigError
+
+# The repository root: config files (configs/*.py) are looked up there when the given path does
+# not exist from the working directory.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_config(path: str) -> str:
+    """`path` itself when it exists, else the same path under the repository root ("file:arg" kept)."""
+    file, sep, arg = path.partition(":")
+    if os.path.exists(file) or os.path.isabs(file):
+        return path
+    candidate = os.path.join(REPO_ROOT, file)
+    return candidate + sep + arg if os.path.exists(candidate) else path
+
+
+def define_config(default: str, help_text: str) -> None:
+    """--config (an ml_collections config file with `get_config(arg)`, `file.py:arg` for an arg)."""
+    config_flags.DEFINE_config_file("config", default, help_text, lock_config=False)
+
+
+def run(main: Callable[[list], None]) -> None:
+    """absl's app.run with INFO logging; a ConfigError (or a missing file) ends the program with
+    its message on one line and exit status 2."""
+    def wrapped(argv):
+        logging.set_verbosity(logging.INFO)
+        try:
+            main(argv)
+        except (ConfigError, FileNotFoundError) as e:
+            print(f"{os.path.basename(sys.argv[0])}: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(2)
+    _resolve_config_argument()
+    app.run(wrapped)
+
+
+def _resolve_config_argument() -> None:
+    """Rewrites --config=PATH in sys.argv to find_config(PATH), so configs resolve from anywhere."""
+    for i, a in enumerate(sys.argv):
+        if a.startswith("--config="):
+            sys.argv[i] = "--config=" + find_config(a[len("--config="):])
+        elif a == "--config" and i + 1 < len(sys.argv):
+            sys.argv[i + 1] = find_config(sys.argv[i + 1])
+
+
+__all__ = ["REPO_ROOT", "define_config", "find_config", "flags", "run"]

@@ -1,0 +1,396 @@
+"""The run spec: a validated config resolved once, at start-up, into frozen typed settings.
+
+`resolve(config)` checks every value a run depends on (one sentence naming the key, before
+anything compiles) and returns a `RunSpec`. Each objective declares its own recipe in
+`loss.OBJECTIVES` (prompting, clip range, dual clip, aggregation, overlong shaping, dynamic
+sampling); a config value overrides the recipe only where the user set it: `rollout.mode`,
+`loss.clip_low`, `loss.clip_high`, `loss.dual_clip` (0 turns it off), `loss.aggregation` and
+`objective.l_max` default to None ("the objective's" / "rollout.max_response_len").
+
+The loop, evaluation, planning, benchmarks and ablations read the spec (or the part they need),
+never config fields one by one. `RunSpec.to_json()` is what `<workdir>/spec.json` holds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from hbpo_jax import loss as loss_lib
+from hbpo_jax import rollout, sharding, trainer
+from hbpo_jax.models.config import ConfigError
+
+# Benchmark kinds of eval.benchmarks ("KIND" or "KIND:ARG"); hbpo_jax.eval.sets loads them.
+FILE_BENCHMARKS = ("gsm8k", "math500", "olympiadbench", "aime25", "deepscaler")
+BENCHMARKS = FILE_BENCHMARKS + ("champ", "rg", "tiny")
+_BENCHMARK_ALIASES = {"reasoning_gym": "rg", "reasoning-gym": "rg", "arithmetic": "tiny"}
+TASKS = ("", "arithmetic")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------- the parts
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSpec:
+    """How training rollouts are prompted and sampled.
+
+    mode: rollout.MODES name ("budget", "natural", "l1", "l1_max", ...); budgets: the budget
+    set (budget mode: K subgroups per prompt; l1 / l1_max: the range N is drawn from per prompt).
+    group = rollouts per prompt = len(budgets) x samples_per_budget in budget mode.
+    """
+
+    mode: str
+    budgets: tuple[int, ...]
+    group: int
+    samples_per_budget: int
+    max_prompt_len: int
+    max_response_len: int
+    temperature: float
+    top_p: float
+    top_k: int
+    prefix_in_response: bool
+    prefix_loss: bool
+    hard_budget_cap: bool
+    system_prompt: str | None
+    max_batch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+    """The objective by name and the values of every setting it declares (its defaults, or the
+    config's where set); l_max = L_MAX of the rewards (= sampling.max_response_len)."""
+
+    name: str
+    settings: dict
+    l_max: int
+    overlong_penalty: bool
+    dynamic_sampling: bool
+
+    @property
+    def objective(self) -> loss_lib.Objective:
+        return loss_lib.get_objective(self.name)
+
+    def advantages(self, correct, format_ok, lengths, budgets):
+        """(rewards, advantages), float32 [P, G] each, of bool / int arrays [P, G]."""
+        overlong = dict(max_len=self.l_max, cache_len=max(self.l_max // 8, 1)) if self.overlong_penalty else {}
+        return loss_lib.compute_advantages(self.objective, correct, format_ok, lengths, budgets,
+                                           **self.settings, **overlong)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """policy_loss settings; dual_clip None = off. loss_scale_tokens: Dr. GRPO's constant
+    divisor (token-sum-norm), None otherwise."""
+
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    kl_coef: float
+    aggregation: str
+    loss_scale_tokens: float | None = None
+
+    def kwargs(self) -> tuple:
+        """policy_loss keyword arguments as sorted (name, value) pairs (a static jit argument)."""
+        kw = dict(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
+                  kl_coef=self.kl_coef, aggregation=self.aggregation)
+        if self.loss_scale_tokens is not None:
+            kw["loss_scale_tokens"] = self.loss_scale_tokens
+        return tuple(sorted(kw.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+    learning_rate: float
+    schedule: str
+    warmup_steps: int
+    weight_decay: float
+    b1: float
+    b2: float
+    grad_clip: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """rows_per_minibatch = prompts_per_step / mini_batches x group sequences per optimizer update."""
+
+    steps: int
+    prompts_per_step: int
+    mini_batches: int
+    micro_batch_size: int
+    ppo_epochs: int
+    rows_per_minibatch: int
+    total_updates: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    max_consecutive_skips: int
+    recompute_old_logprobs: str
+    export_hf: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """Evaluation settings shared by every evaluation (before/after, periodic, launch/eval.py).
+
+    modes: rollout.ModeSpec per prompting mode; benchmarks: (kind, arg) pairs (empty: the task's
+    eval set); max_response_len: 0 = the sampling cap.
+    """
+
+    modes: tuple
+    benchmarks: tuple[tuple[str, str], ...]
+    every: int
+    before_after: bool
+    reuse_before: bool
+    temperature: float
+    top_p: float
+    samples: int
+    max_response_len: int
+    max_problems: int
+    batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    name: str
+    seed: int
+    sampling: SamplingSpec
+    objective: ObjectiveSpec
+    loss: LossSpec
+    optim: OptimSpec
+    train: TrainSpec
+    eval: EvalSpec
+    grading_workers: int
+    grading_timeout_s: float
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------- resolving
+
+def parse_benchmark(spec: str) -> tuple[str, str]:
+    """(kind, arg) of an eval.benchmarks entry ("KIND" or "KIND:ARG"); ConfigError when malformed."""
+    _require(isinstance(spec, str) and bool(spec.strip()),
+             f"eval.benchmarks: a benchmark must be a non-empty string, got {spec!r}.")
+    kind, _, arg = spec.strip().partition(":")
+    kind = _BENCHMARK_ALIASES.get(kind.lower(), kind.lower())
+    _require(kind in BENCHMARKS, f"eval.benchmarks: {spec!r} has unknown kind {kind!r}; one of {BENCHMARKS}.")
+    if kind in FILE_BENCHMARKS + ("rg",):
+        what = "a file path" if kind in FILE_BENCHMARKS else "a task name"
+        _require(bool(arg), f"eval.benchmarks: {spec!r}: {kind} needs {what} ({kind}:...).")
+    _require(not (kind == "tiny" and arg), f"eval.benchmarks: {spec!r}: tiny takes no argument.")
+    _require(not (kind == "champ" and arg and not arg.isdigit()),
+             f"eval.benchmarks: {spec!r}: champ takes a problem count (champ:N).")
+    return kind, arg
+
+
+def _sampling(config, objective: loss_lib.Objective) -> SamplingSpec:
+    r = config.rollout
+    mode = r.mode if r.get("mode") is not None else objective.prompting
+    _require(mode in rollout.MODES,
+             f"rollout.mode must be one of {rollout.MODES} (or None: the objective's), got {mode!r}.")
+    budgets = tuple(r.budgets)
+    _require(len(budgets) > 0, "rollout.budgets must not be empty.")
+    _require(all(isinstance(b, int) and b > 0 for b in budgets),
+             f"rollout.budgets must be positive integers, got {budgets}.")
+    _require(list(budgets) == sorted(set(budgets)), f"rollout.budgets must be strictly increasing, got {budgets}.")
+    _require(r.max_prompt_len > 0 and r.max_response_len > 0,
+             "rollout.max_prompt_len and rollout.max_response_len must be positive.")
+    _require(budgets[-1] < r.max_response_len,
+             f"rollout.budgets holds {budgets[-1]}, not below rollout.max_response_len (L_max = {r.max_response_len}).")
+    group = int(r.rollouts_per_prompt)
+    per_budget = mode == "budget"
+    _require(group >= 1, f"rollout.rollouts_per_prompt must be at least 1, got {group}.")
+    _require(not per_budget or (group >= len(budgets) and group % len(budgets) == 0),
+             f"rollout.rollouts_per_prompt ({group}) must be a positive multiple of the {len(budgets)} "
+             "budgets in rollout.budgets.")
+    _require(mode != "fixed" or len(budgets) == 1,
+             f"rollout.mode 'fixed' samples one budget; rollout.budgets holds {len(budgets)}.")
+    _require(r.temperature > 0, f"rollout.temperature must be positive for RL, got {r.temperature}.")
+    _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
+    _require(r.top_k >= 0, f"rollout.top_k must be ≥ 0 (0 = off), got {r.top_k}.")
+    _require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
+    return SamplingSpec(
+        mode=mode, budgets=budgets, group=group,
+        samples_per_budget=group // len(budgets) if per_budget else group,
+        max_prompt_len=int(r.max_prompt_len), max_response_len=int(r.max_response_len),
+        temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
+        prefix_in_response=bool(r.prefix_in_response), prefix_loss=bool(r.prefix_loss),
+        hard_budget_cap=bool(r.hard_budget_cap), system_prompt=r.system_prompt or None,
+        max_batch=int(r.max_batch))
+
+
+# config.objective key -> the setting name the reward / advantage functions use.
+OBJECTIVE_KEYS = {"beta": "beta", "reward_variant": "variant", "format_reward": "format_reward",
+                  "wrong_reward": "wrong_reward", "intra_weight": "intra_weight"}
+
+
+def _objective(config, objective: loss_lib.Objective, sampling: SamplingSpec) -> ObjectiveSpec:
+    o = config.objective
+    l_max = sampling.max_response_len if o.get("l_max") is None else int(o.l_max)
+    _require(l_max == sampling.max_response_len,
+             f"objective.l_max ({l_max}) must equal rollout.max_response_len ({sampling.max_response_len}); "
+             "leave it unset (None) to follow it.")
+    declared = objective.setting_names()
+    settings = {k: v for k, v in {**objective.reward_settings, **objective.advantage_settings}.items()}
+    if "l_max" in declared:
+        settings["l_max"] = l_max
+    for key, name in OBJECTIVE_KEYS.items():
+        value = o.get(key)
+        if value is None:
+            continue
+        _require(name in declared, f"objective.{key} does not apply to objective {objective.name!r} "
+                 f"(its settings: {sorted(declared)}); leave it unset.")
+        settings[name] = value
+    if "variant" in settings:
+        _require(settings["variant"] in loss_lib.REWARD_VARIANTS,
+                 f"objective.reward_variant must be one of {loss_lib.REWARD_VARIANTS}, got {settings['variant']!r}.")
+    if "beta" in settings:
+        _require(settings["beta"] > 0, f"objective.beta must be positive, got {settings['beta']}.")
+    return ObjectiveSpec(name=objective.name, settings=settings, l_max=l_max,
+                         overlong_penalty=objective.overlong_penalty,
+                         dynamic_sampling=objective.dynamic_sampling)
+
+
+def _loss(config, objective: loss_lib.Objective, sampling: SamplingSpec, rows_per_minibatch: int) -> LossSpec:
+    c = config.loss
+    pick = lambda key, default: default if c.get(key) is None else c.get(key)  # noqa: E731
+    clip_low, clip_high = float(pick("clip_low", objective.clip_low)), float(pick("clip_high", objective.clip_high))
+    dual = pick("dual_clip", objective.dual_clip)
+    dual = None if dual in (None, 0) else float(dual)
+    aggregation = pick("aggregation", objective.aggregation)
+    _require(0 <= clip_low < 1, f"loss.clip_low must be in [0, 1), got {clip_low}.")
+    _require(clip_high >= 0, f"loss.clip_high must be ≥ 0, got {clip_high}.")
+    _require(dual is None or dual > 1, f"loss.dual_clip must be > 1, or 0 for off, got {dual}.")
+    _require(c.kl_coef >= 0, f"loss.kl_coef must be ≥ 0, got {c.kl_coef}.")
+    _require(aggregation in loss_lib.AGGREGATIONS,
+             f"loss.aggregation must be one of {loss_lib.AGGREGATIONS}, got {aggregation!r}.")
+    scale = float(rows_per_minibatch * sampling.max_response_len) if aggregation == "token-sum-norm" else None
+    return LossSpec(clip_low, clip_high, dual, float(c.kl_coef), aggregation, scale)
+
+
+def _optim(config) -> OptimSpec:
+    o = config.optim
+    _require(o.learning_rate > 0, f"optim.learning_rate must be positive, got {o.learning_rate}.")
+    _require(o.schedule in trainer.SCHEDULES, f"optim.schedule must be one of {trainer.SCHEDULES}, got {o.schedule!r}.")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be ≥ 0, got {o.warmup_steps}.")
+    _require(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be positive or None, got {o.grad_clip}.")
+    return OptimSpec(float(o.learning_rate), o.schedule, int(o.warmup_steps), float(o.weight_decay),
+                     float(o.b1), float(o.b2), None if o.grad_clip is None else float(o.grad_clip))
+
+
+def _train(config, group: int) -> TrainSpec:
+    t = config.train
+    _require(t.steps >= 1, f"train.steps must be at least 1, got {t.steps}.")
+    _require(t.prompts_per_step >= 1, f"train.prompts_per_step must be at least 1, got {t.prompts_per_step}.")
+    _require(t.mini_batches >= 1 and t.prompts_per_step % t.mini_batches == 0,
+             f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by train.mini_batches ({t.mini_batches}).")
+    rows = t.prompts_per_step // t.mini_batches * group
+    _require(t.micro_batch_size >= 1 and rows % t.micro_batch_size == 0,
+             f"train.micro_batch_size ({t.micro_batch_size}) must divide the {rows} sequences of a mini-batch.")
+    _require(t.ppo_epochs >= 1, f"train.ppo_epochs must be at least 1, got {t.ppo_epochs}.")
+    _require(t.recompute_old_logprobs in ("auto", "always", "never"),
+             f"train.recompute_old_logprobs must be 'auto', 'always' or 'never', got {t.recompute_old_logprobs!r}.")
+    return TrainSpec(
+        steps=int(t.steps), prompts_per_step=int(t.prompts_per_step), mini_batches=int(t.mini_batches),
+        micro_batch_size=int(t.micro_batch_size), ppo_epochs=int(t.ppo_epochs), rows_per_minibatch=rows,
+        total_updates=int(t.steps * t.mini_batches * t.ppo_epochs), log_every=int(t.log_every),
+        checkpoint_every=int(t.checkpoint_every), keep_checkpoints=int(t.keep_checkpoints),
+        max_consecutive_skips=int(t.max_consecutive_skips),
+        recompute_old_logprobs=t.recompute_old_logprobs, export_hf=bool(t.export_hf))
+
+
+def resolve_eval(config) -> EvalSpec:
+    """The eval section alone (launch/eval.py needs no training keys)."""
+    e = config.eval
+    _require(e.every >= 0, f"eval.every must be ≥ 0 (0 = off), got {e.every}.")
+    _require(e.samples >= 1, f"eval.samples must be at least 1, got {e.samples}.")
+    _require(e.temperature >= 0, f"eval.temperature must be ≥ 0 (0 = greedy), got {e.temperature}.")
+    _require(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}.")
+    _require(e.max_response_len >= 0, f"eval.max_response_len must be ≥ 0, got {e.max_response_len}.")
+    _require(e.max_problems >= 0, f"eval.max_problems must be ≥ 0 (0 = all), got {e.max_problems}.")
+    _require(e.batch_size >= 1, f"eval.batch_size must be at least 1, got {e.batch_size}.")
+    try:
+        modes = tuple(rollout.parse_modes(tuple(e.modes), tuple(config.rollout.budgets)))
+    except ValueError as err:
+        raise ConfigError(f"eval.modes: {err}") from None
+    benchmarks = tuple(parse_benchmark(s) for s in tuple(e.benchmarks))
+    task = config.task.get("name", "")
+    _require(task in TASKS, f"task.name must be one of {TASKS}, got {task!r}.")
+    _require(e.every == 0 or benchmarks or task == "arithmetic",
+             "eval.every > 0 needs eval.benchmarks (or a task with an eval set, task.name).")
+    return EvalSpec(
+        modes=modes, benchmarks=benchmarks, every=int(e.every), before_after=bool(e.before_after),
+        reuse_before=bool(e.reuse_before), temperature=float(e.temperature), top_p=float(e.top_p),
+        samples=int(e.samples), max_response_len=int(e.max_response_len),
+        max_problems=int(e.max_problems), batch_size=int(e.batch_size))
+
+
+def _check_task(config, budgets: tuple[int, ...]) -> None:
+    t = config.task
+    sft_budgets = tuple(t.get("sft_budgets", ()))
+    _require(all(isinstance(b, int) and b > 0 for b in sft_budgets),
+             f"task.sft_budgets must be positive integers, got {sft_budgets}.")
+    prior = t.get("sft_budget_prior", 0.0)
+    _require(0.0 <= prior <= 1.0, f"task.sft_budget_prior must be in [0, 1], got {prior}.")
+    scales = tuple(t.get("sft_budget_scales", ()))
+    if scales and t.get("name", "") == "arithmetic":  # only the synthetic task reads them
+        n = len(set(sft_budgets or budgets))
+        _require(len(scales) == n and all(0.0 <= x <= 1.0 for x in scales),
+                 f"task.sft_budget_scales needs one scale in [0, 1] per budget ({n}), got {scales}.")
+
+
+def _check_mesh(config, rows_per_step: int, micro_batch_size: int, num_devices: int | None) -> None:
+    m = config.mesh
+    _require(len(tuple(m.shape)) == len(tuple(m.axes)),
+             f"mesh.shape {tuple(m.shape)} and mesh.axes {tuple(m.axes)} must have the same length.")
+    if num_devices is None:
+        import jax
+        num_devices = jax.device_count()
+    try:
+        shape = sharding.resolve_mesh_shape(tuple(m.shape), num_devices)
+    except sharding.MeshError as e:
+        raise ConfigError(str(e)) from None
+    batch_axes = dict(sharding.rules_from_config(m)).get("batch", ())
+    ways = math.prod(s for s, a in zip(shape, m.axes) if a in batch_axes)
+    _require(rows_per_step % ways == 0 and micro_batch_size % ways == 0,
+             f"train.micro_batch_size ({micro_batch_size}) and the {rows_per_step} rollouts per step must be "
+             f"divisible by the {ways} data-parallel ways of mesh.shape {shape}.")
+
+
+def resolve(config, num_devices: int | None = None) -> RunSpec:
+    """Validates `config` and resolves it into a RunSpec (ConfigError naming the key otherwise).
+
+    num_devices: the devices the mesh must cover (default: jax.device_count()).
+    """
+    from hbpo_jax import config as config_lib  # the model section's checks
+
+    if config.model_path == "" or "vocab_size" in config.model:
+        config_lib.model_config(config)  # with a model_path, config.json is checked when it is read
+    name = config.objective.name
+    _require(name in loss_lib.OBJECTIVES,
+             f"objective.name must be one of {sorted(loss_lib.OBJECTIVES)}, got {name!r}.")
+    objective = loss_lib.get_objective(name)
+    sampling = _sampling(config, objective)
+    train = _train(config, sampling.group)
+    _check_task(config, sampling.budgets)
+    _check_mesh(config, train.prompts_per_step * sampling.group, train.micro_batch_size, num_devices)
+    g = config.grading
+    _require(g.workers >= 0, f"grading.workers must be ≥ 0 (0 = in this process), got {g.workers}.")
+    _require(g.timeout_s > 0, f"grading.timeout_s must be positive, got {g.timeout_s}.")
+    return RunSpec(
+        name=config.name, seed=int(config.seed), sampling=sampling,
+        objective=_objective(config, objective, sampling),
+        loss=_loss(config, objective, sampling, train.rows_per_minibatch), optim=_optim(config),
+        train=train, eval=resolve_eval(config), grading_workers=int(g.workers),
+        grading_timeout_s=float(g.timeout_s))
+
+
+def as_dict(spec: Any) -> dict:
+    """A spec (or any part) as plain JSON-ready values."""
+    return json.loads(json.dumps(dataclasses.asdict(spec), default=str))
