@@ -135,10 +135,11 @@ class TrainSpec:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
-    """Evaluation settings shared by every evaluation (before/after, periodic, launch/eval.py).
+    """Everything an evaluation needs (before/after, periodic, launch/eval.py, ablations).
 
     modes: rollout.ModeSpec per prompting mode; benchmarks: (kind, arg) pairs (empty: the task's
-    eval set); max_response_len: 0 = the sampling cap.
+    eval set, "tiny"); max_response_len: eval.max_response_len, or the rollout cap when 0;
+    system_prompt / prefix_in_response / max_prompt_len / max_batch: as in training rollouts.
     """
 
     modes: tuple
@@ -152,6 +153,13 @@ class EvalSpec:
     max_response_len: int
     max_problems: int
     batch_size: int
+    max_prompt_len: int
+    max_batch: int
+    system_prompt: str | None
+    prefix_in_response: bool
+    grading_workers: int
+    grading_timeout_s: float
+    seed: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,8 +314,9 @@ def _train(config, group: int) -> TrainSpec:
 
 
 def resolve_eval(config) -> EvalSpec:
-    """The eval section alone (launch/eval.py needs no training keys)."""
-    e = config.eval
+    """The eval section with the rollout and grading values it uses (launch/eval.py needs no
+    training keys)."""
+    e, r, g = config.eval, config.rollout, config.grading
     _require(e.every >= 0, f"eval.every must be ≥ 0 (0 = off), got {e.every}.")
     _require(e.samples >= 1, f"eval.samples must be at least 1, got {e.samples}.")
     _require(e.temperature >= 0, f"eval.temperature must be ≥ 0 (0 = greedy), got {e.temperature}.")
@@ -315,8 +324,13 @@ def resolve_eval(config) -> EvalSpec:
     _require(e.max_response_len >= 0, f"eval.max_response_len must be ≥ 0, got {e.max_response_len}.")
     _require(e.max_problems >= 0, f"eval.max_problems must be ≥ 0 (0 = all), got {e.max_problems}.")
     _require(e.batch_size >= 1, f"eval.batch_size must be at least 1, got {e.batch_size}.")
+    _require(r.max_prompt_len > 0 and r.max_response_len > 0,
+             "rollout.max_prompt_len and rollout.max_response_len must be positive.")
+    _require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
+    _require(g.workers >= 0, f"grading.workers must be ≥ 0 (0 = in this process), got {g.workers}.")
+    _require(g.timeout_s > 0, f"grading.timeout_s must be positive, got {g.timeout_s}.")
     try:
-        modes = tuple(rollout.parse_modes(tuple(e.modes), tuple(config.rollout.budgets)))
+        modes = tuple(rollout.parse_modes(tuple(e.modes), tuple(r.budgets)))
     except ValueError as err:
         raise ConfigError(f"eval.modes: {err}") from None
     benchmarks = tuple(parse_benchmark(s) for s in tuple(e.benchmarks))
@@ -327,8 +341,11 @@ def resolve_eval(config) -> EvalSpec:
     return EvalSpec(
         modes=modes, benchmarks=benchmarks, every=int(e.every), before_after=bool(e.before_after),
         reuse_before=bool(e.reuse_before), temperature=float(e.temperature), top_p=float(e.top_p),
-        samples=int(e.samples), max_response_len=int(e.max_response_len),
-        max_problems=int(e.max_problems), batch_size=int(e.batch_size))
+        samples=int(e.samples), max_response_len=int(e.max_response_len or r.max_response_len),
+        max_problems=int(e.max_problems), batch_size=int(e.batch_size),
+        max_prompt_len=int(r.max_prompt_len), max_batch=int(r.max_batch),
+        system_prompt=r.system_prompt or None, prefix_in_response=bool(r.prefix_in_response),
+        grading_workers=int(g.workers), grading_timeout_s=float(g.timeout_s), seed=int(config.seed))
 
 
 def _check_task(config, budgets: tuple[int, ...]) -> None:
@@ -380,15 +397,13 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
     train = _train(config, sampling.group)
     _check_task(config, sampling.budgets)
     _check_mesh(config, train.prompts_per_step * sampling.group, train.micro_batch_size, num_devices)
-    g = config.grading
-    _require(g.workers >= 0, f"grading.workers must be ≥ 0 (0 = in this process), got {g.workers}.")
-    _require(g.timeout_s > 0, f"grading.timeout_s must be positive, got {g.timeout_s}.")
+    evaluation = resolve_eval(config)
     return RunSpec(
         name=config.name, seed=int(config.seed), sampling=sampling,
         objective=_objective(config, objective, sampling),
         loss=_loss(config, objective, sampling, train.rows_per_minibatch), optim=_optim(config),
-        train=train, eval=resolve_eval(config), grading_workers=int(g.workers),
-        grading_timeout_s=float(g.timeout_s))
+        train=train, eval=evaluation, grading_workers=evaluation.grading_workers,
+        grading_timeout_s=evaluation.grading_timeout_s)
 
 
 def as_dict(spec: Any) -> dict:
