@@ -1,4 +1,5 @@
-"""HBPO on DeepSeek-R1-Distill-Qwen-1.5B: the paper's setup (../shared/HBPO.md, Training setup).
+"""HBPO on DeepSeek-R1-Distill-Qwen-1.5B: the paper's setup (Lyu et al. 2025, "Hierarchical Budget
+Policy Optimization for Adaptive Reasoning", arXiv:2507.15844, training setup).
 
     python launch/train.py --config=configs/qwen1_5b.py \
         --config.model_path=/data/DeepSeek-R1-Distill-Qwen-1.5B \
@@ -35,7 +36,6 @@ def get_config(arg: str | None = None):
     r.max_batch = 256  # 1,024 rollouts sampled 256 at a time: ~37 GB of bf16 KV cache per call
 
     config.objective.name = "hbpo"
-    config.objective.l_max = 4096
 
     t = config.train
     t.steps = 629  # one epoch of DeepScaleR-Preview at 64 prompts per step

@@ -34,7 +34,7 @@ def find_config(path: str) -> str:
 
 def define_config(default: str, help_text: str) -> None:
     """--config (an ml_collections config file with `get_config(arg)`, `file.py:arg` for an arg)."""
-    config_flags.DEFINE_config_file("config", default, help_text, lock_config=False)
+    config_flags.DEFINE_config_file("config", find_config(default), help_text)
 
 
 def run(main: Callable[[list], None]) -> None:

@@ -1,6 +1,6 @@
 """Answer extraction and grading for math RL rewards; model output is hostile input.
 
-Pipeline per response (HBPO.md "Answer checking"):
+Pipeline per response:
   1. `extract_answer`: text after the first `</think>`, last `\\boxed{}` / `\\fbox{}` in it.
      Linear time (one regex scan + one brace scan), no recursion. Missing -> format error.
   2. `cheap_match` (in the calling process, bounded: answers over MAX_ANSWER_CHARS only get an
@@ -10,8 +10,8 @@ Pipeline per response (HBPO.md "Answer checking"):
   3. `symbolic_match` (math-verify / sympy): can be slow or hang (a big-int power runs in C,
      where no signal can interrupt it), so it runs only where a timeout can stop it: in worker
      processes that the parent kills when late (`grade_batch`), or under a SIGALRM timer in the
-     main thread (`grade`, `grade_batch(workers=0)`). `symbolic_safe` first refuses power
-     towers and huge exponents. The worker processes are hbpo_jax.grading_pool's.
+     main thread (`grade`, `grade_batch(workers=0)`); both are hbpo_jax.grading_pool's.
+     `symbolic_safe` first refuses power towers and huge exponents.
 
 Normalisation choices (what a careful human grader accepts), see `normalize`:
   - spacing (`\\!`, `\\,`, `\\;`, `\\quad`, `~`, whitespace), `$`, `\\left`/`\\right`, `\\displaystyle`
@@ -32,18 +32,16 @@ Normalisation choices (what a careful human grader accepts), see `normalize`:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import re
-import signal
-import threading
 import time
 from fractions import Fraction
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from hbpo_jax import grading_pool
+from hbpo_jax.grading_pool import symbolic_match, symbolic_with_alarm
 
 __all__ = [
     "GradeResult", "extract_answer", "normalize", "cheap_match", "symbolic_safe",
@@ -287,7 +285,7 @@ def cheap_match(pred: str, truth: str) -> bool | None:
 
 
 # ----------------------------------------------------------------------------------------
-# Symbolic comparison (only where a timeout can stop it).
+# The guard in front of symbolic comparison (which grading_pool bounds in time).
 
 _POWER = re.compile(r"\^|\*\*")
 _EXP_TOKEN = re.compile(r"[+-]?\d+|\\[a-zA-Z]+|.", re.DOTALL)
@@ -325,58 +323,6 @@ def symbolic_safe(ans: str) -> bool:
         if rest.startswith("^") or rest.startswith("**"):
             return False
     return True
-
-
-def symbolic_match(pred: str, truth: str) -> bool:
-    """math-verify equivalence of two short answers. No timeout of its own: run it in a worker
-    process or under `_alarm` (math-verify's own alarms would cancel ours, so they are off)."""
-    import math_verify  # imported lazily: heavy (sympy) and only needed here
-
-    # Its "timeout is disabled" warning is wrong here: our caller provides the timeout.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-
-    gold = math_verify.parse("$\\boxed{" + truth + "}$", parsing_timeout=None)
-    target = math_verify.parse("$\\boxed{" + pred + "}$", parsing_timeout=None)
-    if not gold or not target:
-        return False
-    return bool(math_verify.verify(gold, target, timeout_seconds=None))
-
-
-class GradingTimeout(BaseException):
-    """Raised by the alarm; a BaseException so library `except Exception` blocks can't eat it."""
-
-
-@contextlib.contextmanager
-def _alarm(seconds: float) -> Iterator[None]:
-    """Raise GradingTimeout in the main thread after `seconds` (POSIX SIGALRM timer)."""
-    def on_alarm(signum, frame):
-        raise GradingTimeout()
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def _can_alarm() -> bool:
-    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-
-
-def symbolic_with_alarm(pred: str, truth: str, timeout_s: float) -> tuple[bool, str]:
-    """symbolic_match under a SIGALRM timer: (correct, status), status "ok", "timeout", "error"
-    (malformed input) or "skipped" (not the main thread: no timer). A hang in C outlasts it."""
-    if not _can_alarm():
-        return False, "skipped"
-    try:
-        with _alarm(timeout_s):
-            return symbolic_match(pred, truth), "ok"
-    except GradingTimeout:
-        return False, "timeout"
-    except Exception:  # malformed LaTeX etc.: a wrong answer, not a crash
-        return False, "error"
 
 
 def _cheap_stage(extracted: str | None, truth: str) -> GradeResult | None:

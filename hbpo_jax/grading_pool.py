@@ -1,11 +1,13 @@
-"""Worker processes for grading's symbolic step: a hang in C code (a big-int power inside sympy)
-cannot be interrupted by a signal, only by killing the process it runs in.
+"""Grading's symbolic step, bounded in time: math-verify under a SIGALRM timer in the main thread
+(`symbolic_with_alarm`), or in worker processes killed when late (`GradingPool`). A hang in C code
+(a big-int power inside sympy) cannot be interrupted by a signal, only by killing the process it
+runs in.
 
 Workers are plain `python -c` subprocesses speaking JSON lines over stdin/stdout, not
 multiprocessing children: spawn/forkserver children re-import the caller's __main__ (a training
 script would import jax again in every replacement worker), fork is unsafe once jax runs threads,
 and JSON keeps pickle out of the path of untrusted text. Each worker runs
-`grading.symbolic_with_alarm` on one (pred, truth) pair at a time; the parent kills a worker that
+`symbolic_with_alarm` on one (pred, truth) pair at a time; the parent kills a worker that
 is late and starts another.
 """
 
@@ -16,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import logging
 import multiprocessing.connection as mp_connection
 import os
 import signal
@@ -23,10 +26,63 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 _SLACK_S = 0.5              # parent-side grace beyond timeout_s before killing a worker
 _STARTUP_TIMEOUT_S = 60.0   # a worker that cannot import math-verify in this long is dead
+
+
+def symbolic_match(pred: str, truth: str) -> bool:
+    """math-verify equivalence of two short answers. No timeout of its own: run it in a worker
+    process or under `_alarm` (math-verify's own alarms would cancel ours, so they are off)."""
+    import math_verify  # imported lazily: heavy (sympy) and only needed here
+
+    # Its "timeout is disabled" warning is wrong here: our caller provides the timeout.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+    gold = math_verify.parse("$\\boxed{" + truth + "}$", parsing_timeout=None)
+    target = math_verify.parse("$\\boxed{" + pred + "}$", parsing_timeout=None)
+    if not gold or not target:
+        return False
+    return bool(math_verify.verify(gold, target, timeout_seconds=None))
+
+
+class GradingTimeout(BaseException):
+    """Raised by the alarm; a BaseException so library `except Exception` blocks can't eat it."""
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Raise GradingTimeout in the main thread after `seconds` (POSIX SIGALRM timer)."""
+    def on_alarm(signum, frame):
+        raise GradingTimeout()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _can_alarm() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+def symbolic_with_alarm(pred: str, truth: str, timeout_s: float) -> tuple[bool, str]:
+    """symbolic_match under a SIGALRM timer: (correct, status), status "ok", "timeout", "error"
+    (malformed input) or "skipped" (not the main thread: no timer). A hang in C outlasts it."""
+    if not _can_alarm():
+        return False, "skipped"
+    try:
+        with _alarm(timeout_s):
+            return symbolic_match(pred, truth), "ok"
+    except GradingTimeout:
+        return False, "timeout"
+    except Exception:  # malformed LaTeX etc.: a wrong answer, not a crash
+        return False, "error"
+
 
 
 def _worker_stdio() -> None:
@@ -39,7 +95,6 @@ def _worker_stdio() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
     except (ImportError, ValueError, OSError):
         pass
-    from hbpo_jax.grading import symbolic_with_alarm  # not at the top: grading imports this module
     symbolic_with_alarm("1", "1", 30.0)  # warm math-verify's lazy imports before "ready"
     out.write(b'{"ready": true}\n')
     for line in sys.stdin.buffer:

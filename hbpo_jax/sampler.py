@@ -9,7 +9,11 @@ Shapes: B = rows, P = (bucketed) prompt length, N = max_new_tokens (static), V =
   own limit), so a batch of short answers does not pay for the static cap N.
 * Log-probabilities are those of the sampled token under the FULL temperature-scaled softmax,
   log_softmax(logits / T), not the top-p / top-k truncated and renormalised one: that is the
-  policy the loss differentiates (HBPO.md). Greedy decoding (T = 0) reports log_softmax(logits).
+  policy whose probability ratios the clipped loss takes (arXiv 2507.15844). Greedy decoding
+  (T = 0) reports log_softmax(logits).
+* `Sampler` owns the jitted prefill and decode loop of one model structure and one set of static
+  settings (`SamplerSettings`); `generate` is a function over a per-process cache of Samplers, so
+  repeated calls with the same settings compile once.
 * Randomness: step s draws with `fold_in(key, s)`; the same key gives the same tokens, and a row's
   tokens do not depend on the other rows of the batch.
 """
@@ -23,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hbpo_jax import sharding as shd
 from hbpo_jax.models.qwen2 import KVCache
@@ -125,73 +129,215 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 1.0, t
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-# ----------------------------------------------------------------------------- jitted core
+# ----------------------------------------------------------------------------- the sampler
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class SamplerSettings:
+    """The static settings one compilation serves (hashable: a Sampler cache key).
+
+    max_new_tokens: the static cap N; eos_ids: token ids that end a row (kept, counted in its
+    length); pad_id: fills after the stop; temperature (0 -> greedy), top_p (1 -> off), top_k
+    (0 -> off); prompt_bucket: see bucket_length; cache_dtype: KV cache dtype (None: the model's
+    compute dtype). Raises ValueError on an impossible value.
+    """
+
     max_new_tokens: int
-    eos_ids: tuple[int, ...]
-    pad_id: int
-    temperature: float
-    top_p: float
-    top_k: int
-    cache_dtype: Any
-    mesh: Mesh | None
-    rules: tuple
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    prompt_bucket: str | int | None = "pow2"
+    cache_dtype: Any = None
+
+    def __post_init__(self):
+        # Normalised so that equal settings given as lists / numpy numbers hash alike.
+        norm = dict(max_new_tokens=int(self.max_new_tokens), eos_ids=tuple(int(i) for i in self.eos_ids),
+                    pad_id=int(self.pad_id), temperature=float(self.temperature), top_p=float(self.top_p),
+                    top_k=int(self.top_k),
+                    cache_dtype=None if self.cache_dtype is None else jnp.dtype(self.cache_dtype))
+        for name, value in norm.items():
+            object.__setattr__(self, name, value)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"need temperature ≥ 0, 0 < top_p ≤ 1 and top_k ≥ 0; got temperature="
+                             f"{self.temperature}, top_p={self.top_p}, top_k={self.top_k}.")
+        bucket_length(1, self.prompt_bucket)  # raises on an unknown bucket
 
 
-def _cache_shardings(cfg, st: _Static, batch: int, max_len: int):
-    if st.mesh is None:
-        return None
-    kv_shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    kv = NamedSharding(st.mesh, shd.logical_to_spec(("batch", "cache_seq", "kv_heads", "head_dim"),
-                                                    st.rules, st.mesh, kv_shape))
-    valid = NamedSharding(st.mesh, shd.logical_to_spec(("batch", "cache_seq"), st.rules, st.mesh,
-                                                       (batch, max_len)))
-    rep = NamedSharding(st.mesh, jax.sharding.PartitionSpec())
-    layers = cfg.num_layers
-    return KVCache(keys=(kv,) * layers, values=(kv,) * layers, valid=valid, index=rep)
+class SamplerInputs(NamedTuple):
+    """One batch, padded to the prompt bucket and placed on the mesh (Sampler.prepare).
+    prompt_ids, prompt_mask: int32 [B, P]; prompt_lens, limits: int32 [B]; key: a PRNG key."""
+
+    prompt_ids: Any
+    prompt_mask: Any
+    prompt_lens: Any
+    limits: Any
+    key: Any
 
 
 def _constrain(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
 
-class _Fns(NamedTuple):
-    prefill: Any
-    decode: Any
+class Sampler:
+    """Sampling for one model structure (an NNX graphdef) and one SamplerSettings.
 
+    Owns the jitted `prefill` and `decode` (one trace per input shape) and the cache factory; the
+    parameters are an argument of every call, so one Sampler serves a policy whose weights change
+    every step. With a mesh, the batch is split over the `batch` rule and the cache's kv heads
+    over `kv_heads` (rules default to hbpo_jax.sharding.DEFAULT_RULES); give the mesh the
+    parameters live on.
 
-_FNS: dict = {}
+        smp = Sampler(graphdef, cfg, SamplerSettings(max_new_tokens=64))
+        out = smp(params, prompt_ids, prompt_mask, key=key)          # one call, or in two halves:
+        inputs = smp.prepare(prompt_ids, prompt_mask, key=key)
+        logits, cache = smp.prefill(params, smp.new_cache(*inputs.prompt_ids.shape), inputs)
+        out, cache = smp.decode(params, cache, logits, inputs)
+    """
 
+    def __init__(self, graphdef, cfg, settings: SamplerSettings, *, mesh: Mesh | None = None, rules=None):
+        self.graphdef, self.cfg, self.settings, self.mesh = graphdef, cfg, settings, mesh
+        self.rules = shd.normalize_rules(rules) if mesh is not None else ()
+        self.cache_dtype = jnp.dtype(settings.cache_dtype or cfg.compute_dtype)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+        self._cache_fns: dict = {}
 
-def _functions(graphdef, st: _Static) -> _Fns:
-    """The jitted (prefill, decode) for one model structure and static settings."""
-    cached = _FNS.get((graphdef, st))
-    if cached is not None:
-        return cached
-    n_new = st.max_new_tokens
-    eos = np.asarray(st.eos_ids if st.eos_ids else (-1,), np.int32)
+    # -- shapes and placement
+    def prompt_width(self, prompt_len: int) -> int:
+        """P: the width a batch of prompts of up to `prompt_len` tokens is padded to."""
+        return bucket_length(prompt_len, self.settings.prompt_bucket)
 
-    def prefill(state, cache, prompt_ids, prompt_mask):
-        """-> (last-token logits float32 [B, V], filled cache)."""
+    def cache_length(self, prompt_width: int) -> int:
+        """Slots per row of the preallocated cache: the prompt width P plus N."""
+        return int(prompt_width) + self.settings.max_new_tokens
+
+    def cache_shardings(self, batch: int, prompt_width: int) -> KVCache | None:
+        """NamedShardings of the cache [B, P + N, K, D] per layer (None without a mesh)."""
+        if self.mesh is None:
+            return None
+        length = self.cache_length(prompt_width)
+        kv_shape = (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
+        kv = self._sharding(("batch", "cache_seq", "kv_heads", "head_dim"), kv_shape)
+        valid = self._sharding(("batch", "cache_seq"), (batch, length))
+        layers = self.cfg.num_layers
+        return KVCache(keys=(kv,) * layers, values=(kv,) * layers, valid=valid, index=self._replicated())
+
+    def new_cache(self, batch: int, prompt_width: int) -> KVCache:
+        """A zeroed cache for `batch` rows of prompts `prompt_width` wide, created on device (sharded
+        per the rules): prefill and decode donate it."""
+        key = (int(batch), int(prompt_width))
+        fn = self._cache_fns.get(key)
+        if fn is None:
+            length = self.cache_length(prompt_width)
+
+            def init():
+                TRACE_COUNTS["init_cache"] += 1
+                return KVCache.init(self.cfg, key[0], length, self.cache_dtype)
+            fn = self._cache_fns[key] = jax.jit(init, out_shardings=self.cache_shardings(*key))
+        return fn()
+
+    def prepare(self, prompt_ids, prompt_mask=None, *, key: jax.Array, limits=None) -> SamplerInputs:
+        """Checks a batch, pads it on the left to the prompt bucket and places it on the mesh.
+
+        prompt_ids: int [B, P0], LEFT-padded (see pad_prompts), ≥ 1 real token a row; prompt_mask:
+        [B, P0], 1 on real tokens (default all ones); limits: int [B] per-row caps on new tokens
+        (clipped to [0, N] in the loop; default N). numpy or jax arrays (jax stays on device).
+        """
+        st = self.settings
+        xp = jnp if isinstance(prompt_ids, jax.Array) else np
+        prompt_ids = xp.asarray(prompt_ids).astype(xp.int32)
+        if prompt_ids.ndim != 2:
+            raise ValueError(f"prompt_ids must be [B, P], got shape {prompt_ids.shape}.")
+        b, p = prompt_ids.shape
+        mask = xp.ones((b, p), xp.int32) if prompt_mask is None else xp.asarray(prompt_mask).astype(xp.int32)
+        width = self.prompt_width(p)
+        if width != p:
+            prompt_ids = xp.pad(prompt_ids, ((0, 0), (width - p, 0)), constant_values=st.pad_id)
+            mask = xp.pad(mask, ((0, 0), (width - p, 0)))
+        lens = mask.sum(axis=1).astype(xp.int32)
+        limits = xp.full((b,), st.max_new_tokens, xp.int32) if limits is None else xp.asarray(limits).astype(xp.int32)
+        if limits.shape != (b,):
+            raise ValueError(f"limits must be int [B] = [{b}], got shape {limits.shape}.")
+        if self.mesh is None:
+            return SamplerInputs(prompt_ids, mask, lens, limits, key)
+        rows = [jax.device_put(x, self._rows(x.shape)) for x in (prompt_ids, mask, lens, limits)]
+        return SamplerInputs(*rows, shd.put(key, self._replicated()))  # shd.put: multi-process keys too
+
+    # -- the jitted halves
+    def prefill(self, params, cache: KVCache, inputs: SamplerInputs):
+        """The prompt through the model -> (last-token logits float32 [B, V], filled cache).
+        `cache` (new_cache(B, P)) is donated."""
+        return self._prefill(params, cache, inputs.prompt_ids, inputs.prompt_mask)
+
+    def decode(self, params, cache: KVCache, logits, inputs: SamplerInputs):
+        """The decode loop after prefill -> (SamplerOutput, cache). `cache` is donated."""
+        return self._decode(params, cache, logits, inputs.prompt_lens, inputs.limits, inputs.key)
+
+    def __call__(self, params, prompt_ids, prompt_mask=None, *, key: jax.Array, limits=None) -> SamplerOutput:
+        """prepare + prefill + decode: SamplerOutput as device arrays (see `generate`)."""
+        inputs = self.prepare(prompt_ids, prompt_mask, key=key, limits=limits)
+        cache = self.new_cache(*inputs.prompt_ids.shape)
+        logits, cache = self.prefill(params, cache, inputs)
+        out, cache = self.decode(params, cache, logits, inputs)
+        del cache  # donated through both calls; nothing else holds it
+        return out
+
+    # -- ahead of time
+    def abstract_inputs(self, batch: int, prompt_width: int) -> tuple[KVCache, SamplerInputs]:
+        """ShapeDtypeStructs (with the shardings prepare / new_cache give) of a cache and a batch."""
+        cache = jax.eval_shape(lambda: KVCache.init(self.cfg, batch, self.cache_length(prompt_width),
+                                                    self.cache_dtype))
+        shardings = self.cache_shardings(batch, prompt_width)
+        if shardings is not None:
+            cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache, shardings)
+        rows = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._rows(shape))  # noqa: E731
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self._replicated())
+        w = int(prompt_width)
+        return cache, SamplerInputs(rows((batch, w)), rows((batch, w)), rows((batch,)), rows((batch,)), key)
+
+    def lower(self, params, batch: int, prompt_len: int):
+        """(prefill, decode) lowered for `batch` rows of prompts up to `prompt_len` tokens (padded
+        to the bucket), without running anything. params: arrays or ShapeDtypeStructs carrying
+        shardings (nothing is allocated). `.compile().memory_analysis()` gives XLA's plan."""
+        cache, inputs = self.abstract_inputs(batch, self.prompt_width(prompt_len))
+        prefill = self._prefill.lower(params, cache, inputs.prompt_ids, inputs.prompt_mask)
+        logits = jax.ShapeDtypeStruct((batch, self.cfg.vocab_size), jnp.float32,
+                                      sharding=self._rows((batch, self.cfg.vocab_size)))
+        decode = self._decode.lower(params, cache, logits, inputs.prompt_lens, inputs.limits, inputs.key)
+        return prefill, decode
+
+    # -- internals
+    def _sharding(self, logical, shape):
+        return NamedSharding(self.mesh, shd.logical_to_spec(logical, self.rules, self.mesh, shape))
+
+    def _rows(self, shape):
+        return None if self.mesh is None else shd.batch_sharding(self.mesh, self.rules, len(shape), shape)
+
+    def _replicated(self):
+        return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+
+    def _prefill_fn(self, params, cache, prompt_ids, prompt_mask):
         TRACE_COUNTS["prefill"] += 1
-        model = nnx.merge(graphdef, state)
-        shardings = _cache_shardings(model.cfg, st, *cache.valid.shape)
+        model = nnx.merge(self.graphdef, params)
+        shardings = self.cache_shardings(cache.valid.shape[0], cache.valid.shape[1] - self.settings.max_new_tokens)
         hidden, cache = model.forward(prompt_ids, None, prompt_mask, cache, return_hidden=True)
         return model.logits(hidden[:, -1]), _constrain(cache, shardings)
 
-    def decode(state, cache, logits, prompt_lens, limits, key):
+    def _decode_fn(self, params, cache, logits, prompt_lens, limits, key):
         """logits: float32 [B, V] after the prompt; prompt_lens, limits: int32 [B]."""
         TRACE_COUNTS["decode"] += 1
-        model = nnx.merge(graphdef, state)
+        st, n_new = self.settings, self.settings.max_new_tokens
+        model = nnx.merge(self.graphdef, params)
         b = logits.shape[0]
-        shardings = _cache_shardings(model.cfg, st, *cache.valid.shape)
+        shardings = self.cache_shardings(b, cache.valid.shape[1] - n_new)
+        eos = np.asarray(st.eos_ids or (-1,), np.int32)
         limits = jnp.clip(limits, 0, n_new)
 
         def pick(step, logits, done, tokens_buf, logp_buf, reason, lengths):
-            tok, lp = sample_logits(logits, jax.random.fold_in(key, step), st.temperature, st.top_p,
-                                    st.top_k)
+            tok, lp = sample_logits(logits, jax.random.fold_in(key, step), st.temperature, st.top_p, st.top_k)
             tok = jnp.where(done, st.pad_id, tok)
             lp = jnp.where(done, 0.0, lp)
             tokens_buf = jax.lax.dynamic_update_slice(tokens_buf, tok[:, None], (0, step))
@@ -227,40 +373,38 @@ def _functions(graphdef, st: _Static) -> _Fns:
         steps, cache, _, _, tokens_buf, logp_buf, reason, lengths = jax.lax.while_loop(cond, body, carry)
         return SamplerOutput(tokens_buf, logp_buf, lengths, reason, steps), cache
 
-    fns = _Fns(
-        prefill=jax.jit(prefill, donate_argnums=(1,)),
-        decode=jax.jit(decode, donate_argnums=(1,)),
-    )
-    _FNS[(graphdef, st)] = fns
-    return fns
-
 
 # ----------------------------------------------------------------------------- public entry point
 
-def _init_cache(cfg, st: _Static, batch: int, max_len: int) -> KVCache:
-    """A zeroed cache [B, S, K, D] per layer, created on device (sharded per the rules)."""
-    k = ("init_cache", cfg, st, batch, max_len)
-    fn = _FNS.get(k)
-    if fn is None:
-        def init():
-            TRACE_COUNTS["init_cache"] += 1
-            return KVCache.init(cfg, batch, max_len, st.cache_dtype)
-        fn = _FNS[k] = jax.jit(init, out_shardings=_cache_shardings(cfg, st, batch, max_len))
-    return fn()
+_SAMPLERS: dict = {}
 
 
-def _split(model_or_pair):
+def split_model(model_or_pair) -> tuple[Any, Any]:
+    """(graphdef, state) of a Qwen2 NNX model, or the pair itself."""
     if isinstance(model_or_pair, nnx.Module):
         return nnx.split(model_or_pair)
     graphdef, state = model_or_pair
     return graphdef, state
 
 
+def get_sampler(graphdef, state, settings: SamplerSettings, *, mesh: Mesh | None = None,
+                rules=None) -> Sampler:
+    """The process's one Sampler for (graphdef, settings, mesh, rules), made on first use (the
+    model config is read from `state`, real or abstract): every caller with the same settings
+    shares its compiled functions."""
+    rules = shd.normalize_rules(rules) if mesh is not None else ()
+    key = (graphdef, settings, mesh, rules)
+    smp = _SAMPLERS.get(key)
+    if smp is None:
+        smp = _SAMPLERS[key] = Sampler(graphdef, graphdef_cfg(graphdef, state), settings, mesh=mesh, rules=rules)
+    return smp
+
+
 def generate(model_or_pair, prompt_ids, prompt_mask=None, *, key: jax.Array, max_new_tokens: int,
              limits=None, eos_ids: Sequence[int] = (), pad_id: int = 0, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, mesh: Mesh | None = None, rules=None,
              prompt_bucket: str | int | None = "pow2", cache_dtype=None) -> SamplerOutput:
-    """Samples up to `max_new_tokens` tokens after each left-padded prompt.
+    """Samples up to `max_new_tokens` tokens after each left-padded prompt (get_sampler's Sampler).
 
     model_or_pair: a Qwen2 NNX model or its (graphdef, state) from `nnx.split`; the state's arrays
       are used as they are (sharded or not: no copy).
@@ -278,61 +422,11 @@ def generate(model_or_pair, prompt_ids, prompt_mask=None, *, key: jax.Array, max
       stop_reason int32 [B], num_steps int32 []) as device arrays. logprobs are of the full
       log_softmax(logits / T) (greedy: T = 1) at the sampled token, 0 after the stop.
     """
-    call = _prepare(model_or_pair, prompt_ids, prompt_mask, key=key, max_new_tokens=max_new_tokens,
-                    limits=limits, eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, top_p=top_p,
-                    top_k=top_k, mesh=mesh, rules=rules, prompt_bucket=prompt_bucket,
-                    cache_dtype=cache_dtype)
-    logits, cache = call.fns.prefill(call.state, call.cache, call.prompt_ids, call.prompt_mask)
-    out, cache = call.fns.decode(call.state, cache, logits, call.prompt_lens, call.limits, call.key)
-    del cache  # donated through both calls; nothing else holds it
-    return out
-
-
-class _Call(NamedTuple):
-    fns: _Fns
-    state: Any
-    cache: KVCache
-    prompt_ids: Any
-    prompt_mask: Any
-    prompt_lens: Any
-    limits: Any
-    key: Any
-
-
-def _prepare(model_or_pair, prompt_ids, prompt_mask, *, key, max_new_tokens, limits, eos_ids, pad_id,
-             temperature, top_p, top_k, mesh, rules, prompt_bucket, cache_dtype) -> _Call:
-    """Checks arguments, pads to the bucket, places the batch on the mesh and makes the cache."""
-    graphdef, state = _split(model_or_pair)
-    cfg = graphdef_cfg(graphdef, state)
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}.")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature ≥ 0, 0 < top_p ≤ 1 and top_k ≥ 0; got temperature="
-                         f"{temperature}, top_p={top_p}, top_k={top_k}.")
-    xp = jnp if isinstance(prompt_ids, jax.Array) else np
-    prompt_ids = xp.asarray(prompt_ids).astype(xp.int32)
-    if prompt_ids.ndim != 2:
-        raise ValueError(f"prompt_ids must be [B, P], got shape {prompt_ids.shape}.")
-    b, p = prompt_ids.shape
-    prompt_mask = xp.ones((b, p), xp.int32) if prompt_mask is None else xp.asarray(prompt_mask).astype(xp.int32)
-    width = bucket_length(p, prompt_bucket)
-    if width != p:
-        prompt_ids = xp.pad(prompt_ids, ((0, 0), (width - p, 0)), constant_values=pad_id)
-        prompt_mask = xp.pad(prompt_mask, ((0, 0), (width - p, 0)))
-    prompt_lens = prompt_mask.sum(axis=1).astype(xp.int32)
-    limits = xp.full((b,), max_new_tokens, xp.int32) if limits is None else xp.asarray(limits).astype(xp.int32)
-    if limits.shape != (b,):
-        raise ValueError(f"limits must be int [B] = [{b}], got shape {limits.shape}.")
-
-    rules = tuple((n, shd._as_axes(a)) for n, a in (rules or shd.DEFAULT_RULES)) if mesh is not None else ()
-    st = _Static(int(max_new_tokens), tuple(int(i) for i in eos_ids), int(pad_id), float(temperature),
-                 float(top_p), int(top_k), jnp.dtype(cache_dtype or cfg.compute_dtype), mesh, rules)
-    if mesh is not None:
-        put = lambda x: jax.device_put(x, shd.batch_sharding(mesh, rules, x.ndim, x.shape))  # noqa: E731
-        prompt_ids, prompt_mask, prompt_lens, limits = map(put, (prompt_ids, prompt_mask, prompt_lens, limits))
-        key = shd.put(key, NamedSharding(mesh, jax.sharding.PartitionSpec()))  # multi-process too
-    cache = _init_cache(cfg, st, b, width + int(max_new_tokens))
-    return _Call(_functions(graphdef, st), state, cache, prompt_ids, prompt_mask, prompt_lens, limits, key)
+    graphdef, state = split_model(model_or_pair)
+    settings = SamplerSettings(max_new_tokens, tuple(eos_ids), pad_id, temperature, top_p, top_k,
+                               prompt_bucket, cache_dtype)
+    smp = get_sampler(graphdef, state, settings, mesh=mesh, rules=rules)
+    return smp(state, prompt_ids, prompt_mask, key=key, limits=limits)
 
 
 def graphdef_cfg(graphdef, state):
@@ -340,5 +434,6 @@ def graphdef_cfg(graphdef, state):
     return nnx.merge(graphdef, state).cfg
 
 
-__all__ = ["STOP_EOS", "STOP_LIMIT", "STOP_NONE", "SamplerOutput", "bucket_length", "generate",
-           "pad_prompts", "sample_logits"]
+__all__ = ["STOP_EOS", "STOP_LIMIT", "STOP_NONE", "Sampler", "SamplerInputs", "SamplerOutput",
+           "SamplerSettings", "bucket_length", "generate", "get_sampler", "graphdef_cfg", "pad_prompts",
+           "sample_logits", "split_model"]

@@ -76,11 +76,18 @@ def mesh_from_config(mesh_cfg) -> Mesh:
 
 
 def rules_from_config(mesh_cfg) -> Rules:
-    rules = mesh_cfg.get("rules") if hasattr(mesh_cfg, "get") else None
-    return tuple((str(name), _as_axes(axes)) for name, axes in (rules or DEFAULT_RULES))
+    """The config's `mesh.rules` (or DEFAULT_RULES), normalised (see normalize_rules)."""
+    return normalize_rules(mesh_cfg.get("rules") if hasattr(mesh_cfg, "get") else None)
 
 
-def _as_axes(axes) -> tuple[str, ...]:
+def normalize_rules(rules: Rules | None = None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A rule table with every entry as (name, tuple of mesh axes): hashable, so it can key a
+    compilation cache. None or empty: DEFAULT_RULES."""
+    return tuple((str(name), as_mesh_axes(axes)) for name, axes in (rules or DEFAULT_RULES))
+
+
+def as_mesh_axes(axes) -> tuple[str, ...]:
+    """One rule's mesh axes as a tuple: None -> (), "fsdp" -> ("fsdp",), ("data", "fsdp") as is."""
     if axes is None:
         return ()
     if isinstance(axes, str):
@@ -95,7 +102,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules, mesh: Mesh
     Mesh axes absent from `mesh` or of size 1, already used by an earlier dimension, or (given
     `shape`) not dividing the dimension are left out, so the result is always a valid sharding.
     """
-    table = {name: _as_axes(axes) for name, axes in rules}
+    table = {name: as_mesh_axes(axes) for name, axes in rules}
     used: set[str] = set()
     spec = []
     for dim, name in enumerate(logical_axes):

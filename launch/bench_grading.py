@@ -1,20 +1,17 @@
-"""Benchmark answer grading: python launch/bench_grading.py [--n=1024] [--timeout_s=5].
+"""Benchmark answer grading: python launch/bench_grading.py [--n=1024] [--timeout_s=5]
 
 Builds a deterministic set of realistic responses (correct, equivalent-but-different form,
 wrong, format errors, long thinking, a few hostile) and prints, for 1 and 2 worker processes:
 responses/s, p50/p99 per-item latency, timeouts. Pools are warmed up before timing.
 """
-
-import argparse
-import os
 import random
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without an install
+from hbpo_jax import cli, grading, grading_pool
 
-from hbpo_jax import grading, grading_pool  # noqa: E402
+cli.flags.DEFINE_integer("n", 1024, "Responses to grade.")
+cli.flags.DEFINE_float("timeout_s", 5.0, "Per-response grading time limit (seconds).")
 
 # (ground truth, same-form answer, equivalent other form, a wrong answer)
 PROBLEMS = [
@@ -58,11 +55,9 @@ def pct(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n", type=int, default=1024)
-    ap.add_argument("--timeout_s", type=float, default=5.0)
-    args = ap.parse_args()
+def main(argv) -> None:
+    del argv
+    args = cli.flags.FLAGS
     responses, truths = build(args.n)
     print(f"{args.n} responses, timeout {args.timeout_s:g} s")
     print(f"{'workers':>7} | {'resp/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'timeouts':>8} | "
@@ -80,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

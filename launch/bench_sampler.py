@@ -1,28 +1,33 @@
 """Sampler throughput: python launch/bench_sampler.py --model=tiny --batch=8 --baseline
 
 Random weights; prints tokens/s, ms per decode step, bytes read per step and the fraction of the
-device's memory bandwidth (hbpo_jax.bench.common holds the logic).
+device's memory bandwidth (hbpo_jax.bench.quick holds the logic).
+
+    --model=tiny|qwen1_5b  --batch=8  --prompt_len=64  --new_tokens=64  --dtype=float32|bfloat16
+    --baseline             also time transformers' generate on the same shape
 """
-import argparse
 import os
 import sys
 
+from absl import app, flags
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without an install
 
-from hbpo_jax import benchmarks  # noqa: E402
+from hbpo_jax.bench import common, quick  # noqa: E402
+
+flags.DEFINE_enum("model", "tiny", sorted(common.SHAPES), "Benchmarked model shape.")
+flags.DEFINE_integer("batch", 8, "Rows per sampler call.")
+flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per row.")
+flags.DEFINE_integer("new_tokens", 64, "Tokens sampled per row (no EOS: every row runs to the cap).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
+flags.DEFINE_bool("baseline", False, "Also time transformers' generate.")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", choices=sorted(benchmarks.SHAPES))
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prompt_len", type=int, default=64)
-    p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--baseline", action="store_true", help="also time transformers' generate")
-    a = p.parse_args(argv)
-    print(benchmarks.run_sampler_benchmark(a.model, a.batch, a.prompt_len, a.new_tokens, a.dtype, a.baseline))
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    print(quick.run_sampler_benchmark(f.model, f.batch, f.prompt_len, f.new_tokens, f.dtype, f.baseline))
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -2,24 +2,20 @@
 
     python launch/convert.py --to=orbax --src=/models/DeepSeek-R1-Distill-Qwen-1.5B --dst=/ckpt/r1
     python launch/convert.py --to=hf --src=/ckpt/r1 --dst=/export/r1 --dtype=bfloat16
+
+A missing source or a malformed config.json is printed as one line (exit status 2).
 """
-import os
-import sys
+from hbpo_jax import checkpoint, cli
 
-from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without an install
-
-from hbpo_jax import checkpoint  # noqa: E402
-
-flags.DEFINE_enum("to", None, ["orbax", "hf"], "Target format.", required=True)
-flags.DEFINE_string("src", None, "Source folder.", required=True)
-flags.DEFINE_string("dst", None, "Destination folder.", required=True)
-flags.DEFINE_string("dtype", None, "Parameter dtype to write (default: float32 for orbax, as saved for hf).")
+cli.flags.DEFINE_enum("to", None, ["orbax", "hf"], "Target format.", required=True)
+cli.flags.DEFINE_string("src", None, "Source folder.", required=True)
+cli.flags.DEFINE_string("dst", None, "Destination folder.", required=True)
+cli.flags.DEFINE_string("dtype", None, "Parameter dtype to write (default: float32 for orbax, as saved for hf).")
 
 
-def main(_):
-    f = flags.FLAGS
+def main(argv):
+    del argv
+    f = cli.flags.FLAGS
     if f.to == "orbax":
         cfg = checkpoint.hf_to_orbax(f.src, f.dst, dtype=f.dtype or "float32")
     else:
@@ -28,4 +24,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -9,34 +9,27 @@ every response): hbpo_jax.eval.run.
 --checkpoint: a Hugging Face folder, a params checkpoint (config.json + params/), a training
 checkpoint step folder (<workdir>/checkpoints/<step>) or a run's workdir (its newest step).
 Writes results.json, results.md, accuracy_vs_tokens.png and responses.jsonl to --out
-(default: <workdir or the checkpoint's parent>/eval).
+(default: <workdir or the checkpoint's parent>/eval). A configuration error or a missing file is
+printed as one sentence (exit status 2).
 """
-import os
-import sys
+from hbpo_jax import cli
+from hbpo_jax.eval import run as eval_run
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ imports
-
-from hbpo_jax import eval_run  # noqa: E402
-
-config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (get_config); its eval section.")
-flags.DEFINE_string("checkpoint", None, "HF folder, params checkpoint, training step folder or workdir.",
-                    required=True)
-flags.DEFINE_string("workdir", None, "The run's workdir (tokenizer, warm-start config), when not "
-                    "found next to --checkpoint.")
-flags.DEFINE_string("out", None, "Output folder (default: <workdir or checkpoint parent>/eval).")
+cli.define_config("configs/tiny.py", "Config file (get_config); its eval section.")
+cli.flags.DEFINE_string("checkpoint", None, "HF folder, params checkpoint, training step folder or workdir.",
+                        required=True)
+cli.flags.DEFINE_string("workdir", None, "The run's workdir (tokenizer, warm-start config), when not "
+                        "found next to --checkpoint.")
+cli.flags.DEFINE_string("out", None, "Output folder (default: <workdir or checkpoint parent>/eval).")
 
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.INFO)
-    f = flags.FLAGS
+    f = cli.flags.FLAGS
     result = eval_run.run(f.config, f.checkpoint, f.out, workdir=f.workdir)
     print(result["table"])
     print(f"results: {result['out_dir']}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -53,7 +53,7 @@ from GRPO's, and the clipped policy loss. Runs on a CPU or a Colab TPU in second
         _parameters("""\
 import os
 SMOKE = os.environ.get("HBPO_SMOKE", "0") == "1"  # coarser curves (the test suite sets HBPO_SMOKE=1)
-budgets = (512, 1024, 2048, 2560)  # HBPO.md's budget set
+budgets = (512, 1024, 2048, 2560)  # the paper's budget set (arXiv 2507.15844)
 l_max = 4096"""),
         code("""\
 import jax.numpy as jnp
@@ -137,7 +137,7 @@ def budget_ablation():
     return [
         md("""# HBPO ablations at tiny scale: how many budgets, which reward
 
-The paper's two ablations (HBPO.md, "Ablations") on the embedded tiny task (`configs/tiny.py`:
+The paper's two ablations (arXiv 2507.15844, "Ablations") on the embedded tiny task (`configs/tiny.py`:
 synthetic arithmetic, a 3-layer Qwen2, L_max = 256 response tokens, budgets scaled 1/16 from
 the paper's 512 / 1024 / 2048 / 2560):
 

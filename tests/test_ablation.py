@@ -4,11 +4,11 @@ import pathlib
 
 import pytest
 
-from hbpo_jax.eval import ablation
-from hbpo_jax.eval import evaluation
-from hbpo_jax.tasks import sft
-from hbpo_jax import config as config_lib
+from hbpo_jax import spec
+from hbpo_jax.eval import ablation, evaluation
 from hbpo_jax.eval.ablation import Variant
+from hbpo_jax.models.config import ConfigError
+from hbpo_jax.tasks import sft
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,11 @@ def test_variant_config_sets_budgets_objective_and_shares_the_warm_start_budgets
     assert cos.objective.name == "cosine" and cos.rollout.mode == "natural"
     assert ablation.mode_names(cos) == ["natural", "budget_160"]
     for c in (two, cos):
-        config_lib.validate(c, num_devices=1)
-    assert base.train.steps != 3 and base.rollout.mode == "budget"  # the base is not modified
+        spec.resolve(c, num_devices=1)
+    assert base.train.steps != 3 and base.rollout.mode is None  # the base is not modified
+    # Without a rollout mode, the variant trains with its objective's own prompting.
+    assert ablation.variant_config(base, Variant("classic", "classic")).rollout.mode == "natural"
+    assert ablation.variant_config(base, Variant("l1", "l1_exact")).rollout.mode == "l1"
 
 
 def test_run_variants_rejects_bad_variants_before_running(tmp_path):
@@ -39,7 +42,7 @@ def test_run_variants_rejects_bad_variants_before_running(tmp_path):
         ablation.run_variants(_tiny(), [Variant("a"), Variant("a")], str(tmp_path))
     with pytest.raises(ValueError, match="distinct"):
         ablation.run_variants(_tiny(), [Variant("warmstart")], str(tmp_path))
-    with pytest.raises(config_lib.ConfigError, match="rollouts_per_prompt"):
+    with pytest.raises(ConfigError, match="rollouts_per_prompt"):
         ablation.run_variants(_tiny(), [Variant("three", budgets=(32, 64, 128))], str(tmp_path))
     assert not list(tmp_path.iterdir())
 

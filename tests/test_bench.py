@@ -1,4 +1,5 @@
-"""launch/bench.py: the smoke run end to end, and every failure path leaving a table behind."""
+"""launch/bench.py and launch/bench_sampler.py: the smoke run end to end, every failure path
+leaving a table behind, the quick sampler table, and the bench modules' size."""
 import json
 import os
 import subprocess
@@ -7,9 +8,7 @@ import time
 
 import pytest
 
-from hbpo_jax.bench import harness as bench_harness
-from hbpo_jax.bench import sections as bench_sections
-from hbpo_jax.bench import common as benchmarks
+from hbpo_jax.bench import common, harness, quick, report, runner, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORBIDDEN = ("ml_collections", "grain", "tensorboardX", "math_verify", "datasets")
@@ -18,7 +17,7 @@ FORBIDDEN = ("ml_collections", "grain", "tensorboardX", "math_verify", "datasets
 def _env(**extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
     env.pop("XLA_FLAGS", None)  # one CPU device, as on the GPU machine
-    env.pop(bench_sections._FAULT_ENV, None)
+    env.pop(runner.FAULT_ENV, None)
     env.update(extra)
     return env
 
@@ -36,12 +35,12 @@ def test_run_sections_records_a_failure_and_runs_the_rest():
         raise MemoryError("RESOURCE_EXHAUSTED: out of memory while allocating 3 GiB")
 
     def nothing(row):
-        raise bench_sections.SectionSkipped("nothing to compare")
+        raise runner.SectionSkipped("nothing to compare")
 
     fns = dict(ceilings=boom, sampler_large=lambda row: row(job="ok", tokens_per_s=2.0),
                sampler_small=lambda row: pytest.fail("must be skipped"), train_xla=nothing)
     est = {"ceilings": 1.0, "sampler_large": 1.0, "sampler_small": 10_000.0, "train_xla": 1.0}
-    bench_sections.run_sections(list(fns), fns, deadline=time.time() + 600, est=est.get, emit=emit)
+    runner.run_sections(list(fns), fns, deadline=time.time() + 600, est=est.get, emit=emit)
     ends = {m["section"]: m["status"] for m in messages if m["type"] == "end"}
     assert ends["ceilings"].startswith("failed: OOM: MemoryError: RESOURCE_EXHAUSTED")
     assert ends["sampler_large"] == "ok"
@@ -56,34 +55,34 @@ def test_run_sections_keeps_time_for_more_important_sections_elsewhere():
     fns = {"hbpo_fraction": lambda row: pytest.fail("must be skipped"), "train_large": lambda row: None}
     # 100 s left; hbpo_fraction (priority 7) needs 30 s but hf_train (priority 6) reserves 80 s;
     # train_large (priority 9) has only itself and the same reserve: 10 + 80 <= 100.
-    bench_sections.run_sections(list(fns), fns, deadline=time.time() + 100, external=[(6, 80.0)],
+    runner.run_sections(list(fns), fns, deadline=time.time() + 100, external=[(6, 80.0)],
                                 est={"hbpo_fraction": 30.0, "train_large": 10.0}.get, emit=emit)
     ends = {m["section"]: m["status"] for m in messages if m["type"] == "end"}
     assert ends == {"hbpo_fraction": "skipped: time", "train_large": "ok"}
 
 
 def test_report_renders_failed_and_skipped_sections(tmp_path):
-    s = bench_sections.bench_settings(smoke=True)
-    report = bench_harness.Report(s, str(tmp_path), budget_s=60)
-    report.meta.update(jax_device="NVIDIA H100 80GB HBM3", jax_platform="gpu")
-    report.ceilings.update(copy_bandwidth=2.9e12, matmul_flops=780e12)
-    cfg = benchmarks.bench_model_config("qwen1_5b", "bfloat16")
-    report.add_row(dict(section="sampler_large", kind="sampler", job="sampler (generate)", impl="hbpo_jax",
+    s = settings.bench_settings(smoke=True)
+    rep = report.Report(s, str(tmp_path), budget_s=60)
+    rep.meta.update(jax_device="NVIDIA H100 80GB HBM3", jax_platform="gpu")
+    rep.ceilings.update(copy_bandwidth=2.9e12, matmul_flops=780e12)
+    cfg = common.bench_model_config("qwen1_5b", "bfloat16")
+    rep.add_row(dict(section="sampler_large", kind="sampler", job="sampler (generate)", impl="hbpo_jax",
                         shape="B=256", tokens_per_s=40_000.0, step_s=0.012, step_label="decode step",
-                        compile_s=20.0, **benchmarks.decode_bytes(cfg, 256, 256, 512)))
-    report.add_row(dict(section="hf_sampler_large", kind="sampler", job="sampler (generate)", impl="transformers",
+                        compile_s=20.0, **common.decode_bytes(cfg, 256, 256, 512)))
+    rep.add_row(dict(section="hf_sampler_large", kind="sampler", job="sampler (generate)", impl="transformers",
                         shape="B=256", tokens_per_s=5_000.0, step_s=0.05, step_label="token", kv_read=None,
-                        **{k: v for k, v in benchmarks.decode_bytes(cfg, 256, 256, 512).items() if k != "kv_read"}))
-    report.set_status("sampler_large", "ok")
-    report.set_status("train_small", "failed: OOM: RESOURCE_EXHAUSTED")
-    report.set_status("hbpo_fraction", "skipped: time")
-    report.write()
+                        **{k: v for k, v in common.decode_bytes(cfg, 256, 256, 512).items() if k != "kv_read"}))
+    rep.set_status("sampler_large", "ok")
+    rep.set_status("train_small", "failed: OOM: RESOURCE_EXHAUSTED")
+    rep.set_status("hbpo_fraction", "skipped: time")
+    rep.write()
     md = (tmp_path / "bench.md").read_text()
     data = json.loads((tmp_path / "bench.json").read_text())
     assert "| training step | hbpo_jax | 2 x 32 tokens | failed: OOM: RESOURCE_EXHAUSTED |" in md
     assert "skipped: time" in md
     # weights 3.08 GB + KV 2.64 GB (needed) in 12 ms: 477 TB/s... of a 2.9 TB/s copy ceiling.
-    b = benchmarks.decode_bytes(cfg, 256, 256, 512)
+    b = common.decode_bytes(cfg, 256, 256, 512)
     assert b["weight_bytes"] == pytest.approx((cfg.num_params() - 151936 * 1536) * 2)
     assert b["kv_read"] == pytest.approx(2 * 28 * 2 * 128 * 2 * 256 * 768)
     assert b["kv_needed"] == pytest.approx(2 * 28 * 2 * 128 * 2 * 256 * 512)
@@ -112,10 +111,10 @@ def test_smoke_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out_dir / "bench.json").read_text())
     md = (out_dir / "bench.md").read_text()
-    assert data["sections"] == {name: "ok" for name in bench_sections.SECTIONS}, data["sections"]
+    assert data["sections"] == {name: "ok" for name in settings.SECTIONS}, data["sections"]
     rows = data["rows"]
     measured = [r for r in rows if r["section"] != "ceilings"]
-    assert {r["section"] for r in measured} == set(bench_sections.SECTIONS) - {"ceilings"}
+    assert {r["section"] for r in measured} == set(settings.SECTIONS) - {"ceilings"}
     for r in measured:
         assert r["status"] == "ok" and isinstance(r["tokens_per_s"], float) and r["tokens_per_s"] > 0, r
     assert data["ceilings"]["copy_bandwidth"] > 0 and data["ceilings"]["matmul_flops"] > 0
@@ -134,26 +133,34 @@ def test_hung_and_crashed_workers_are_table_entries(tmp_path, monkeypatch):
     for k, v in _env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    monkeypatch.setenv(bench_sections._FAULT_ENV, "ceilings:hang,sampler_small:crash")
+    monkeypatch.setenv(runner.FAULT_ENV, "ceilings:hang,sampler_small:crash")
     logs = []
-    report = bench_harness.run(smoke=True, out_dir=str(tmp_path), only=["ceilings", "sampler_small", "hf_train"],
+    result = harness.run(smoke=True, out_dir=str(tmp_path), only=["ceilings", "sampler_small", "hf_train"],
                                overrides={"section_timeout_s": 25}, log=logs.append)
-    assert report.status["ceilings"] == "failed: timeout after 25 s", logs
-    assert report.status["sampler_small"].startswith("failed: worker exited with code 3"), logs
-    assert report.status["hf_train"] == "ok", logs
+    assert result.status["ceilings"] == "failed: timeout after 25 s", logs
+    assert result.status["sampler_small"].startswith("failed: worker exited with code 3"), logs
+    assert result.status["hf_train"] == "ok", logs
     md = (tmp_path / "bench.md").read_text()
     assert "failed: worker exited with code 3" in md and "| training step | transformers" in md
 
 
+@pytest.mark.slow
 def test_quick_sampler_benchmark_table(monkeypatch):
     """launch/bench_sampler.py's table: a row of measured rates, and bytes per step as decode_bytes
     counts them (weights once, the whole preallocated cache)."""
-    cfg = benchmarks.bench_model_config("tiny", "float32")
-    row = benchmarks.bench_sampler(cfg, batch=2, prompt_len=8, new_tokens=4, repeats=1)
-    moved = benchmarks.decode_bytes(cfg, 2, 8, 4, cache_prompt=16)  # prompts bucket to 16 slots
+    cfg = common.bench_model_config("tiny", "float32")
+    row = quick.bench_sampler(cfg, batch=2, prompt_len=8, new_tokens=4, repeats=1)
+    moved = common.decode_bytes(cfg, 2, 8, 4, cache_prompt=16)  # prompts bucket to 16 slots
     assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0 and row["prefill_ms"] > 0
     assert row["bytes_per_step"] == moved["weight_bytes"] + moved["kv_read"]
     assert moved["kv_read"] == 2 * cfg.num_layers * 2 * (16 + 4) * cfg.num_kv_heads * cfg.head_dim * 4
-    monkeypatch.setattr(benchmarks, "device_bandwidth", lambda: (1e10, "test"))
-    table = benchmarks.run_sampler_benchmark("tiny", batch=2, prompt_len=8, new_tokens=4)
+    monkeypatch.setattr(quick, "device_bandwidth", lambda: (1e10, "test"))
+    table = quick.run_sampler_benchmark("tiny", batch=2, prompt_len=8, new_tokens=4)
     assert "hbpo_jax" in table.splitlines()[3] and "bytes/step = weights" in table
+
+
+def test_bench_modules_stay_small():
+    """One job per module: none of hbpo_jax/bench/ grows past ~450 lines."""
+    folder = os.path.join(ROOT, "hbpo_jax", "bench")
+    sizes = {f: sum(1 for _ in open(os.path.join(folder, f))) for f in os.listdir(folder) if f.endswith(".py")}
+    assert max(sizes.values()) <= 450, sizes

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from hbpo_jax import config as config_lib
+from hbpo_jax import spec as spec_lib
 from hbpo_jax.models import ConfigError, Qwen2
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def load(name, arg=None):
 @pytest.mark.parametrize("name,arg", [("tiny", None), ("qwen1_5b", None), ("qwen1_5b", "pod")])
 def test_config_files_validate(name, arg):
     config = load(name, arg)
-    config_lib.validate(config, num_devices=8)
+    spec_lib.resolve(config, num_devices=8)
 
 
 def test_qwen1_5b_abstract_parameter_count():
@@ -45,11 +46,12 @@ def test_benchmark_shapes_are_the_config_files_models(name):
 def test_qwen1_5b_matches_paper_setup():
     c = load("qwen1_5b")
     assert tuple(c.rollout.budgets) == (512, 1024, 2048, 2560)
-    assert c.rollout.rollouts_per_prompt == 16 and config_lib.samples_per_budget(c) == 4
-    assert c.rollout.max_response_len == c.objective.l_max == 4096
+    s = spec_lib.resolve(c, num_devices=8)
+    assert c.rollout.rollouts_per_prompt == 16 and s.sampling.samples_per_budget == 4
+    assert c.rollout.max_response_len == s.objective.l_max == 4096
     assert (c.train.prompts_per_step, c.train.mini_batches, c.train.steps) == (64, 4, 629)
     assert (c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip) == (1e-6, 0.01, 1.0)
-    assert (c.loss.clip_low, c.loss.clip_high, c.loss.dual_clip, c.loss.kl_coef) == (0.2, 0.28, 3.0, 0.0)
+    assert (s.loss.clip_low, s.loss.clip_high, s.loss.dual_clip, s.loss.kl_coef) == (0.2, 0.28, 3.0, 0.0)
 
 
 BAD = [
@@ -79,7 +81,7 @@ def test_bad_values_name_the_key(key, value, message):
     with config.unlocked():
         config[section][field] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        config_lib.validate(config, num_devices=8)
+        spec_lib.resolve(config, num_devices=8)
 
 
 def test_batch_must_divide_data_parallel_ways():
@@ -87,7 +89,7 @@ def test_batch_must_divide_data_parallel_ways():
     config.mesh.shape = (1, -1, 1)
     config.train.micro_batch_size = 4  # divides the mini-batch, not the 8 FSDP ways
     with pytest.raises(ConfigError, match="data-parallel ways"):
-        config_lib.validate(config, num_devices=8)
+        spec_lib.resolve(config, num_devices=8)
 
 
 @pytest.mark.slow
@@ -98,7 +100,7 @@ def test_qwen1_5b_train_step_and_sampler_lower_on_8_devices():
     from hbpo_jax.bench import plan as planning
     config = load("qwen1_5b")
     config.mesh.shape = (1, 2, 4)
-    config_lib.validate(config, num_devices=8)
+    spec_lib.resolve(config, num_devices=8)
     mesh = sharding.mesh_from_config(config.mesh)
     step = planning.lower_train_step(config, mesh)
     text = step.as_text()
@@ -115,4 +117,4 @@ def test_tiny_budget_scales_need_one_scale_in_0_1_per_budget(scales):
     config = load("tiny")
     config.task.sft_budget_scales = scales
     with pytest.raises(ConfigError, match="task.sft_budget_scales"):
-        config_lib.validate(config, num_devices=1)
+        spec_lib.resolve(config, num_devices=1)

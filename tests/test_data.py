@@ -1,4 +1,5 @@
-"""Prompt data pipeline: reading / normalising problem sets and the grain batch iterator."""
+"""Prompt data: reading / normalising problem sets (hbpo_jax.data) and the grain batch iterator
+(hbpo_jax.prompts)."""
 import json
 import logging
 
@@ -6,7 +7,8 @@ import pandas as pd
 import pytest
 
 from hbpo_jax import data
-from hbpo_jax.data import DataError, load_records, prompt_batches, write_jsonl
+from hbpo_jax.prompts import prompt_batches
+from hbpo_jax.data import DataError, load_records, write_jsonl
 
 
 def _load(path, tmp_path, **kw):

@@ -8,52 +8,48 @@ import sys
 import numpy as np
 import pytest
 
-from test_loop import FAST, ROOT, _env  # the few-second tiny config
-
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-SHAPE = [a for a in FAST if a.startswith(("--config.model.", "--config.task.", "--config.rollout."))]
 EVAL = ["--config.rollout.max_prompt_len=256", "--config.eval.max_response_len=24",
         "--config.eval.temperature=0.0", "--config.eval.max_problems=6"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tiny_run, tmp_path_factory):
     """A 1-step tiny run with its HF export and eval.every=1 (natural + one budget)."""
     workdir = tmp_path_factory.mktemp("run")
-    args = [a for a in FAST if not a.startswith("--config.train.export_hf")]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
-         f"--workdir={workdir}", "--config.train.steps=1", *args, "--config.eval.every=1",
-         "--config.eval.modes=('natural','fixed:16')", *EVAL],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    tiny_run.run(workdir, 1, "--config.train.export_hf=True", "--config.eval.every=1",
+             "--config.eval.modes=('natural','fixed:16')", *EVAL)
     return workdir
 
 
-def _eval(checkpoint, out, *extra, workdir=None):
+def _eval(tiny_run, checkpoint, out, *extra, workdir=None):
+    shape = [a for a in tiny_run.args if a.startswith(("--config.model.", "--config.task.", "--config.rollout."))]
     cmd = [sys.executable, str(ROOT / "launch" / "eval.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
-           f"--checkpoint={checkpoint}", f"--out={out}", *SHAPE, *EVAL, *extra]
+           f"--checkpoint={checkpoint}", f"--out={out}", *shape, *EVAL, *extra]
     if workdir:
         cmd.append(f"--workdir={workdir}")
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=tiny_run.env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_periodic_eval_logs_scalars(run_dir):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = {r["step"]: r for r in rows if "eval/natural/accuracy" in r}
+    # One naming scheme: eval/<benchmark>/<mode>/..., the benchmark named even when it is the only one.
+    evals = {r["step"]: r for r in rows if "eval/tiny/natural/accuracy" in r}
     assert sorted(evals) == [1]
-    assert 0 <= evals[1]["eval/natural/accuracy"] <= 100 and evals[1]["eval/budget_16/mean_tokens"] > 0
-    assert "eval/natural/level_1/accuracy" in evals[1] or "eval/natural/level_2/accuracy" in evals[1]
+    assert 0 <= evals[1]["eval/tiny/natural/accuracy"] <= 100 and evals[1]["eval/tiny/budget_16/mean_tokens"] > 0
+    assert "eval/tiny/natural/level_1/accuracy" in evals[1] or "eval/tiny/natural/level_2/accuracy" in evals[1]
+    assert not any(k.startswith("eval/natural/") for r in rows for k in r)
     step1 = json.loads((run_dir / "eval" / "step_1.json").read_text())
-    assert [s["mode"] for s in step1["results"]] == ["natural", "budget_16"]
-    assert step1["results"][0]["accuracy"] == evals[1]["eval/natural/accuracy"]
+    assert [(s["benchmark"], s["mode"]) for s in step1["results"]] == [("tiny", "natural"), ("tiny", "budget_16")]
+    assert step1["results"][0]["accuracy"] == evals[1]["eval/tiny/natural/accuracy"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow
-def test_eval_cli_on_the_export(run_dir, tmp_path):
-    done = _eval(run_dir / "export", tmp_path, "--config.eval.modes=('natural','efficiency','fixed:32')",
+def test_eval_cli_on_the_export(tiny_run, run_dir, tmp_path):
+    done = _eval(tiny_run, run_dir / "export", tmp_path, "--config.eval.modes=('natural','efficiency','fixed:32')",
                  f"--config.eval.benchmarks=('tiny','math500:{FIXTURES / 'math500.jsonl'}')")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| mode | tiny | math500 | mean |" in done.stdout
@@ -76,10 +72,10 @@ def test_eval_cli_on_the_export(run_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_cli_on_the_workdir_matches_the_periodic_eval(run_dir, tmp_path):
+def test_eval_cli_on_the_workdir_matches_the_periodic_eval(tiny_run, run_dir, tmp_path):
     """The workdir's newest training checkpoint (step 1) holds the final parameters, which the
     periodic eval at step 1 scored with the same greedy settings: the same numbers."""
-    done = _eval(run_dir, tmp_path, "--config.eval.modes=('natural',)")
+    done = _eval(tiny_run, run_dir, tmp_path, "--config.eval.modes=('natural',)")
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads((tmp_path / "results.json").read_text())
     assert got["meta"]["checkpoint_kind"] == "train_step" and got["meta"]["checkpoint"].endswith("checkpoints/1")
@@ -88,7 +84,14 @@ def test_eval_cli_on_the_workdir_matches_the_periodic_eval(run_dir, tmp_path):
         assert got["results"][0][key] == pytest.approx(want[key]), key
 
 
-def test_eval_cli_missing_benchmark_file(tmp_path):
-    done = _eval(tmp_path / "no-checkpoint", tmp_path, f"--config.eval.benchmarks=('gsm8k:{tmp_path / 'gsm8k.jsonl'}',)")
+def test_eval_cli_missing_benchmark_file(tiny_run, tmp_path):
+    done = _eval(tiny_run, tmp_path / "no-checkpoint", tmp_path, f"--config.eval.benchmarks=('gsm8k:{tmp_path / 'gsm8k.jsonl'}',)")
     assert done.returncode != 0
     assert f"Data file '{tmp_path / 'gsm8k.jsonl'}' does not exist" in done.stderr
+
+
+def test_eval_cli_reports_a_config_error_in_one_line(tiny_run, tmp_path):
+    """cli.run: a bad eval setting is one sentence naming the key, exit status 2, before any load."""
+    done = _eval(tiny_run, tmp_path / "no-checkpoint", tmp_path, "--config.eval.modes=('natural','greedy')")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("eval.py: ConfigError: eval.modes:")

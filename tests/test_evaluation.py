@@ -1,19 +1,20 @@
 """Benchmark readers and the model-free scorer on small fixture files with fixed responses:
 accuracy, 95% interval, token statistics and per-level numbers checked against hand arithmetic;
-the report files; mode and spec parsing; config validation of the eval section."""
+the report files, tables and scalars; mode and spec parsing; the eval section of the spec; and the
+one evaluation function on a tiny random model, which follows every EvalSpec setting."""
 import json
 import math
 import pathlib
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from hbpo_jax import config as config_lib
-from hbpo_jax import data
-from hbpo_jax.eval import report as eval_report
+from hbpo_jax import data, rollout, spec
+from hbpo_jax.eval import evaluation, report, sets
 from hbpo_jax.eval import run as eval_run
-from hbpo_jax.eval import sets as eval_sets
-from hbpo_jax.eval import evaluation
 from hbpo_jax.models.config import ConfigError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -25,7 +26,7 @@ def ok(answer):  # a well-formed response
 
 
 def _score(spec, responses, tokens, samples=1):
-    bench = eval_sets.load(spec)
+    bench = sets.load(spec)
     return bench, evaluation.score(bench.name, "natural", bench.records, responses, tokens,
                                    samples=samples, workers=0).summary()
 
@@ -117,64 +118,65 @@ def test_score_checks_the_layout():
 
 def test_missing_file_and_bad_specs_give_clear_errors(tmp_path):
     with pytest.raises(data.DataError, match="does-not-exist.jsonl' does not exist"):
-        eval_sets.load(f"math500:{tmp_path / 'does-not-exist.jsonl'}")
-    with pytest.raises(data.DataError, match="unknown kind 'mmlu'"):
-        eval_sets.parse_spec("mmlu:/x.jsonl")
-    with pytest.raises(data.DataError, match="gsm8k needs a file path"):
-        eval_sets.parse_spec("gsm8k")
+        sets.load(f"math500:{tmp_path / 'does-not-exist.jsonl'}")
+    with pytest.raises(ConfigError, match="unknown kind 'mmlu'"):
+        sets.load("mmlu:/x.jsonl")
+    with pytest.raises(ConfigError, match="gsm8k needs a file path"):
+        spec.parse_benchmark("gsm8k")
     with pytest.raises(data.DataError, match="needs the arithmetic task"):
-        eval_sets.load("tiny")
+        sets.load("tiny")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "a", "answer": "1"}\n{not json\n')
     with pytest.raises(data.DataError, match="malformed JSON line 2"):
-        eval_sets.load(f"aime25:{bad}")
+        sets.load(f"aime25:{bad}")
 
 
+@pytest.mark.slow
 def test_tiny_champ_and_reasoning_gym_sets():
     from hbpo_jax.tasks import arithmetic
-    tiny = eval_sets.load("tiny", tiny_records=arithmetic.make_dataset(6, 3), max_problems=4)
+    tiny = sets.load("tiny", tiny_records=arithmetic.make_dataset(6, 3), max_problems=4)
     assert len(tiny.records) == 4 and tiny.report.counts == {"over_max_problems": 2}
     assert all(r["level"] in {"1", "2", "3", "4"} for r in tiny.records)
-    champ = eval_sets.load("champ")
+    champ = sets.load("champ")
     assert len(champ.records) == 270 and champ.records[0]["id"] == "P_Combinatorics_1"
     assert champ.records[0]["answer"] == "239" and champ.records[0]["level"] == "Combinatorics"
-    assert len(eval_sets.load("champ:5").records) == 5
-    rg = eval_sets.load("rg:basic_arithmetic", size=4, seed=1)
+    assert len(sets.load("champ:5").records) == 5
+    rg = sets.load("rg:basic_arithmetic", size=4, seed=1)
     assert rg.name == "rg_basic_arithmetic" and len(rg.records) == 4
     # Our grader on reasoning-gym answers: its own answer, boxed, is right.
     r = evaluation.score(rg.name, "natural", rg.records, [ok(x["answer"]) for x in rg.records],
                          [1] * 4, workers=0)
     assert r.correct.all()
     with pytest.raises(data.DataError, match="no_such_task"):
-        eval_sets.load("rg:no_such_task", size=2)
+        sets.load("rg:no_such_task", size=2)
 
 
 def test_parse_modes():
-    got = evaluation.parse_modes(["natural", "efficiency", "fixed", "fixed:512", "budget_64", "l1:100"],
+    got = rollout.parse_modes(["natural", "efficiency", "fixed", "fixed:512", "budget_64", "l1:100"],
                                  budgets=(64, 128))
     assert [(m.name, m.mode, m.budget) for m in got] == [
         ("natural", "natural", 0), ("efficiency", "efficiency", 0), ("budget_64", "fixed", 64),
         ("budget_128", "fixed", 128), ("budget_512", "fixed", 512), ("l1_100", "l1", 100)]
     for bad in ("fixed:0", "l1:x", "greedy", "natural:3"):
         with pytest.raises(ValueError, match="eval mode"):
-            evaluation.parse_modes([bad], budgets=(64,))
+            rollout.parse_modes([bad], budgets=(64,))
 
 
 def _fixed_results():
-    bench = eval_sets.load(f"math500:{FIXTURES / 'math500.jsonl'}")
-    a = evaluation.score("math500", evaluation.ModeSpec("natural", "natural"), bench.records,
+    bench = sets.load(f"math500:{FIXTURES / 'math500.jsonl'}")
+    a = evaluation.score("math500", rollout.ModeSpec("natural", "natural"), bench.records,
                          [ok("4"), ok("0.5"), ok("9"), ok("(1, 2)")], [100, 200, 300, 400], workers=0)
-    b = evaluation.score("math500", evaluation.ModeSpec("budget_64", "fixed", 64), bench.records,
+    b = evaluation.score("math500", rollout.ModeSpec("budget_64", "fixed", 64), bench.records,
                          [ok("4"), ok("1"), ok("9"), ok("9")], [10, 20, 30, 40], workers=0)
-    aime = eval_sets.load(f"aime25:{FIXTURES / 'aime25.jsonl'}")
-    c = evaluation.score("aime25", evaluation.ModeSpec("natural", "natural"), aime.records,
+    aime = sets.load(f"aime25:{FIXTURES / 'aime25.jsonl'}")
+    c = evaluation.score("aime25", rollout.ModeSpec("natural", "natural"), aime.records,
                          [ok("70"), ok("1"), ok("1")], [50, 50, 200], workers=0)
     return [a, b, c]
 
 
 def test_report_files(tmp_path):
     results = _fixed_results()
-    paths = eval_report.write(results, str(tmp_path), meta={"checkpoint": "x"}, skipped={"math500": "..."})
+    paths = report.write(results, str(tmp_path), meta={"checkpoint": "x"}, skipped={"math500": "..."})
     got = json.loads(pathlib.Path(paths["json"]).read_text())
     assert [(r["benchmark"], r["mode"]) for r in got["results"]] == [
         ("math500", "natural"), ("math500", "budget_64"), ("aime25", "natural")]
@@ -196,23 +198,163 @@ def test_report_files(tmp_path):
                        "response": ok("0.5"), "tokens": 200, "extracted": "0.5", "correct": True}
 
 
-def test_scalars_for_tensorboard():
+def test_scalars_always_name_the_benchmark():
     summaries = [r.summary() for r in _fixed_results()]
     one = eval_run.scalars(summaries[:2])
-    assert one["eval/natural/accuracy"] == 75.0 and one["eval/budget_64/mean_tokens"] == 25.0
-    assert one["eval/natural/level_1/accuracy"] == 100.0
-    several = eval_run.scalars(summaries)
-    assert several["eval/aime25/natural/accuracy"] == pytest.approx(100 / 3)
+    assert one["eval/math500/natural/accuracy"] == 75.0 and one["eval/math500/budget_64/mean_tokens"] == 25.0
+    assert one["eval/math500/natural/level_1/accuracy"] == 100.0
+    assert not any(k.startswith("eval/natural") for k in one)
+    several = eval_run.scalars(summaries, prefix="eval_after")
+    assert several["eval_after/aime25/natural/accuracy"] == pytest.approx(100 / 3)
 
 
-def test_validate_names_the_eval_key():
+def test_before_after_markdown():
+    after = [r.summary() for r in _fixed_results()[:2]]
+    before = [dict(s, accuracy=s["accuracy"] / 2, mean_tokens=2 * s["mean_tokens"],
+                   by_level={k: dict(v, accuracy=0.0) for k, v in s["by_level"].items()}) for s in after]
+    md = report.before_after_markdown(before, after)
+    assert md.startswith("Accuracy % / mean response tokens (pass@1), before → after training.")
+    # Every cell reads "before → after": natural 37.5% at 500 tokens -> 75% at 250 tokens.
+    assert "| mode | math500 |" in md and "| natural | 37.5 / 500 → 75.0 / 250 |" in md
+    assert "| budget_64 | 12.5 / 50 → 25.0 / 25 |" in md
+    # The natural mode by level, before and after (level 1: 0/2, then 2/2 at (100 + 200) / 2 tokens).
+    assert "| natural | 0.0 / 150 → 100.0 / 150 | 0.0 / 300 → 0.0 / 300 | 0.0 / 400 → 100.0 / 400 |" in md
+    # The detail table lists both policies.
+    assert "| before | math500 | natural | 4 × 1 | 37.5 |" in md and "| after | math500 | natural | 4 × 1 | 75.0 |" in md
+    assert md == report.markdown(after, before=before) and "→" not in report.markdown(after)
+
+
+def test_load_benchmarks_applies_the_one_prompt_filter():
+    from hbpo_jax.tasks import arithmetic
+    c = config_lib.base_config()
+    c.task.name, c.rollout.budgets, c.eval.max_problems = "arithmetic", (16,), 5
+    tok = _tokenizer()
+    records = arithmetic.make_dataset(6, 3)
+    records[1] = dict(records[1], problem="Compute " + "1+" * 300 + "1.")
+    lengths = rollout.prompt_lengths(tok, [r["problem"] for r in records])
+    c.rollout.max_prompt_len = int(sorted(lengths)[-2])  # only the long one is over
+    e = spec.resolve_eval(c)
+    [tiny] = eval_run.load_benchmarks(e, tok, tiny_records=records)  # default: the task's set
+    assert tiny.name == "tiny" and len(tiny.records) == 4
+    assert tiny.report.counts == {"over_max_problems": 1, "prompt_too_long": 1}
+    # A system prompt counts: with a long one every prompt is over.
+    c.rollout.system_prompt = "Think step by step. " * 50
+    with pytest.raises(data.DataError, match="every prompt is longer"):
+        eval_run.load_benchmarks(spec.resolve_eval(c), tok, tiny_records=records)
+    c.rollout.system_prompt, c.eval.benchmarks = "", (f"aime25:{FIXTURES / 'aime25.jsonl'}",)
+    [aime] = eval_run.load_benchmarks(spec.resolve_eval(c), tiny_records=records)  # eval.benchmarks first
+    assert aime.name == "aime25"
+    c.task.name, c.eval.benchmarks = "", ()
+    with pytest.raises(ConfigError, match="eval.benchmarks is empty"):
+        eval_run.load_benchmarks(spec.resolve_eval(c))
+
+
+def _tokenizer():
+    from hbpo_jax.tasks import arithmetic
+    from hbpo_jax.tasks import tokenizer as tokenizer_lib
+    return tokenizer_lib.build_tokenizer(arithmetic.corpus_texts(200, 0), vocab_size=128)
+
+
+def _eval_setup():
+    """An EvalSpec whose every sampling setting differs from the rollout's / the defaults, and the
+    tiny benchmark of 3 problems."""
+    from hbpo_jax.tasks import arithmetic
+    tok = _tokenizer()
+    c = config_lib.base_config()
+    c.task.name, c.rollout.budgets = "arithmetic", (16,)
+    c.rollout.max_response_len, c.eval.max_response_len = 64, 20
+    # max_batch 2: every sampler call (2 problems x 2 samples in two chunks, or 1 x 2) has one shape.
+    c.eval.batch_size, c.rollout.max_batch, c.eval.samples = 2, 2, 2
+    c.eval.temperature, c.eval.top_p, c.eval.modes = 0.0, 0.5, ("natural", "fixed")
+    c.rollout.system_prompt, c.rollout.prefix_in_response = "Be brief.", True
+    c.grading.workers = 0
+    e = spec.resolve_eval(c)
+    return e, tok, eval_run.load_benchmarks(e, tok, tiny_records=arithmetic.make_dataset(3, 3))
+
+
+SAMPLER_KEYS = ("max_new_tokens", "max_batch", "system_prompt", "samples_per_budget", "mode", "budgets",
+                "prefix_in_response", "temperature", "top_p")
+
+
+def _check_sampler_calls(calls):
+    """What `_eval_setup`'s spec must reach the sampler as: the training loop's old before / after
+    evaluation passed rollout.max_response_len (64), all problems in one call, max_batch 0 and no
+    system prompt."""
+    # 3 problems, eval.batch_size 2 per call: two calls per mode.
+    assert [(x["mode"], x["problems"]) for x in calls] == [("natural", 2), ("natural", 1), ("fixed", 2), ("fixed", 1)]
+    for x in calls:
+        assert (x["max_new_tokens"], x["max_batch"], x["system_prompt"], x["samples_per_budget"]) == (
+            20, 2, "Be brief.", 2)
+        assert x["prefix_in_response"] and (x["temperature"], x["top_p"]) == (0.0, 0.5)
+    assert [x["budgets"] for x in calls] == [None, None, 16, 16]
+
+
+def test_evaluate_passes_the_eval_spec_to_the_sampler(monkeypatch):
+    e, tok, benchmarks = _eval_setup()
+    calls = []
+
+    def fake(policy, tokenizer, problems, **kw):  # every response right, 7 tokens
+        calls.append(dict(problems=len(problems), **{k: kw[k] for k in SAMPLER_KEYS}))
+        rows = len(problems) * kw["samples_per_budget"]
+        answers = [r["answer"] for r in benchmarks[0].records if r["problem"] in problems]
+        return rollout.RolloutBatch(*[None] * 6, lengths=np.full(rows, 7, np.int32), prefix_lengths=None,
+                                    budgets=None, prompt_index=None, stop_reason=None,
+                                    texts=[ok(a) for a in answers for _ in range(kw["samples_per_budget"])],
+                                    group_shape=None)
+
+    monkeypatch.setattr(rollout, "budget_rollouts", fake)
+    results = eval_run.evaluate(e, None, None, tok, benchmarks, jax.random.key(0), max_positions=4096)
+    _check_sampler_calls(calls)
+    assert [(r.benchmark, r.mode, r.budget) for r in results] == [("tiny", "natural", 0), ("tiny", "budget_16", 16)]
+    assert all(r.correct.all() and r.correct.shape == (3, 2) and (r.tokens == 7).all() for r in results)
+    # The response cap also leaves room in the model's positions for the longest prompt + prefix
+    # (with the system prompt) of any mode.
+    longest = max(len(p) + len(x) for m in e.modes for p, x in zip(*_layout(tok, benchmarks[0], m, e)))
+    calls.clear()
+    eval_run.evaluate(e, None, None, tok, benchmarks, jax.random.key(0), max_positions=longest + 15)
+    assert {x["max_new_tokens"] for x in calls} == {15}
+
+
+def _layout(tok, bench, mode, e):
+    layout = rollout.build_prompts(tok, [r["problem"] for r in bench.records], budgets=mode.budget or None,
+                                   mode=mode.mode, system_prompt=e.system_prompt)
+    return layout.prompt_tokens, layout.prefix_tokens
+
+
+@pytest.mark.slow
+def test_evaluate_samples_a_model_as_the_eval_spec_says(monkeypatch):
+    """The same settings through the real sampler on a tiny random Qwen2."""
+    from hbpo_jax.models import ModelConfig, create_model
+    e, tok, benchmarks = _eval_setup()
+    cfg = ModelConfig(vocab_size=-(-len(tok) // 8) * 8, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2, eos_token_ids=(tok.eos_token_id,))
+    graphdef, params = nnx.split(create_model(cfg, seed=0))
+    calls, real = [], rollout.budget_rollouts
+
+    def spy(policy, tokenizer, problems, **kw):
+        calls.append(dict(problems=len(problems), **{k: kw[k] for k in SAMPLER_KEYS}))
+        return real(policy, tokenizer, problems, **kw)
+
+    monkeypatch.setattr(rollout, "budget_rollouts", spy)
+    results = eval_run.evaluate(e, graphdef, params, tok, benchmarks, jax.random.key(0))
+    _check_sampler_calls(calls)
+    assert [(r.benchmark, r.mode) for r in results] == [("tiny", "natural"), ("tiny", "budget_16")]
+    prefix = len(tok(rollout.BUDGET_PREFIX.format(budget=16), add_special_tokens=False)["input_ids"])
+    for r in results:
+        assert r.correct.shape == r.tokens.shape == (3, 2) and (r.tokens <= 20).all()
+    assert (results[1].tokens >= prefix).all()  # the pre-filled prefix is counted
+
+
+def test_resolve_eval_names_the_eval_key():
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     from configs import tiny
     c = tiny.get_config()
     c.eval.modes = ("natural", "fixed:32", "l1")
     c.eval.benchmarks = ("tiny", "champ", "rg:basic_arithmetic", "math500:/data/m.jsonl")
-    config_lib.validate(c, num_devices=1)
+    e = spec.resolve(c, num_devices=1).eval
+    assert [m.name for m in e.modes] == ["natural", "budget_32"] + [f"l1_{b}" for b in c.rollout.budgets]
+    assert e.benchmarks[2] == ("rg", "basic_arithmetic") and e.max_response_len == c.eval.max_response_len
     for key, value, match in (("modes", ("natural", "greedy"), "eval.modes"),
                               ("benchmarks", ("mmlu:/x",), "eval.benchmarks"),
                               ("max_problems", -1, "eval.max_problems"),
@@ -221,8 +363,8 @@ def test_validate_names_the_eval_key():
         bad = tiny.get_config()
         bad.eval[key] = value
         with pytest.raises(ConfigError, match=match):
-            config_lib.validate(bad, num_devices=1)
+            spec.resolve(bad, num_devices=1)
     bad = tiny.get_config()
     bad.task.name, bad.eval.every = "", 5
     with pytest.raises(ConfigError, match="eval.every > 0 needs eval.benchmarks"):
-        config_lib.validate_eval(bad)
+        spec.resolve_eval(bad)

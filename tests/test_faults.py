@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 
-from tests.test_loop import ROOT, _command, _env, _metrics, _run
 
 
 def _checkpoints(workdir):
@@ -17,35 +16,35 @@ def _checkpoints(workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
-    _run(tmp_path, 3)
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_run, tmp_path, damage):
+    tiny_run.run(tmp_path, 3)
     assert _checkpoints(tmp_path) == [1, 2, 3]
     data = sorted((tmp_path / "checkpoints" / "3" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)[-1]
     if damage == "truncate":
         data.write_bytes(data.read_bytes()[:100])
     else:
         data.unlink()
-    done = _run(tmp_path, 4)
+    done = tiny_run.run(tmp_path, 4)
     assert "cannot be restored" in done.stderr and "resumed from step 2" in done.stderr
-    assert sorted(_metrics(tmp_path)) == [1, 2, 3, 4]
+    assert sorted(tiny_run.metrics(tmp_path)) == [1, 2, 3, 4]
     assert _checkpoints(tmp_path)[-1] == 4
 
 
 @pytest.mark.slow
-def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path):
+def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(tiny_run, tmp_path):
     # A NaN reward for wrong and malformed answers makes every step's loss non-finite (the barely
     # warm-started tiny model gets nearly everything wrong).
-    cmd = _command(tmp_path, 10, "--config.objective.wrong_reward=nan", "--config.objective.format_reward=nan",
+    cmd = tiny_run.command(tmp_path, 10, "--config.objective.wrong_reward=nan", "--config.objective.format_reward=nan",
                    "--config.train.max_consecutive_skips=1",
                    "--config.train.checkpoint_every=100")
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=tiny_run.root, env=tiny_run.env(), capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "consecutive steps had a non-finite loss or gradient" in done.stderr
-    rows = _metrics(tmp_path)
+    rows = tiny_run.metrics(tmp_path)
     # Two updates per step (two mini-batches): the second consecutive skip ends step 1.
     assert sorted(rows) == [1] and rows[1]["skipped"] == 1.0
     assert _checkpoints(tmp_path) == [1]
-    done = _run(tmp_path, 2, "--config.train.max_consecutive_skips=5")
+    done = tiny_run.run(tmp_path, 2, "--config.train.max_consecutive_skips=5")
     assert "resumed from step 1" in done.stderr
 
 

@@ -1,11 +1,9 @@
 """The training loop end to end on a shortened tiny config: finite losses, checkpoints that
 restore, SIGTERM and SIGKILL recovery, exact resumption, and bounded skipping of bad steps."""
 import json
-import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,59 +11,17 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# A few-second version of configs/tiny.py: short SFT, short responses, 4 prompts x 4 rollouts.
-FAST = [
-    "--config.task.name=arithmetic", "--config.task.sft_steps=30", "--config.task.sft_examples=300", "--config.task.eval_problems=8",
-    "--config.task.train_problems=64",
-    "--config.model.num_layers=2", "--config.model.hidden_size=64", "--config.model.intermediate_size=128",
-    "--config.model.head_dim=16",
-    "--config.rollout.budgets=(16,32)", "--config.task.sft_budget_scales=(0.5,1.0)",
-    "--config.rollout.rollouts_per_prompt=4",
-    "--config.rollout.max_response_len=48", "--config.objective.l_max=48",
-    "--config.train.prompts_per_step=4", "--config.train.mini_batches=2", "--config.train.micro_batch_size=4",
-    "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=3",
-    "--config.eval.before_after=False", "--config.train.export_hf=False",
-]
-VOLATILE = ("time_", "generated_tokens_per_s")
-
-
-def _command(workdir, steps, *extra):
-    return [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
-            f"--workdir={workdir}", f"--config.train.steps={steps}", *FAST, *extra]
-
-
-def _env():
-    # One CPU device per process: the fake-device flag of conftest.py is for in-process tests.
-    return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-
-
-def _run(workdir, steps, *extra, timeout=600):
-    done = subprocess.run(_command(workdir, steps, *extra), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def _metrics(workdir) -> dict[int, dict]:
-    """The last row logged for each step (a resumed run logs re-run steps again)."""
-    rows = {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row:
-            rows[row["step"]] = {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
-    return rows
-
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tiny_run, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    _run(workdir, 4)
+    tiny_run.run(workdir, 4)
     return workdir
 
 
 @pytest.mark.slow
-def test_smoke_run_has_finite_losses_and_restorable_checkpoints(uninterrupted):
-    rows = _metrics(uninterrupted)
+def test_smoke_run_has_finite_losses_and_restorable_checkpoints(tiny_run, uninterrupted):
+    rows = tiny_run.metrics(uninterrupted)
     assert sorted(rows) == [1, 2, 3, 4]
     for row in rows.values():
         for key in ("loss", "grad_norm", "reward", "entropy", "response_len"):
@@ -79,8 +35,8 @@ def test_smoke_run_has_finite_losses_and_restorable_checkpoints(uninterrupted):
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(uninterrupted, tmp_path):
-    proc = subprocess.Popen(_command(tmp_path, 4), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_run, uninterrupted, tmp_path):
+    proc = subprocess.Popen(tiny_run.command(tmp_path, 4), cwd=ROOT, env=tiny_run.env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 500
@@ -93,10 +49,10 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(uninterrupt
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 4 not in _metrics(tmp_path)
-    done = _run(tmp_path, 4)
+    assert 4 not in tiny_run.metrics(tmp_path)
+    done = tiny_run.run(tmp_path, 4)
     assert "resumed from step" in done.stderr
-    want, got = _metrics(uninterrupted), _metrics(tmp_path)
+    want, got = tiny_run.metrics(uninterrupted), tiny_run.metrics(tmp_path)
     assert sorted(got) == [1, 2, 3, 4]
     for step in (3, 4):
         for key, value in want[step].items():
@@ -104,9 +60,9 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(uninterrupt
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
-    proc = subprocess.Popen(_command(tmp_path, 50, "--config.train.checkpoint_every=100"), cwd=ROOT,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_sigterm_checkpoints_and_exits_cleanly(tiny_run, tmp_path):
+    proc = subprocess.Popen(tiny_run.command(tmp_path, 50, "--config.train.checkpoint_every=100"), cwd=ROOT,
+                            env=tiny_run.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 500
     while time.time() < deadline and proc.poll() is None:
@@ -116,7 +72,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    last = max(_metrics(tmp_path))
+    last = max(tiny_run.metrics(tmp_path))
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [last] and last < 50  # checkpoint_every=100: only the SIGTERM one
 

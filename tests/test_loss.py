@@ -323,8 +323,11 @@ def test_related_rewards():
                                [1 - 0.27, 1 - 0.6, -0.27, -0.27], atol=1e-6)
     np.testing.assert_allclose(np.asarray(L.l1_max_reward(c, f, n, b)),
                                [min(1.0, 0.5 + 0.00015 * 900), 0.5 - 0.3, 0.0, 0.0], atol=1e-6)
+    # Yeo et al.: correct 2 -> 1 over the length, wrong -10 -> 0, format error (cut off) -10.
     cos = np.asarray(L.cosine_reward(c, f, jnp.array([0, 4096, 0, 0])))
-    np.testing.assert_allclose(cos, [2.0, 1.0, 0.0, -1.0], atol=1e-6)
+    np.testing.assert_allclose(cos, [2.0, 1.0, -10.0, -10.0], atol=1e-6)
+    wrong = np.asarray(L.cosine_reward(jnp.zeros(3, bool), jnp.ones(3, bool), jnp.array([0, 2048, 4096])))
+    np.testing.assert_allclose(wrong, [-10.0, -5.0, 0.0], atol=1e-5)
     mid = float(L.cosine_reward(True, True, 2048, r_min=-1.0, r_max=3.0))
     assert mid == pytest.approx(1.0, abs=1e-6)
 
@@ -348,7 +351,8 @@ def test_registry():
     with pytest.raises(ValueError, match="hbpo"):
         L.get_objective("ppo")
     hbpo = L.get_objective("hbpo")
-    assert hbpo.budget_prompts and hbpo.aggregation == "token-mean"
+    assert hbpo.prompting == "budget" and hbpo.aggregation == "token-mean"
+    assert {o.prompting for o in L.OBJECTIVES.values() if o.name != "hbpo"} == {"natural", "l1", "l1_max"}
     assert (hbpo.clip_low, hbpo.clip_high, hbpo.dual_clip) == (0.2, 0.28, 3.0)
     assert L.get_objective("dapo").dynamic_sampling and L.get_objective("dapo").overlong_penalty
     assert L.get_objective("dr_grpo").aggregation == "token-sum-norm"
@@ -377,7 +381,7 @@ def test_compute_advantages():
         assert r.shape == a.shape == (2, 16) and np.all(np.isfinite(np.asarray(a)))
     with pytest.raises(TypeError, match="intra_weight"):
         L.compute_advantages("grpo", correct, fmt, lengths, b, intra_weight=2.0)
-    # The loop passes each objective only the config values it takes.
-    assert L.OBJECTIVES["hbpo"].setting_names() == {"alpha", "beta", "eps", "format_reward", "intra_weight",
-                                                      "l_max", "variant", "wrong_reward"}
-    assert L.OBJECTIVES["grpo"].setting_names() == {"eps"} and not L.OBJECTIVES["dr_grpo"].setting_names()
+    # Each objective declares the settings it takes (spec.py passes only those).
+    assert L.OBJECTIVES["hbpo"].setting_names() == {"beta", "format_reward", "intra_weight", "l_max", "variant",
+                                                      "wrong_reward"}
+    assert not L.OBJECTIVES["grpo"].setting_names() and not L.OBJECTIVES["dr_grpo"].setting_names()

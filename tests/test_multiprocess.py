@@ -9,25 +9,22 @@ different sample, reward or update) moves every metric by far more. Discrete met
 accuracy, lengths) come out exactly equal unless a rounding flips a sampled token.
 """
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-
-from test_loop import FAST, ROOT, _metrics
 
 # mesh (2, 2, 2): the `data` axis spans the two processes, as on a pod slice (qwen1_5b.py:pod).
 MESH = "--config.mesh.shape=(2,2,2)"
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def _command(workdir, steps, *extra):
-    return [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
-            f"--workdir={workdir}", f"--config.train.steps={steps}", *FAST, MESH, *extra]
+def _command(tiny_run, workdir, steps, *extra):
+    # Every workdir starts from the session's cached tokenizer and SFT warm start (the
+    # comparison is of the RL loop).
+    return tiny_run.command(workdir, steps, MESH, *extra)
 
 
 def _env(devices, cache):
@@ -44,21 +41,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _one_process(workdir, steps, timeout=400):
-    done = subprocess.run(_command(workdir, steps), cwd=ROOT, env=_env(8, workdir.parent / "jax-cache"),
+def _one_process(tiny_run, workdir, steps, timeout=400):
+    done = subprocess.run(_command(tiny_run, workdir, steps), cwd=tiny_run.root, env=_env(8, workdir.parent / "jax-cache"),
                           capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
 
 
-def _two_processes(workdir, steps, timeout=400):
+def _two_processes(tiny_run, workdir, steps, timeout=400):
     port = _free_port()
     procs = [subprocess.Popen(
-        _command(workdir, steps, "--config.distributed=True",
+        _command(tiny_run, workdir, steps, "--config.distributed=True",
                  f"--config.distributed_coordinator=localhost:{port}",
                  "--config.distributed_num_processes=2", f"--config.distributed_process_id={i}"),
-        cwd=ROOT, env=_env(4, workdir.parent / "jax-cache"), stdout=subprocess.DEVNULL,
+        cwd=tiny_run.root, env=_env(4, workdir.parent / "jax-cache"), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     errs = []
@@ -90,28 +87,23 @@ def _max_diff(a, b):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_and_checkpoints_cross_process_counts(tmp_path):
+def test_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_run, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     t0 = time.time()
-    _one_process(one, 2)
-    # The two processes start from the same cached tokenizer and SFT warm start (saves a minute;
-    # the comparison is of the RL loop).
-    shutil.copytree(one / "warmstart", two / "warmstart")
-    for folder in one.glob("tokenizer-*"):
-        shutil.copytree(folder, two / folder.name)
+    _one_process(tiny_run, one, 2)
     t1 = time.time()
-    _two_processes(two, 2)
+    _two_processes(tiny_run, two, 2)
     t2 = time.time()
-    print(f"1 process: {t1 - t0:.0f}s (SFT included), 2 processes: {t2 - t1:.0f}s")
-    m2, m1 = _metrics(two), _metrics(one)
+    print(f"1 process: {t1 - t0:.0f}s, 2 processes: {t2 - t1:.0f}s")
+    m2, m1 = tiny_run.metrics(two), tiny_run.metrics(one)
     print(f"2 vs 1 process, steps 1-2: max |difference| {_max_diff(m2, m1):.3g}")
     _assert_close(m2, m1, [1, 2])
     assert all(m2[s]["loss"] != 0 and m2[s]["grad_norm"] > 0 for s in (1, 2))  # real updates happened
 
     # Step 3 from the other side's checkpoint: two processes -> one, and one -> two (resharded).
-    assert "resumed from step 2" in _one_process(two, 3)
-    assert "resumed from step 2" in _two_processes(one, 3)
+    assert "resumed from step 2" in _one_process(tiny_run, two, 3)
+    assert "resumed from step 2" in _two_processes(tiny_run, one, 3)
     print(f"resumed runs: {time.time() - t2:.0f}s")
-    a, b = _metrics(two), _metrics(one)
+    a, b = tiny_run.metrics(two), tiny_run.metrics(one)
     print(f"resumed step 3 (1 process from 2, 2 from 1): max |difference| {_max_diff(a, b):.3g}")
     _assert_close(a, b, [1, 2, 3])

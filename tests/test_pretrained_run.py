@@ -3,6 +3,7 @@ configs/qwen1_5b.py does at scale), here with a tiny random Qwen2 on 8 CPU devic
 import json
 
 import numpy as np
+import pytest
 
 from hbpo_jax import config as config_lib
 from hbpo_jax import data, loop
@@ -11,6 +12,7 @@ from hbpo_jax.models import ModelConfig, create_model, load_pretrained, save_pre
 from hbpo_jax.tasks import arithmetic
 
 
+@pytest.mark.slow
 def test_train_from_a_model_folder_and_a_jsonl_file(tmp_path, caplog):
     tok = tokenizer_lib.build_tokenizer(arithmetic.corpus_texts(200, 0), vocab_size=128)
     cfg = ModelConfig(vocab_size=-(-len(tok) // 8) * 8, hidden_size=32, intermediate_size=64, num_layers=2,

@@ -221,15 +221,46 @@ def test_sharded_greedy_equals_unsharded_and_uses_params_in_place():
     np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(plain.logprobs), atol=1e-5)
     assert np.asarray(sharded.lengths).tolist() == [5, 3, 5, 4]
 
-    # The jitted prefill and decode take the parameter arrays as they are: same objects, and the
-    # compiled executables expect exactly the parameters' shardings (so nothing is resharded).
-    call = sampler._prepare((graphdef, state), ids, mask, mesh=mesh, rules=None, **kw)
-    assert all(a is b for a, b in zip(jax.tree.leaves(call.state), jax.tree.leaves(state)))
+    # The jitted prefill and decode take the parameter arrays as they are: the compiled
+    # executables expect exactly the parameters' shardings (so nothing is resharded).
+    settings = sampler.SamplerSettings(max_new_tokens=5, temperature=0.0)
+    smp = sampler.get_sampler(graphdef, state, settings, mesh=mesh)
     param_shardings = [x.sharding for x in jax.tree.leaves(state)]
-    compiled = call.fns.prefill.lower(call.state, call.cache, call.prompt_ids, call.prompt_mask).compile()
-    got = jax.tree.leaves(compiled.input_shardings[0][0])
+    prefill, _ = smp.lower(state, batch=4, prompt_len=ids.shape[1])
+    got = jax.tree.leaves(prefill.compile().input_shardings[0][0])
     assert len(got) == len(param_shardings)
     assert all(g.is_equivalent_to(p, x.ndim) for g, p, x in zip(got, param_shardings, jax.tree.leaves(state)))
     # The cache: batch over (data, fsdp), kv heads over tensor.
-    spec = call.cache.keys[0].sharding.spec
+    spec = smp.new_cache(4, ids.shape[1]).keys[0].sharding.spec
     assert tuple(spec)[:3] == (("data", "fsdp"), None, "tensor") or tuple(spec)[:3] == ("fsdp", None, "tensor")
+
+
+def test_sampler_object_compiles_once_and_equals_generate(model):
+    """Two Samplers' worth of calls: the same settings share one compilation (get_sampler), a
+    Sampler's two halves give generate's output, and lowering needs no arrays."""
+    graphdef, state = nnx.split(model)
+    ids, mask = sampler.pad_prompts(PROMPTS, pad_id=0)
+    settings = sampler.SamplerSettings(max_new_tokens=4, eos_ids=[7], pad_id=99, temperature=0.9, top_k=20)
+    assert settings == sampler.SamplerSettings(4, (7,), 99, 0.9, 1.0, 20) and hash(settings)
+    smp = sampler.get_sampler(graphdef, state, settings)
+    assert sampler.get_sampler(graphdef, state, sampler.SamplerSettings(4, (7,), 99, 0.9, 1.0, 20)) is smp
+    key = jax.random.key(11)
+    first = smp(state, ids, mask, key=key)
+    before = dict(sampler.TRACE_COUNTS)
+    inputs = smp.prepare(ids, mask, key=key)
+    logits, cache = smp.prefill(state, smp.new_cache(*inputs.prompt_ids.shape), inputs)
+    halves, _ = smp.decode(state, cache, logits, inputs)
+    ref = sampler.generate(model, ids, mask, key=key, max_new_tokens=4, eos_ids=(7,), pad_id=99,
+                           temperature=0.9, top_k=20)
+    assert dict(sampler.TRACE_COUNTS) == before  # neither the halves nor generate traced again
+    for out in (halves, ref):
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(first.tokens))
+        np.testing.assert_array_equal(np.asarray(out.logprobs), np.asarray(first.logprobs))
+        np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(first.lengths))
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    prefill, decode = smp.lower(abstract, batch=2, prompt_len=20)
+    assert "while" in decode.as_text()
+    assert prefill.out_info[0].shape == (2, CFG.vocab_size)
+    with pytest.raises(ValueError, match="top_p"):
+        sampler.SamplerSettings(max_new_tokens=4, top_p=0.0)

@@ -72,6 +72,7 @@ def _tiny(tok):
     return cfg, sft.tokenize_sft(tok, A.sft_examples(64, 1, difficulties=(1, 2)), max_len=128)
 
 
+@pytest.mark.slow
 def test_sft_train_lowers_loss(tok):
     cfg, data = _tiny(tok)
     model = Qwen2(cfg, rngs=nnx.Rngs(0))
@@ -88,6 +89,7 @@ def test_sft_train_lowers_loss(tok):
     assert float(loss) < 0.6 * res.losses[:3].mean()
 
 
+@pytest.mark.slow
 def test_sft_train_sharded_matches_unsharded(tok):
     cfg, data = _tiny(tok)
     mesh = sharding.make_mesh((1, -1, 1))

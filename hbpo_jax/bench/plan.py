@@ -1,6 +1,10 @@
 """The training step and the sampler of a config, built from abstract arrays (no weights
 allocated) and lowered or compiled on a mesh: to check that a big config fits before a pod is
-spent, and to read the per-device memory XLA plans for it.
+spent, and to read the per-device memory XLA plans for it (launch/memory.py).
+
+Both are built the way a run builds them: the config resolved into a spec (spec.resolve), the
+update batch in the loop's layout (batching.abstract_minibatch) and the rollout sampler through
+the public Sampler API.
 """
 from __future__ import annotations
 
@@ -10,21 +14,26 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from hbpo_jax import batching, sampler, sharding, spec, trainer
 from hbpo_jax import config as config_lib
-from hbpo_jax import loop, sampler, sharding, trainer
-from hbpo_jax.models import KVCache, Qwen2
+from hbpo_jax.models import Qwen2
 
 
 def _sds(x, s):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
 
+def abstract_params(cfg, mesh, rules):
+    """(graphdef, parameters as ShapeDtypeStructs sharded per the rule table)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, jax.tree.map(_sds, state, sharding.state_shardings(state, mesh, rules))
+
+
 def abstract_state(cfg, mesh, rules, optimizer):
     """(graphdef, TrainState of ShapeDtypeStruct carrying shardings): params per the rule table,
     Adam moments like their parameters, scalars replicated."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
-    shardings = sharding.state_shardings(state, mesh, rules)
-    params = jax.tree.map(_sds, state, shardings)
+    graphdef, params = abstract_params(cfg, mesh, rules)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt = jax.eval_shape(optimizer.init, params)
     opt = optax.tree_map_params(optimizer, lambda p, s: _sds(p, s), opt, shardings,
@@ -33,55 +42,38 @@ def abstract_state(cfg, mesh, rules, optimizer):
     return graphdef, trainer.TrainState(params, opt, scalar, scalar, scalar)
 
 
+def _resolve(config, mesh):
+    """(RunSpec, ModelConfig, rules) of `config` for `mesh` (ConfigError naming the key)."""
+    run = spec.resolve(config, num_devices=mesh.devices.size)
+    return run, config_lib.model_config(config), sharding.rules_from_config(config.mesh)
+
+
 def lower_train_step(config, mesh):
-    """The jitted mini-batch update of `config` at its full shapes (prompt + L_max tokens)."""
-    rules = sharding.rules_from_config(config.mesh)
-    cfg = config_lib.model_config(config)
-    t, r = config.train, config.rollout
-    objective = loop.loss_lib.get_objective(config.objective.name)
-    group = r.rollouts_per_prompt
-    rows = t.prompts_per_step // t.mini_batches * group
-    optimizer = trainer.make_optimizer(config.optim, t.steps * t.mini_batches)
+    """The jitted mini-batch update of `config` at its full shapes: the bucketed prompt width plus
+    L_max response tokens, rows_per_minibatch rows in micro-batches (with the reference
+    log-probs when the loss has a KL term)."""
+    run, cfg, rules = _resolve(config, mesh)
+    s, t = run.sampling, run.train
+    optimizer = trainer.make_optimizer(run.optim, t.total_updates)
     graphdef, state = abstract_state(cfg, mesh, rules, optimizer)
-    micro, n, p = t.micro_batch_size, r.max_response_len, r.max_prompt_len
-    u = rows // micro
-    batch_axes = sharding.logical_to_spec(("batch",), rules, mesh)[0]
-    row = NamedSharding(mesh, PartitionSpec(None, batch_axes))
-    ones = NamedSharding(mesh, PartitionSpec())
-    batch = dict(
-        tokens=jax.ShapeDtypeStruct((u, micro, p + n), jnp.int32, sharding=row),
-        attention_mask=jax.ShapeDtypeStruct((u, micro, p + n), jnp.int32, sharding=row),
-        response_mask=jax.ShapeDtypeStruct((u, micro, n), jnp.bool_, sharding=row),
-        old_logp=jax.ShapeDtypeStruct((u, micro, n), jnp.float32, sharding=row),
-        advantages=jax.ShapeDtypeStruct((u, micro), jnp.float32, sharding=row),
-        weight=jax.ShapeDtypeStruct((u,), jnp.float32, sharding=ones))
-    loss_kwargs = loop._loss_kwargs(objective, config, rows)
-    return trainer.update.lower(graphdef, state, batch, optimizer=optimizer, prompt_len=p,
-                                temperature=r.temperature, loss_kwargs=loss_kwargs)
+    prompt_width = sampler.bucket_length(s.max_prompt_len)  # the rollout's prompts, pad_prompts' default
+    batch = batching.abstract_minibatch(t.rows_per_minibatch, t.micro_batch_size, prompt_width, s.max_response_len,
+                                        mesh, rules, with_ref=run.loss.kl_coef > 0)
+    return trainer.update.lower(graphdef, state, batch, optimizer=optimizer, prompt_len=prompt_width,
+                                temperature=s.temperature, loss_kwargs=run.loss.kwargs())
 
 
 def lower_sampler(config, mesh, batch: int | None = None):
     """(prefill, decode) of `config`'s rollouts, lowered: batch defaults to one sampler call's rows
-    (rollout.max_batch, or all of a step's rollouts), prompt max_prompt_len, L_max new tokens."""
-    rules = tuple(sharding.rules_from_config(config.mesh))
-    cfg = config_lib.model_config(config)
-    r = config.rollout
-    b = batch or r.max_batch or config.train.prompts_per_step * r.rollouts_per_prompt
-    p, n = r.max_prompt_len, r.max_response_len
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
-    params = jax.tree.map(_sds, state, sharding.state_shardings(state, mesh, rules))
-    st = sampler._Static(n, tuple(cfg.eos_token_ids), 0, float(r.temperature), float(r.top_p),
-                         int(r.top_k), jnp.dtype(cfg.compute_dtype), mesh, rules)
-    fns = sampler._functions(graphdef, st)
-    cache_sh = sampler._cache_shardings(cfg, st, b, p + n)
-    cache = jax.tree.map(_sds, jax.eval_shape(lambda: KVCache.init(cfg, b, p + n)), cache_sh)
-    rows = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
-        shape, dtype, sharding=sharding.batch_sharding(mesh, rules, len(shape), shape))
-    prefill = fns.prefill.lower(params, cache, rows((b, p), jnp.int32), rows((b, p), jnp.int32))
-    logits = rows((b, cfg.vocab_size), jnp.float32)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-    decode = fns.decode.lower(params, cache, logits, rows((b,), jnp.int32), rows((b,), jnp.int32), key)
-    return prefill, decode
+    (rollout.max_batch, or all of a step's rollouts), prompts of max_prompt_len tokens (padded to
+    their bucket), L_max new tokens."""
+    run, cfg, rules = _resolve(config, mesh)
+    s = run.sampling
+    graphdef, params = abstract_params(cfg, mesh, rules)
+    settings = sampler.SamplerSettings(max_new_tokens=s.max_response_len, eos_ids=cfg.eos_token_ids,
+                                       temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    smp = sampler.Sampler(graphdef, cfg, settings, mesh=mesh, rules=rules)
+    return smp.lower(params, batch or s.max_batch or run.train.prompts_per_step * s.group, s.max_prompt_len)
 
 
 def memory_table(config, mesh) -> str:
@@ -96,13 +88,12 @@ def memory_table(config, mesh) -> str:
              "", "| program | arguments GiB/device | outputs GiB/device | temporaries GiB/device | total GiB/device |",
              "|---|---|---|---|---|"]
     prefill, decode = lower_sampler(config, mesh)
+    gib = lambda x: x / 2**30  # noqa: E731
     for name, lowered in (("train step (one mini-batch)", lower_train_step(config, mesh)),
                           ("sampler prefill", prefill), ("sampler decode loop", decode)):
         m = lowered.compile().memory_analysis()
-        gib = lambda x: x / 2**30  # noqa: E731
         args, outs, temp = (m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes)
         alias = getattr(m, "alias_size_in_bytes", 0)
         lines.append(f"| {name} | {gib(args):.2f} | {gib(outs):.2f} | {gib(temp):.2f} | "
                      f"{gib(args + outs + temp - alias):.2f} |")
     return "\n".join(lines)
-

@@ -1,8 +1,9 @@
 """Ablations on one shared starting policy: variants of a base config (budget sets, objectives,
-rollout modes) trained one after another with `loop.run`, then one table of their evaluations.
+rollout modes) trained one after another with `loop.run`, then one table of their evaluations
+(the paper's ablations of budget sets and reward types, arXiv 2507.15844).
 
     results = ablation.run_variants(tiny.get_config(), [Variant("hbpo-4", budgets=(32, 64, 128, 160)),
-                                                        Variant("classic", "classic", rollout_mode="natural")],
+                                                        Variant("classic", "classic")],
                                     "runs/ablation", overrides={"train.steps": 10})
     print(ablation.markdown_table(results))
 
@@ -12,9 +13,9 @@ folder per variant (a normal run workdir: checkpoints, metrics.jsonl, results.js
 
 Sharing: every variant builds its tokenizer and warm start for the base config's budgets
 (task.sft_budgets), so the SFT model cached in `warmstart/` is valid for all of them and is copied
-into each run's workdir, where `loop.build_policy` finds it. The first variant evaluates the
-starting policy ("before"); a later variant whose evaluation modes it covers reuses that
-(eval.reuse_before) instead of evaluating the same model again.
+into each run's workdir, where the training loop finds it (tasks.warmstart). The first variant
+evaluates the starting policy ("before"); a later variant whose evaluation modes it covers
+reuses that (eval.reuse_before) instead of evaluating the same model again.
 """
 from __future__ import annotations
 
@@ -22,14 +23,16 @@ import copy
 import dataclasses
 import glob
 import importlib.util
-import json
 import os
 import shutil
 import time
 from typing import Callable, Sequence
 
-from hbpo_jax import config as config_lib
-from hbpo_jax import sharding
+from hbpo_jax import cli, files, sharding
+from hbpo_jax import loss as loss_lib
+from hbpo_jax import spec as spec_lib
+from hbpo_jax.eval import report
+from hbpo_jax.eval.evaluation import sort_levels
 
 NO_BUDGET_MODES = ("natural", "efficiency")
 
@@ -43,22 +46,27 @@ class Variant:
     budgets: rollout.budgets; () keeps the base config's. In a rollout mode without budget prompts
       (natural, efficiency) only the number of rollouts matters: one budget, the largest, is kept
       so that every rollout of a prompt is one group.
-    rollout_mode: rollout.mode ("budget" for HBPO and L1, "natural" for budget-blind rewards).
+    rollout_mode: rollout.mode; None: the objective's own (loss.OBJECTIVES: "budget" for HBPO,
+      "natural" for budget-blind rewards such as classic and cosine).
     eval_modes: eval.modes after training ("fixed": each of the variant's budgets).
     """
 
     name: str
     objective: str = "hbpo"
     budgets: tuple[int, ...] = ()
-    rollout_mode: str = "budget"
+    rollout_mode: str | None = None
+
+    @property
+    def mode(self) -> str:
+        """The rollout mode the variant trains with."""
+        return self.rollout_mode or loss_lib.get_objective(self.objective).prompting
     eval_modes: tuple[str, ...] = ("natural",)
 
 
 def load_config(path: str, arg: str | None = None):
     """`get_config(arg)` of a config file; a relative path that is not found from the working
-    directory is looked up in the source checkout this package was imported from."""
-    if not os.path.exists(path) and not os.path.isabs(path):
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    directory is looked up in the repository root (cli.find_config)."""
+    path = cli.find_config(path)
     spec = importlib.util.spec_from_file_location(f"_config_{os.path.basename(path)[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -87,10 +95,10 @@ def variant_config(base, variant: Variant, overrides: dict | None = None):
     if not tuple(c.task.sft_budgets):
         c.task.sft_budgets = base_budgets
     budgets = tuple(variant.budgets) or base_budgets
-    if variant.rollout_mode in NO_BUDGET_MODES:
+    if variant.mode in NO_BUDGET_MODES:
         budgets = budgets[-1:]
     c.rollout.budgets = budgets
-    c.rollout.mode = variant.rollout_mode
+    c.rollout.mode = variant.mode
     c.objective.name = variant.objective
     c.eval.before_after = True
     c.eval.modes = tuple(variant.eval_modes)
@@ -101,20 +109,20 @@ def variant_config(base, variant: Variant, overrides: dict | None = None):
 
 def mode_names(config) -> list[str]:
     """The evaluation mode names that `config`'s evaluation produces, in order."""
-    from hbpo_jax.eval import evaluation
-    return [m.name for m in evaluation.parse_modes(tuple(config.eval.modes), tuple(config.rollout.budgets))]
+    return [m.name for m in spec_lib.resolve_eval(config).modes]
 
 
 def warm_start(config, workdir: str) -> float:
     """Builds the tokenizer and the SFT warm start of `config` in `workdir` (once; cached there).
     Returns the seconds it took (0 when it was cached or the config starts from model_path)."""
-    from hbpo_jax import loop
+    from hbpo_jax.tasks import warmstart
     if config.task.name != "arithmetic" or os.path.isdir(os.path.join(workdir, "warmstart", "params")):
         return 0.0
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
-    loop.build_policy(config, workdir, sharding.mesh_from_config(config.mesh),
-                      sharding.rules_from_config(config.mesh))
+    # LEAD: the same builder loop.build_policy calls for the arithmetic task (tasks/warmstart.py).
+    warmstart.arithmetic_policy(config, workdir, sharding.mesh_from_config(config.mesh),
+                                sharding.rules_from_config(config.mesh))
     return time.perf_counter() - t0
 
 
@@ -127,16 +135,7 @@ def _copy_warm_start(src: str, dst: str) -> None:
 
 
 def _read(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+    return files.read_json(path) if os.path.exists(path) else {}
 
 
 def run_variants(base, variants: Sequence[Variant], workdir: str, *, overrides: dict | None = None,
@@ -157,7 +156,7 @@ def run_variants(base, variants: Sequence[Variant], workdir: str, *, overrides: 
         raise ValueError(f"variant names must be distinct folder names other than 'warmstart', got {names}.")
     configs = [variant_config(base, v, overrides) for v in variants]
     for c in configs:
-        config_lib.validate(c)
+        spec_lib.resolve(c)
     os.makedirs(workdir, exist_ok=True)
     shared = os.path.join(workdir, "warmstart")
     previous = _read(os.path.join(workdir, "ablation.json"))
@@ -172,7 +171,7 @@ def run_variants(base, variants: Sequence[Variant], workdir: str, *, overrides: 
         results_path = os.path.join(run_dir, "results.json")
         results = _read(results_path)
         entry = dict(name=variant.name, objective=variant.objective, budgets=list(c.rollout.budgets),
-                     rollout_mode=variant.rollout_mode)
+                     rollout_mode=variant.mode)
         if "after" in results:
             log(f"{variant.name}: already done")
             entry.update(seconds=done_before.get(variant.name, {}).get("seconds", float("nan")),
@@ -184,9 +183,10 @@ def run_variants(base, variants: Sequence[Variant], workdir: str, *, overrides: 
             if "before" in results:  # an interrupted run: its own (or already reused) "before"
                 c.eval.reuse_before = True
             elif reference is not None:
-                have = {s["mode"]: s for s in reference}
-                if all(m in have for m in wanted):
-                    _write(results_path, {"before": [have[m] for m in wanted]})
+                have = report.by_key(reference)  # the first run's "before", by (benchmark, mode)
+                benches = list(dict.fromkeys(b for b, _ in have))
+                if all((b, m) in have for b in benches for m in wanted):
+                    files.write_json(results_path, {"before": [have[(b, m)] for b in benches for m in wanted]})
                     c.eval.reuse_before = True
                     entry["before_reused"] = True
             log(f"{variant.name}: {c.objective.name}, budgets {tuple(c.rollout.budgets)}, "
@@ -202,7 +202,7 @@ def run_variants(base, variants: Sequence[Variant], workdir: str, *, overrides: 
         runs.append(entry)
 
     out = {"warm_start": {"seconds": sft_seconds, "before": reference}, "runs": runs}
-    _write(os.path.join(workdir, "ablation.json"), out)
+    files.write_json(os.path.join(workdir, "ablation.json"), out)
     with open(os.path.join(workdir, "ablation.md"), "w") as f:
         f.write(markdown_table(out) + "\n")
     return out
@@ -223,29 +223,31 @@ def natural_rows(results: dict) -> list[dict]:
 
 def markdown_table(results: dict) -> str:
     """Natural mode per policy (accuracy, mean tokens, change against the warm start, per level),
-    then every budget prompt that a run evaluated."""
+    then every budget prompt that a run evaluated (report.table builds both)."""
     rows = natural_rows(results)
-    levels = sorted({lv for r in rows for lv in r["by_level"]}, key=int)
+    levels = sort_levels({lv for r in rows for lv in r["by_level"]})
     head = ["run", "objective", "budgets", "accuracy", "mean tokens", "Δ accuracy", "Δ tokens"]
     head += [f"level {lv} acc / tokens" for lv in levels]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     warm = rows[0]
-    for r in rows:
-        cells = [r["name"], r["objective"], "/".join(map(str, r["budgets"])) or "–",
-                 f"{r['accuracy']:.1f}%", f"{r['mean_tokens']:.1f}",
-                 f"{r['accuracy'] - warm['accuracy']:+.1f}",
-                 f"{100 * (r['mean_tokens'] / warm['mean_tokens'] - 1):+.0f}%" if warm["mean_tokens"] else "–"]
-        for lv in levels:
-            v = r["by_level"].get(lv)
-            cells.append(f"{v['accuracy']:.0f}% / {v['mean_tokens']:.0f}" if v else "–")
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = report.table(head, ([
+        r["name"], r["objective"], "/".join(map(str, r["budgets"])) or report.NONE,
+        f"{r['accuracy']:.1f}%", f"{r['mean_tokens']:.1f}", f"{r['accuracy'] - warm['accuracy']:+.1f}",
+        f"{100 * (r['mean_tokens'] / warm['mean_tokens'] - 1):+.0f}%" if warm["mean_tokens"] else report.NONE,
+        *(_level_cell(r["by_level"].get(lv)) for lv in levels)] for r in rows))
     prompted = [(r["name"], s) for r in results["runs"] for s in r["after"] if s["mode"] != "natural"]
     if prompted:
-        before = {s["mode"]: s for s in results["warm_start"]["before"]}
-        lines += ["", "| run | prompt | accuracy (warm start) | mean tokens (warm start) |", "|---|---|---|---|"]
-        for name, s in prompted:
-            b = before.get(s["mode"])
-            acc_b = f" ({b['accuracy']:.1f}%)" if b else ""
-            tok_b = f" ({b['mean_tokens']:.1f})" if b else ""
-            lines.append(f"| {name} | {s['mode']} | {s['accuracy']:.1f}%{acc_b} | {s['mean_tokens']:.1f}{tok_b} |")
+        before = report.by_key(results["warm_start"]["before"])
+        lines += [""] + report.table(["run", "prompt", "accuracy (warm start)", "mean tokens (warm start)"], (
+            [name, s["mode"], f"{s['accuracy']:.1f}%{_paren(b, 'accuracy', '.1f', '%')}",
+             f"{s['mean_tokens']:.1f}{_paren(b, 'mean_tokens', '.1f')}"]
+            for name, s in prompted for b in [before.get((s.get("benchmark", ""), s["mode"]))]))
     return "\n".join(lines)
+
+
+def _level_cell(v: dict | None) -> str:
+    return f"{v['accuracy']:.0f}% / {v['mean_tokens']:.0f}" if v else report.NONE
+
+
+def _paren(s: dict | None, key: str, fmt: str, unit: str = "") -> str:
+    """" (value)" of the warm start's number, or nothing when it was not evaluated."""
+    return f" ({s[key]:{fmt}}{unit})" if s else ""

@@ -1,12 +1,13 @@
 """Accuracy and response length of a policy under each prompting mode, per difficulty level.
 
-This is the paper's evaluation shape (accuracy % / mean tokens) at whatever scale: natural mode
-(nothing pre-filled), efficiency prompting, and each budget prompt.
+This is the evaluation shape of the HBPO paper (arXiv 2507.15844, its tables: accuracy % /
+mean tokens) at whatever scale: natural mode (nothing pre-filled), efficiency prompting, and each
+budget prompt.
 
-One path for every evaluation: `parse_modes` -> `generate` responses -> `score` (grading;
-model-free, so fixed responses can be scored) -> `BenchmarkResult.summary`. launch/eval.py and the
-loop's periodic eval drive it per benchmark (eval_run); `evaluate` runs it over a list of records
-(the loop's before/after evaluation) and `before_after_table` compares two of its summaries.
+The steps of every evaluation (eval.run.evaluate runs them for before / after training, periodic
+evaluations, launch/eval.py and ablations): `generate` responses -> `score` them (grading;
+model-free, so fixed responses can be scored) -> `BenchmarkResult.summary()`; eval.report turns
+summaries into tables and files.
 
 Statistics of a BenchmarkResult (P problems x S samples):
   accuracy   pass@1 in %: the mean over samples of each problem's correctness, then the mean of
@@ -29,43 +30,9 @@ import jax
 import numpy as np
 
 from hbpo_jax import grading, rollout
+from hbpo_jax.rollout import ModeSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModeSpec:
-    """One prompting mode: `name` labels tables and scalars ("natural", "efficiency",
-    "budget_<b>", "l1_<b>"); `mode` is rollout's mode; `budget` 0 unless fixed / l1."""
-
-    name: str
-    mode: str
-    budget: int = 0
-
-
-def parse_modes(specs: Sequence[str], budgets: Sequence[int] = ()) -> list[ModeSpec]:
-    """Mode specs -> ModeSpecs: "natural", "efficiency", "fixed:N" (also "budget:N", "budget_N"),
-    "l1:N", and "fixed" / "l1" alone for each of `budgets` (rollout.budgets). Raises ValueError
-    naming the bad spec; duplicates are dropped."""
-    out: list[ModeSpec] = []
-    for spec in specs:
-        text = str(spec).strip().lower().replace("budget_", "fixed:").replace("budget:", "fixed:")
-        kind, _, arg = text.partition(":")
-        if kind in ("natural", "efficiency") and not arg:
-            new = [ModeSpec(kind, kind)]
-        elif kind in ("fixed", "l1"):
-            values = [arg] if arg else list(budgets)
-            if not values or not all(str(v).isdigit() and int(v) > 0 for v in values):
-                raise ValueError(f"eval mode {spec!r}: {kind} needs positive budgets ({kind}:N, or "
-                                 "rollout.budgets for a bare name).")
-            label = "budget" if kind == "fixed" else "l1"
-            new = [ModeSpec(f"{label}_{int(v)}", kind, int(v)) for v in values]
-        else:
-            raise ValueError(f"eval mode {spec!r} is not one of natural, efficiency, fixed[:N], l1[:N].")
-        out += [m for m in new if m not in out]
-    if not out:
-        raise ValueError("no eval modes given.")
-    return out
 
 
 @dataclasses.dataclass
@@ -206,50 +173,3 @@ def max_new_tokens(requested: int, max_positions: int, prompt_tokens: int) -> in
         log.warning("eval: %d response tokens do not fit the model's %d positions after a %d-token "
                     "prompt; generating %d.", requested, max_positions, prompt_tokens, room)
     return min(int(requested), room)
-
-
-# ------------------------------------------------- the training loop's before/after evaluation
-
-def evaluate(policy, tokenizer, records: Sequence[dict], *, budgets: Sequence[int], key: jax.Array,
-             modes: Sequence[str] = ("natural", "efficiency", "fixed"), benchmark: str = "eval",
-             samples: int = 1, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             batch_size: int = 256, prefix_in_response: bool = True, mesh=None, rules=None,
-             workers: int | None = 1, timeout_s: float = 5.0) -> list[BenchmarkResult]:
-    """`generate` then `score` for each of `modes` (`parse_modes` specs: "fixed" / "l1" alone =
-    each budget in `budgets`, or "fixed:N", "l1:N"); the training loop's before/after evaluation.
-
-    records: dicts with problem, answer and optionally id and level (or difficulty). Lengths are
-    counted as in training (the pre-filled prefix included when prefix_in_response)."""
-    problems = [r["problem"] for r in records]
-    results = []
-    for spec in parse_modes(modes, budgets):
-        key, sub = jax.random.split(key)
-        texts, lengths = generate(policy, tokenizer, problems, spec, samples=samples,
-                                  max_new_tokens=max_new_tokens, key=sub, temperature=temperature,
-                                  top_p=top_p, batch_size=batch_size,
-                                  prefix_in_response=prefix_in_response, mesh=mesh, rules=rules)
-        results.append(score(benchmark, spec, records, texts, lengths, samples=samples,
-                             workers=workers, timeout_s=timeout_s))
-    return results
-
-
-def before_after_table(before: list[dict], after: list[dict]) -> str:
-    """Markdown from two lists of BenchmarkResult.summary() dicts: natural mode per level, then every
-    prompting mode overall, before and after training."""
-    lines = ["| natural mode | accuracy before | accuracy after | mean tokens before | mean tokens after |",
-             "|---|---|---|---|---|"]
-    nat_b = next(r for r in before if r["mode"] == "natural")
-    nat_a = next(r for r in after if r["mode"] == "natural")
-    for level in sorted(nat_b["by_level"], key=int):
-        b, a = nat_b["by_level"][level], nat_a["by_level"].get(level, {"accuracy": float("nan"), "mean_tokens": float("nan")})
-        lines.append(f"| level {level} | {b['accuracy']:.1f}% | {a['accuracy']:.1f}% | "
-                     f"{b['mean_tokens']:.1f} | {a['mean_tokens']:.1f} |")
-    lines.append(f"| **all** | {nat_b['accuracy']:.1f}% | {nat_a['accuracy']:.1f}% | "
-                 f"{nat_b['mean_tokens']:.1f} | {nat_a['mean_tokens']:.1f} |")
-    lines += ["", "| prompt | accuracy before | accuracy after | mean tokens before | mean tokens after |",
-              "|---|---|---|---|---|"]
-    for b in before:
-        a = next(r for r in after if r["mode"] == b["mode"])
-        lines.append(f"| {b['mode']} | {b['accuracy']:.1f}% | {a['accuracy']:.1f}% | "
-                     f"{b['mean_tokens']:.1f} | {a['mean_tokens']:.1f} |")
-    return "\n".join(lines)

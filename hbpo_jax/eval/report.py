@@ -1,26 +1,36 @@
-"""Evaluation outputs: results.json, results.md (the paper's table layout), a PNG of accuracy
-against tokens, and responses.jsonl (every response, graded).
-
-All writers take `BenchmarkResult.summary()` dicts (or the results themselves for the jsonl), so
-the report of a finished evaluation can be rebuilt from its results.json.
+"""Evaluation outputs, all from `BenchmarkResult.summary()` dicts: the markdown tables (the one
+table builder, for launch/eval.py, the training loop's before / after results.md and the
+ablation table) and the files of an evaluation: results.json, results.md (the paper's layout,
+arXiv 2507.15844: accuracy % / mean tokens per mode), a PNG of accuracy against tokens, and
+responses.jsonl (every response, graded). A finished evaluation's report can be rebuilt from its
+results.json.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Iterable, Sequence
 
-from hbpo_jax import data
+from hbpo_jax import data, files
 from hbpo_jax.eval.evaluation import BenchmarkResult, sort_levels
 
 FILES = {"json": "results.json", "markdown": "results.md", "plot": "accuracy_vs_tokens.png",
          "responses": "responses.jsonl"}
+NONE = "–"  # an empty cell
 
 
-def _cell(s: dict | None) -> str:
-    if s is None or s.get("problems", 0) == 0:
-        return "–"
+# ----------------------------------------------------------------------------- tables
+
+def table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table (every table of the package is built here)."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+
+
+def cell(s: dict | None) -> str:
+    """"accuracy % / mean tokens" of a summary (or of one of its by_level entries)."""
+    if s is None or s.get("problems", 1) == 0:
+        return NONE
     return f"{s['accuracy']:.1f} / {s['mean_tokens']:.0f}"
 
 
@@ -32,45 +42,75 @@ def _ordered(values: Iterable[str]) -> list[str]:
     return seen
 
 
-def markdown(summaries: Sequence[dict]) -> str:
-    """Tables from summary dicts: modes x benchmarks ("accuracy % / mean tokens", plus a mean
-    column over benchmarks when there are several), then one modes x levels table per benchmark
-    with levels, then every number with its 95% interval and median tokens."""
-    modes = _ordered(s["mode"] for s in summaries)
-    benches = _ordered(s["benchmark"] for s in summaries)
-    get = {(s["benchmark"], s["mode"]): s for s in summaries}
+def by_key(summaries: Sequence[dict]) -> dict:
+    """{(benchmark, mode): summary}."""
+    return {(s.get("benchmark", ""), s["mode"]): s for s in summaries}
+
+
+def _mean(got: Sequence[dict]) -> dict | None:
+    if not got:
+        return None
+    return {"accuracy": sum(s["accuracy"] for s in got) / len(got),
+            "mean_tokens": sum(s["mean_tokens"] for s in got) / len(got)}
+
+
+def _level(s: dict | None, level: str | None) -> dict | None:
+    return s if s is None or level is None else s["by_level"].get(level)
+
+
+def markdown(summaries: Sequence[dict], *, before: Sequence[dict] | None = None) -> str:
+    """Tables of an evaluation: modes x benchmarks ("accuracy % / mean tokens", plus a mean column
+    over benchmarks when there are several), one modes x levels table per benchmark with levels,
+    then every number with its 95% interval and median tokens.
+
+    before: the same evaluation of the starting policy (the training loop's results.md); every
+    cell then reads "before → after", and the last table lists both policies.
+    """
+    after = by_key(summaries)
+    prior = None if before is None else by_key(before)
+    modes, benches = _ordered(m for _, m in after), _ordered(b for b, _ in after)
     several = len(benches) > 1
-    head = ["mode", *benches] + (["mean"] if several else [])
-    lines = ["Accuracy % / mean response tokens (pass@1).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def show(pick):  # pick(summaries by key) -> the summary a cell shows, or None
+        return cell(pick(after)) if prior is None else f"{cell(pick(prior))} → {cell(pick(after))}"
+
+    rows = []
     for m in modes:
-        cells = [_cell(get.get((b, m))) for b in benches]
+        row = [m] + [show(lambda d, k=(b, m): d.get(k)) for b in benches]
         if several:
-            got = [get[(b, m)] for b in benches if (b, m) in get]
-            mean = {"problems": 1, "accuracy": sum(s["accuracy"] for s in got) / len(got),
-                    "mean_tokens": sum(s["mean_tokens"] for s in got) / len(got)} if got else None
-            cells.append(_cell(mean))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            row.append(show(lambda d: _mean([d[(b, m)] for b in benches if (b, m) in d])))
+        rows.append(row)
+    when = "" if prior is None else ", before → after training"
+    lines = [f"Accuracy % / mean response tokens (pass@1){when}.", ""]
+    lines += table(["mode", *benches] + (["mean"] if several else []), rows)
     for b in benches:
-        levels = sort_levels({lv for s in summaries if s["benchmark"] == b for lv in s["by_level"]})
-        if not levels:
-            continue
-        lines += ["", f"{b} by level (accuracy % / mean tokens):", "",
-                  "| mode | " + " | ".join(f"level {lv}" for lv in levels) + " |",
-                  "|" + "---|" * (len(levels) + 1)]
-        for m in modes:
-            s = get.get((b, m))
-            if s is not None:
-                lines.append(f"| {m} | " + " | ".join(_cell(s["by_level"].get(lv)) for lv in levels) + " |")
-    lines += ["", "| benchmark | mode | problems × samples | accuracy % | 95% interval | mean tokens "
-              "| median tokens | format errors |", "|---|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        ci = "–" if s["ci95"] is None else f"{s['ci95'][0]:.1f}–{s['ci95'][1]:.1f}"
-        lines.append(f"| {s['benchmark']} | {s['mode']} | {s['problems']} × {s['samples']} | "
-                     f"{s['accuracy']:.1f} | {ci} | {s['mean_tokens']:.1f} | {s['median_tokens']:.1f} | "
-                     f"{100 * s.get('format_error_rate', 0.0):.1f}% |")
+        levels = sort_levels({lv for (bb, _), s in after.items() if bb == b for lv in s["by_level"]})
+        if levels:
+            lines += ["", f"{b} by level (accuracy % / mean tokens{when}):", ""]
+            lines += table(["mode", *(f"level {lv}" for lv in levels)],
+                           [[m] + [show(lambda d, k=(b, m), lv=lv: _level(d.get(k), lv)) for lv in levels]
+                            for m in modes if (b, m) in after])
+    policies = [("", summaries)] if prior is None else [("before", before), ("after", summaries)]
+    head = ["benchmark", "mode", "problems × samples", "accuracy %", "95% interval", "mean tokens",
+            "median tokens", "format errors"]
+    lines += [""] + table(head if prior is None else ["policy", *head],
+                          ([w] * (prior is not None) + _detail(s) for w, group in policies for s in group))
     return "\n".join(lines) + "\n"
 
+
+def before_after_markdown(before: Sequence[dict], after: Sequence[dict]) -> str:
+    """The training loop's results.md: `markdown(after, before=before)`."""
+    return markdown(after, before=before)
+
+
+def _detail(s: dict) -> list[str]:
+    ci = NONE if s.get("ci95") is None else f"{s['ci95'][0]:.1f}–{s['ci95'][1]:.1f}"
+    return [s.get("benchmark", ""), s["mode"], f"{s['problems']} × {s['samples']}", f"{s['accuracy']:.1f}",
+            ci, f"{s['mean_tokens']:.1f}", f"{s['median_tokens']:.1f}",
+            f"{100 * s.get('format_error_rate', 0.0):.1f}%"]
+
+
+# ----------------------------------------------------------------------------- files
 
 def plot(summaries: Sequence[dict], path: str) -> str:
     """Accuracy (with its 95% interval) against mean tokens: one series per benchmark, one point
@@ -101,13 +141,14 @@ def plot(summaries: Sequence[dict], path: str) -> str:
     return path
 
 
-def _jsonable(x):
+def jsonable(x):
+    """`x` with NaN / inf as None (strict JSON), through dicts, lists and tuples."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 
@@ -119,10 +160,7 @@ def write(results: Sequence[BenchmarkResult], out_dir: str, *, meta: dict | None
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, v) for k, v in FILES.items()}
     summaries = [r.summary() for r in results]
-    tmp = paths["json"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable({"meta": meta or {}, "skipped": skipped or {}, "results": summaries}), f, indent=2)
-    os.replace(tmp, paths["json"])
+    files.write_json(paths["json"], jsonable({"meta": meta or {}, "skipped": skipped or {}, "results": summaries}))
     with open(paths["markdown"], "w") as f:
         f.write(markdown(summaries))
     plot(summaries, paths["plot"])

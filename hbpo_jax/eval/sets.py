@@ -1,7 +1,7 @@
 """Evaluation sets: benchmark specs -> problem records with ids and difficulty levels.
 
-A spec is ``KIND`` or ``KIND:ARG`` (``eval.benchmarks`` in the config, ``--benchmarks`` of
-launch/eval.py):
+A spec is ``KIND`` or ``KIND:ARG`` (``eval.benchmarks`` in the config; the kinds are defined in
+hbpo_jax.spec, whose parse_benchmark checks them when the config is resolved):
 
   gsm8k:PATH  math500:PATH  olympiadbench:PATH  aime25:PATH  deepscaler:PATH
       local jsonl / json / parquet files in their usual columns (data.FIELD_PRESETS); MATH500's
@@ -11,7 +11,7 @@ launch/eval.py):
   rg:TASK         a procedural task of the `reasoning-gym` package (e.g. rg:basic_arithmetic,
                   rg:gsm_symbolic, rg:simple_equations), `size` problems from `seed`.
   tiny            the tiny run's arithmetic eval problems (hbpo_jax.tasks.arithmetic; level =
-                  difficulty), the same set loop.py evaluates before and after training.
+                  difficulty), the set the training loop evaluates before and after training.
 
 Every benchmark is graded by hbpo_jax.grading (last \\boxed{} after </think>), so the answers of
 reasoning-gym tasks are compared by our grader, not by reasoning-gym's `score_answer`.
@@ -22,40 +22,22 @@ from __future__ import annotations
 import dataclasses
 
 from hbpo_jax import data
+from hbpo_jax import spec as spec_lib
 from hbpo_jax.eval.evaluation import level_label
 
-FILE_KINDS = ("gsm8k", "math500", "olympiadbench", "aime25", "deepscaler")
-KINDS = FILE_KINDS + ("champ", "rg", "tiny")
 DEFAULT_RG_SIZE = 50
+TINY = ("tiny", "")  # the task's own eval set, as an eval.benchmarks (kind, arg) pair
 
 
 @dataclasses.dataclass
 class Benchmark:
     """A named list of records ``{"id": str, "problem": str, "answer": str, "level": str|None}``
-    and the SkipReport of source rows left out (malformed rows, too many rows)."""
+    and the SkipReport of source rows left out (malformed rows, too many rows, prompts too long)."""
 
     name: str
     records: list
     report: data.SkipReport
     source: str = ""
-
-
-def parse_spec(spec: str) -> tuple[str, str]:
-    """(kind, arg) of a spec; raises data.DataError naming the spec when it is malformed."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise data.DataError(f"benchmark spec must be a non-empty string, got {spec!r}.")
-    kind, _, arg = spec.strip().partition(":")
-    kind = {"reasoning_gym": "rg", "reasoning-gym": "rg", "arithmetic": "tiny"}.get(kind.lower(), kind.lower())
-    if kind not in KINDS:
-        raise data.DataError(f"benchmark {spec!r}: unknown kind {kind!r}; one of {KINDS}.")
-    if kind in FILE_KINDS + ("rg",) and not arg:
-        what = "a file path" if kind in FILE_KINDS else "a task name"
-        raise data.DataError(f"benchmark {spec!r}: {kind} needs {what} ({kind}:...).")
-    if kind == "tiny" and arg:
-        raise data.DataError(f"benchmark {spec!r}: tiny takes no argument.")
-    if kind == "champ" and arg and not arg.isdigit():
-        raise data.DataError(f"benchmark {spec!r}: champ takes a problem count (champ:N).")
-    return kind, arg
 
 
 def _cap(records: list, report: data.SkipReport, max_problems: int) -> list:
@@ -66,17 +48,19 @@ def _cap(records: list, report: data.SkipReport, max_problems: int) -> list:
     return records
 
 
-def load(spec: str, *, max_problems: int = 0, seed: int = 0, size: int = DEFAULT_RG_SIZE,
-         tiny_records: list | None = None) -> Benchmark:
-    """Reads one benchmark (see the module docstring for specs).
+def load(benchmark: str | tuple[str, str], *, max_problems: int = 0, seed: int = 0,
+         size: int = DEFAULT_RG_SIZE, tiny_records: list | None = None) -> Benchmark:
+    """Reads one benchmark: a spec string (see the module docstring; spec.parse_benchmark checks
+    it, ConfigError when malformed) or the (kind, arg) pair of EvalSpec.benchmarks.
 
     max_problems: keep the first N usable problems (0: all); the rest are counted in the report
       as "over_max_problems". size / seed: reasoning-gym problems generated (before the cap).
     tiny_records: the arithmetic eval problems (required for "tiny").
-    Raises data.DataError: bad spec, missing / malformed file, no usable rows, a missing package.
+    Raises data.DataError: missing / malformed file, no usable rows, a missing package.
     """
-    kind, arg = parse_spec(spec)
-    if kind in FILE_KINDS:
+    kind, arg = spec_lib.parse_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
+    spec = f"{kind}:{arg}" if arg else kind
+    if kind in spec_lib.FILE_BENCHMARKS:
         raw, report = data.load_records(arg, field_map=kind)
         records = [{"id": str(i), "problem": r["problem"], "answer": r["answer"],
                     "level": level_label(r.get("level", r.get("difficulty")))} for i, r in enumerate(raw)]

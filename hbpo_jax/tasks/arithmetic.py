@@ -36,9 +36,10 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from hbpo_jax.rollout import BUDGET_PREFIX
+from hbpo_jax.rollout import EFFICIENCY_PREFIX as MINIMAL_PREFIX
+
 BUDGETS = (32, 64, 128, 160)
-BUDGET_PREFIX = "<think> I will answer the question with {budget} tokens"
-MINIMAL_PREFIX = "<think> I will answer the question with minimal tokens"
 DIFFICULTIES = (1, 2, 3, 4)
 MAX_TOTAL = 9  # running results stay in [0, MAX_TOTAL]: single digits
 MAX_OPERAND = 9

@@ -1,0 +1,62 @@
+"""The policy a run trains: model (split for jit), tokenizer and problem records.
+
+`pretrained(config, spec, mesh, rules)` loads a Hugging Face folder (config.model_path) and the
+training data (config.data); the tiny task builds its own (hbpo_jax.tasks.warmstart).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from flax import nnx
+
+from hbpo_jax import data, rollout
+from hbpo_jax.models import load_pretrained
+from hbpo_jax.models.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Policy:
+    """graphdef + params (nnx.State on the mesh); records: dicts with problem, answer (and id,
+    level); cache_dir: where a cached warm start lives (its "before" evaluation is cached there)."""
+
+    graphdef: Any
+    params: Any
+    tokenizer: Any
+    train_records: list
+    eval_records: list
+    cache_dir: str | None = None
+
+
+def fitting(records: list, tokenizer, sampling) -> list:
+    """The records whose templated prompt fits sampling.max_prompt_len (the rest dropped and
+    logged); ConfigError when none does."""
+    kept, dropped = rollout.split_long_prompts(tokenizer, records, sampling.max_prompt_len, sampling.system_prompt)
+    if dropped:
+        log.warning("data: %d of %d problems are longer than rollout.max_prompt_len=%d tokens and are skipped.",
+                    len(dropped), len(records), sampling.max_prompt_len)
+    if not kept:
+        raise ConfigError(f"rollout.max_prompt_len={sampling.max_prompt_len}: no problem is short enough.")
+    return kept
+
+
+def pretrained(config, spec, mesh, rules) -> Policy:
+    """config.model_path's model and tokenizer, config.data's records (prompts that fit)."""
+    m = config.model
+    overrides = {k: m[k] for k in ("attention_impl", "remat") if k in m}
+    model, _, tokenizer = load_pretrained(config.model_path, dtype=m.get("param_dtype", "float32"),
+                                          compute_dtype=m.get("dtype"), mesh=mesh, rules=rules, **overrides)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{config.model_path}: no tokenizer files (tokenizer.json) in the model folder.")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{config.model_path}: the tokenizer has no chat template.")
+    records, report = data.load_records(config.data.path, split=config.data.split,
+                                        field_map=config.data.field_map or None,
+                                        max_rows=config.data.max_rows or None)
+    if report.total:
+        log.warning("data: %s", report.summary())
+    graphdef, params = nnx.split(model)
+    return Policy(graphdef, params, tokenizer, fitting(records, tokenizer, spec.sampling), [])
