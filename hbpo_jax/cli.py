@@ -14,7 +14,6 @@ import sys
 from typing import Callable
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from hbpo_jax.models.config import ConfigError
 
@@ -34,17 +33,20 @@ def find_config(path: str) -> str:
 
 def define_config(default: str, help_text: str) -> None:
     """--config (an ml_collections config file with `get_config(arg)`, `file.py:arg` for an arg)."""
+    from ml_collections import config_flags  # here: the bench scripts use cli without configs
     config_flags.DEFINE_config_file("config", find_config(default), help_text)
 
 
 def run(main: Callable[[list], None]) -> None:
-    """absl's app.run with INFO logging; a ConfigError (or a missing file) ends the program with
-    its message on one line and exit status 2."""
+    """absl's app.run with INFO logging; a ConfigError, a DataError (a malformed dataset) or a
+    missing file ends the program with its message on one line and exit status 2."""
+    from hbpo_jax.data import DataError
+
     def wrapped(argv):
         logging.set_verbosity(logging.INFO)
         try:
             main(argv)
-        except (ConfigError, FileNotFoundError) as e:
+        except (ConfigError, DataError, FileNotFoundError) as e:
             print(f"{os.path.basename(sys.argv[0])}: {type(e).__name__}: {e}", file=sys.stderr)
             sys.exit(2)
     _resolve_config_argument()

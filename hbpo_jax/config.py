@@ -20,7 +20,7 @@ def _unset(kind):
 
 
 def base_config() -> config_dict.ConfigDict:
-    """Defaults: the paper's method (HBPO.md) at whatever scale the file sets."""
+    """Defaults: the paper's method (arXiv 2507.15844) at whatever scale the file sets."""
     c = config_dict.ConfigDict()
     c.name = "hbpo"
     c.seed = 0

@@ -4,7 +4,7 @@ Every array function here is pure `jax.numpy`: safe under `jax.jit`, `jax.vmap` 
 `jax.grad`. String/enum arguments (variants, aggregation names) are static Python values and
 are validated eagerly, before any tracing.
 
-Layout (DESIGN.md): a rollout batch is [prompts, budgets, samples] flattened to
+Layout: a rollout batch is [prompts, budgets, samples] flattened to
 [prompts, group] with group = budgets * samples. The advantage functions do not rely on that
 order: budget subgroups are found by equality of budget values, so shuffled groups and any
 number of distinct budgets work.
@@ -29,7 +29,7 @@ __all__ = [
     "OBJECTIVES", "get_objective", "compute_advantages", "AGGREGATIONS", "REWARD_VARIANTS",
 ]
 
-# HBPO.md constants.
+# The paper's constants (Lyu et al. 2025, arXiv 2507.15844).
 BETA = 4.0
 L_MAX = 4096
 REWARD_VARIANTS = ("code", "paper")
@@ -257,7 +257,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
 
 
 # ----------------------------------------------------------------------------------------
-# Related objectives (HBPO.md, "Related objectives").
+# Related objectives: GRPO (Shao et al. 2024), Dr. GRPO (Liu et al. 2025), DAPO (Yu et al.
+# 2025), L1 (Aggarwal & Welleck 2025), cosine (Yeo et al. 2025).
 
 def classic_reward(correct, format_ok=True) -> jax.Array:
     """R = 1[correct] (a format error counts as not correct).
@@ -310,7 +311,7 @@ def l1_exact_reward(correct, format_ok, lengths, budgets, *, alpha: float = 0.00
 
 
 def l1_max_reward(correct, format_ok, lengths, budgets, *, alpha: float = 0.0003) -> jax.Array:
-    """L1-Max as HBPO.md states it: R = 1[correct] * clip(0.5 + (alpha/2)(N - n), 0, 1).
+    """L1-Max (Aggarwal & Welleck 2025, arXiv 2503.04697): R = 1[correct] * clip(0.5 + (alpha/2)(N - n), 0, 1).
 
     Args: correct, format_ok: bool [...]; lengths n, budgets N: int32 [...]. Returns float32 [...].
     """

@@ -1,4 +1,4 @@
-"""Tests of hbpo_jax.loss: HBPO.md worked examples, properties, and NumPy references."""
+"""Tests of hbpo_jax.loss: the paper's worked examples, properties, and NumPy references."""
 
 import math
 import zlib
@@ -18,7 +18,7 @@ adv_fn = jax.jit(L.hierarchical_advantages)
 
 
 def hbpo_batch(rewards_per_budget, prompts=1, samples=4):
-    """[prompts, budgets*samples] budgets and rewards in the DESIGN.md layout."""
+    """[prompts, budgets*samples] budgets and rewards in the [prompts, budgets, samples] layout."""
     b = np.repeat(np.array(BUDGETS, np.int32), samples)[None].repeat(prompts, 0)
     r = np.repeat(np.asarray(rewards_per_budget, np.float32), samples)[None].repeat(prompts, 0)
     return r, b
@@ -28,7 +28,7 @@ def f2_ref(b, beta=4.0, l_max=4096):
     return beta * math.cos(math.pi * b / (2 * l_max))
 
 
-# ---------------------------------------------------------------------------- HBPO.md examples
+# ---------------------------------------------------------------------------- the paper's examples
 
 def test_budget_ceiling_values():
     got = np.asarray(L.budget_ceiling(jnp.array(BUDGETS)))
@@ -202,7 +202,7 @@ def test_jit_vmap_grad():
 # ---------------------------------------------------------------------------- policy loss
 
 def np_policy_loss(logp, old, adv, mask, clip_low, clip_high, dual, ref, kl_coef, agg, scale):
-    """Direct NumPy transcription of the loss as HBPO.md / the brief state it."""
+    """Direct NumPy transcription of the loss as the paper (arXiv 2507.15844) states it."""
     logp, old, mask = logp.astype(np.float64), old.astype(np.float64), mask.astype(np.float64)
     a = adv[:, None] if adv.ndim == 1 else adv
     a = np.broadcast_to(a, logp.shape).astype(np.float64)

@@ -202,6 +202,7 @@ def test_top_k_through_generate(model):
     assert seen <= allowed and len(seen) > 1
 
 
+@pytest.mark.slow
 def test_sharded_greedy_equals_unsharded_and_uses_params_in_place():
     cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
                       num_kv_heads=4)

@@ -120,7 +120,7 @@ def warm_start(config, workdir: str) -> float:
         return 0.0
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
-    # LEAD: the same builder loop.build_policy calls for the arithmetic task (tasks/warmstart.py).
+    # The builder the loop uses for the arithmetic task: the cache it leaves is the one the runs copy.
     warmstart.arithmetic_policy(config, workdir, sharding.mesh_from_config(config.mesh),
                                 sharding.rules_from_config(config.mesh))
     return time.perf_counter() - t0
