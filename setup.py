@@ -1,11 +1,21 @@
 """hbpo-jax: Hierarchical Budget Policy Optimization in JAX/Flax."""
 from setuptools import find_packages, setup
 
+# The JAX version CI tests; the `tpu` and `cuda` extras pin the accelerator builds to it.
+JAX_VERSION = "0.10.2"
+SCRIPTS = ("train", "eval", "convert", "memory")
+
 setup(
     name="hbpo-jax",
     version="0.1.0",
     description="HBPO (arXiv 2507.15844): budget-aware RL for reasoning models, in JAX/Flax.",
-    packages=find_packages(include=["hbpo_jax", "hbpo_jax.*"]),
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    # configs/ ships inside the package as hbpo_jax/configs (hbpo_jax.cli.find_config looks there
+    # when a config path does not exist from the working directory or the checkout).
+    packages=find_packages(include=["hbpo_jax", "hbpo_jax.*"]) + ["hbpo_jax.configs"],
+    package_dir={"hbpo_jax.configs": "configs"},
+    entry_points={"console_scripts": [f"hbpo-{name} = hbpo_jax.scripts.{name}:run" for name in SCRIPTS]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",
@@ -18,16 +28,21 @@ setup(
         "ml-collections>=1.0",
         "tensorboardX>=2.6",
         "sentencepiece>=0.2",
-        "safetensors>=0.4",
         "jinja2>=3.1",
         "absl-py>=2.0",
+        "etils[epath]>=1.5",  # workdir I/O, local or gs:// (hbpo_jax.files); Orbax uses it too
         "math-verify>=0.7",
         "numpy>=1.26",
         "ml-dtypes>=0.4",
-        "tqdm>=4.60",
         "matplotlib>=3.8",  # evaluation plots (Agg backend)
     ],
     extras_require={
+        # A TPU VM (pod slice or Colab): the libtpu build of the tested JAX, and gcsfs for gs://
+        # workdirs (etils.epath reads and writes GCS through it).
+        "tpu": [f"jax[tpu]=={JAX_VERSION}", "gcsfs>=2024.2"],
+        # NVIDIA GPUs: the CUDA 12 wheels (drivers >= 525) of the tested JAX.
+        "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
+        "gcs": ["gcsfs>=2024.2"],
         # Offline benchmarks from PyPI (hbpo_jax.eval.sets: "champ", "rg:<task>"); reasoning-gym
         # brings ~10 small pure-Python packages.
         "eval": ["champ-dataset>=1.0", "reasoning-gym>=0.1.25"],

@@ -4,21 +4,49 @@ Layout of a params checkpoint folder:
     <dir>/config.json   the model's Hugging Face config (ModelConfig.to_hf)
     <dir>/params/       an Orbax StandardCheckpointer tree of the parameters
 Restoring reads each parameter straight onto its shard of the given mesh.
+
+Every Orbax write here commits with a `commit_success.txt` file written last into the checkpoint
+folder (Orbax's COMMIT_FILE atomicity), never by renaming a temporary folder: GCS has no
+directory rename and gcsfuse refuses it on ordinary buckets. Folders are `gs://` or local paths
+(etils.epath); Orbax's own log lines below WARNING are kept off the console (`quiet_orbax_logs`).
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from hbpo_jax import files
 from hbpo_jax import sharding as sharding_lib
 from hbpo_jax.models.config import ModelConfig
 from hbpo_jax.models.hf import read_hf_config
 from hbpo_jax.models.qwen2 import Qwen2
+
+
+log = logging.getLogger(__name__)
+
+# Write in place and commit with commit_success.txt; still read checkpoints an older version of
+# this package committed by renaming (they have no commit file).
+ATOMICITY = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE,
+                                         allow_legacy_atomic_rename=True)
+
+
+class _BelowWarningFromOrbax(logging.Filter):
+    """Drops Orbax's INFO/DEBUG records (a real run printed ~20 lines per checkpoint save)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+    """Keeps Orbax's INFO logs (absl logging, one logger "absl") off the console; its warnings and
+    errors still show. Idempotent."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _BelowWarningFromOrbax) for f in absl_logger.filters):
+        absl_logger.addFilter(_BelowWarningFromOrbax())
 
 
 def abstract_params(cfg: ModelConfig, mesh=None, rules=sharding_lib.DEFAULT_RULES):
@@ -36,14 +64,13 @@ def abstract_params(cfg: ModelConfig, mesh=None, rules=sharding_lib.DEFAULT_RULE
 
 def save_params(directory: str, model: Qwen2) -> None:
     """Writes model's parameters and config.json under `directory` (every process must call)."""
-    directory = os.path.abspath(directory)
+    directory = _absolute(directory)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, "params"), params, force=True)
+    checkpointer = ocp.StandardCheckpointer(atomicity_options=ATOMICITY)
+    checkpointer.save(_orbax_path(directory) / "params", params, force=True)
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(model.cfg.to_hf(), f, indent=2)
+        files.write_json(files.join(directory, "config.json"), model.cfg.to_hf())
 
 
 def restore_params(directory: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULES,
@@ -51,7 +78,7 @@ def restore_params(directory: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULE
     """A Qwen2 with the parameters saved by save_params, placed on `mesh` when given.
 
     dtype: parameter dtype to restore into (default: as saved)."""
-    directory = os.path.abspath(directory)
+    directory = _absolute(directory)
     hf = read_hf_config(directory)
     overrides = dict(config_overrides)
     if dtype:
@@ -59,12 +86,12 @@ def restore_params(directory: str, *, mesh=None, rules=sharding_lib.DEFAULT_RULE
         overrides.setdefault("dtype", dtype)
     elif hf.get("dtype") or hf.get("torch_dtype"):
         overrides.setdefault("param_dtype", hf.get("dtype") or hf.get("torch_dtype"))
-    cfg = ModelConfig.from_hf(hf, source=os.path.join(directory, "config.json"), **overrides)
-    params_dir = os.path.join(directory, "params")
-    if not os.path.isdir(params_dir):
+    cfg = ModelConfig.from_hf(hf, source=files.join(directory, "config.json"), **overrides)
+    params_dir = files.join(directory, "params")
+    if not files.isdir(params_dir):
         raise FileNotFoundError(f"{params_dir}: no parameters in the checkpoint folder.")
     graphdef, state, targets = abstract_params(cfg, mesh, rules)
-    restored = ocp.StandardCheckpointer().restore(params_dir, targets)
+    restored = ocp.StandardCheckpointer(atomicity_options=ATOMICITY).restore(_orbax_path(params_dir), targets)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
 
@@ -94,14 +121,17 @@ class TrainCheckpointer:
     JSON `meta` dict (data-iterator state, RNG key, anything small), saved asynchronously every
     few steps, the last `keep` kept. Restoring falls back to older checkpoints when the newest
     is damaged (a truncated or deleted file), with a warning, instead of crashing or restarting.
+
+    directory: a local path or "gs://bucket/...". Saves commit with a commit file (ATOMICITY), so
+    nothing here renames a folder.
     """
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = _absolute(directory)
         self._manager = ocp.CheckpointManager(
-            self.directory,
+            _orbax_path(self.directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                 create=True))
+                                                 create=True, atomicity_options=ATOMICITY))
 
     def save(self, step: int, state, meta: dict) -> None:
         """Starts saving (returns before the write ends when async); every process must call."""
@@ -115,11 +145,10 @@ class TrainCheckpointer:
         """(step, state, meta) of the newest checkpoint that restores, or None when there is none.
 
         abstract_state: the TrainState tree of jax.ShapeDtypeStruct with shardings to restore into.
-        A checkpoint that fails to restore is renamed `damaged-<step>` (kept for inspection, out of
-        the way of the step's next save) and the one before it is tried.
+        A checkpoint that fails to restore is set aside (`set_aside`: copied to `damaged-<step>`
+        for inspection, then deleted, out of the way of the step's next save) and the one before
+        it is tried.
         """
-        import logging
-        log = logging.getLogger(__name__)
         self._manager.reload()
         damaged = []
         result = None
@@ -136,10 +165,7 @@ class TrainCheckpointer:
         if damaged:
             if jax.process_index() == 0:
                 for step in damaged:
-                    src = os.path.join(self.directory, str(step))
-                    dst = os.path.join(self.directory, f"damaged-{step}")
-                    shutil.rmtree(dst, ignore_errors=True)
-                    os.replace(src, dst)
+                    set_aside(self.directory, step)
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
                 multihost_utils.sync_global_devices("hbpo_jax.checkpoint.damaged")
@@ -152,3 +178,30 @@ class TrainCheckpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def set_aside(directory: str, step: int) -> str:
+    """Moves checkpoint `<directory>/<step>` to `<directory>/damaged-<step>` by copying its files
+    and deleting the original (no folder rename: see the module docstring). Orbax lists only
+    integer folder names, so the copy is never restored or deleted by max_to_keep. A previous
+    `damaged-<step>` is replaced. Returns the copy's path."""
+    src, dst = files.join(directory, str(step)), files.join(directory, f"damaged-{step}")
+    files.rmtree(dst)
+    try:
+        files.copytree(src, dst)
+    except OSError as e:  # keeping a copy is a courtesy; clearing the step is what matters
+        log.warning("could not keep a copy of damaged checkpoint %s (%s); deleting it.", src, e)
+    files.rmtree(src)
+    return dst
+
+
+def _orbax_path(directory):
+    """The path Orbax is given for a folder: an epath.Path (tests replace this function to send
+    a fake gs:// folder's checkpoints to the local folder standing in for it; Orbax's arrays go
+    through tensorstore's own GCS driver, which epath's test mocks cannot reach)."""
+    return files.path(directory)
+
+
+def _absolute(directory) -> str:
+    """A local path made absolute (Orbax wants one); a remote path as it is."""
+    return os.path.abspath(directory) if files.is_local(directory) else os.fspath(directory)

@@ -17,18 +17,27 @@ from absl import app, flags, logging
 
 from hbpo_jax.models.config import ConfigError
 
-# The repository root: config files (configs/*.py) are looked up there when the given path does
-# not exist from the working directory.
+# Config files (configs/*.py) are looked up, when the given path does not exist from the working
+# directory, in the checkout this package runs from (an editable install) and then in the copy a
+# wheel ships as package data (hbpo_jax/configs/, setup.py), so "configs/tiny.py" works from any
+# directory and after `pip install .` too.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 def find_config(path: str) -> str:
-    """`path` itself when it exists, else the same path under the repository root ("file:arg" kept)."""
+    """`path` itself when it exists, else the same path under the repository root, else the file
+    of that name in the checkout's configs/ or among the packaged configs ("file:arg" kept);
+    `path` unchanged when none exists."""
     file, sep, arg = path.partition(":")
     if os.path.exists(file) or os.path.isabs(file):
         return path
-    candidate = os.path.join(REPO_ROOT, file)
-    return candidate + sep + arg if os.path.exists(candidate) else path
+    name = os.path.basename(file)
+    for candidate in (os.path.join(REPO_ROOT, file), os.path.join(REPO_ROOT, "configs", name),
+                      os.path.join(PACKAGED_CONFIGS, name)):
+        if os.path.isfile(candidate):
+            return candidate + sep + arg
+    return path
 
 
 def define_config(default: str, help_text: str) -> None:
@@ -38,12 +47,15 @@ def define_config(default: str, help_text: str) -> None:
 
 
 def run(main: Callable[[list], None]) -> None:
-    """absl's app.run with INFO logging; a ConfigError, a DataError (a malformed dataset) or a
-    missing file ends the program with its message on one line and exit status 2."""
+    """absl's app.run with INFO logging (Orbax's INFO lines excepted: checkpoint.quiet_orbax_logs);
+    a ConfigError, a DataError (a malformed dataset) or a missing file ends the program with its
+    message on one line and exit status 2."""
     from hbpo_jax.data import DataError
 
     def wrapped(argv):
         logging.set_verbosity(logging.INFO)
+        from hbpo_jax.checkpoint import quiet_orbax_logs  # here: imports jax and orbax
+        quiet_orbax_logs()
         try:
             main(argv)
         except (ConfigError, DataError, FileNotFoundError) as e:
@@ -62,4 +74,4 @@ def _resolve_config_argument() -> None:
             sys.argv[i + 1] = find_config(sys.argv[i + 1])
 
 
-__all__ = ["REPO_ROOT", "define_config", "find_config", "flags", "run"]
+__all__ = ["PACKAGED_CONFIGS", "REPO_ROOT", "define_config", "find_config", "flags", "run"]

@@ -3,7 +3,7 @@
 Config files (configs/*.py) define `get_config(arg=None)` returning an ml_collections ConfigDict
 built on `base_config()`. `hbpo_jax.spec.resolve(config)` validates it before anything compiles
 (ConfigError, one sentence naming the key) and resolves it into the run's typed RunSpec. Keys
-that default to None take the objective's recipe (loss.OBJECTIVES) unless set.
+that default to None take the objective's recipe (objectives.OBJECTIVES) unless set.
 """
 from __future__ import annotations
 
@@ -36,8 +36,11 @@ def base_config() -> config_dict.ConfigDict:
     c.mesh = config_dict.ConfigDict(dict(
         shape=(1, -1, 1), axes=sharding.MESH_AXES, rules=sharding.DEFAULT_RULES))
 
+    # data.path: a local file / folder, a hub id, or "rg:<task>[,<task>...]": reasoning-gym's
+    # procedural problems, generated offline from data.seed (max_rows of them, 0: RG_DEFAULT_SIZE;
+    # the eval's rg: problems come from config.seed, so a different data.seed keeps them held out).
     c.data = config_dict.ConfigDict(dict(path="", field_map="deepscaler", split="train",
-                                         shuffle=True, max_rows=0))
+                                         shuffle=True, max_rows=0, seed=1))
     # A synthetic task instead of data.path ("arithmetic": hbpo_jax.tasks.arithmetic), with its
     # own tokenizer and a supervised warm start cached in the workdir.
     c.task = config_dict.ConfigDict(dict(
@@ -62,9 +65,13 @@ def base_config() -> config_dict.ConfigDict:
         # prefix_loss: it also gets the policy loss (HBPO's code), although the policy never
         # sampled it. Both default to the code's behaviour.
         prefix_in_response=True, prefix_loss=True, hard_budget_cap=False, system_prompt="",
-        max_batch=0))  # rows per sampler call (0: all); bounds the KV cache
+        max_batch=0,  # rows per sampler call (0: all); bounds the KV cache
+        # The chat format (rollout.PROMPT_FORMATS): "template" (the model's chat template, with
+        # rollout.system_prompt if set) or "r1_zero" (a system prompt asking for reasoning in
+        # <think> </think> and a final \boxed{} answer; for instruct models that never think).
+        prompt_format="template"))
 
-    # objective.name picks a recipe from loss.OBJECTIVES. The settings below are None = the
+    # objective.name picks a recipe from objectives.OBJECTIVES. The settings below are None = the
     # objective's default (HBPO: beta 4, reward_variant "code", format_reward -1, wrong_reward 0,
     # intra_weight 1); a value set for a setting the objective does not take is an error.
     # l_max None follows rollout.max_response_len.
@@ -86,14 +93,20 @@ def base_config() -> config_dict.ConfigDict:
         log_every=1, checkpoint_every=20, keep_checkpoints=3, max_consecutive_skips=5,
         recompute_old_logprobs="auto", export_hf=True))
 
-    c.grading = config_dict.ConfigDict(dict(workers=4, timeout_s=5.0))
+    # format: the answer-format policy (grading.FORMATS): "paper" (the answer after </think>; no
+    # think block = format error) or "lenient" (also the last \boxed{} of a response that never
+    # opened a think block; one opened and not closed is still a format error).
+    c.grading = config_dict.ConfigDict(dict(workers=4, timeout_s=5.0, format="paper"))
     c.eval = config_dict.ConfigDict(dict(every=0, temperature=0.6, top_p=0.95,
                                          max_response_len=32768, samples=1, before_after=False,
                                          # prompting modes (rollout.parse_modes; "fixed" = each budget)
                                          modes=("natural", "efficiency", "fixed"),
                                          # keep a "before" already in <workdir>/results.json (copied
                                          # from a run with the same starting policy), not re-evaluate
-                                         reuse_before=False))
+                                         reuse_before=False,
+                                         # also report a benchmark's own scorer beside ours
+                                         # (reasoning-gym's score_answer on our extracted answer)
+                                         dataset_score=True))
     # Benchmarks (launch/eval.py, and every `eval.every` steps): eval_sets specs such as
     # "math500:/data/math500.jsonl", "champ", "rg:basic_arithmetic", "tiny" (empty: the task's
     # eval set); eval.modes may also name "fixed:N" and "l1[:N]"; max_problems 0 = all;

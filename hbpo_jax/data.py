@@ -13,6 +13,9 @@ Column presets (`FIELD_PRESETS`) cover the HBPO training and evaluation sets:
                         gives its element), so multi-answer problems grade as a tuple
   aime25                problem, answer
 
+Training data may also be reasoning-gym's procedural problems (`ReasoningGym`, data.path
+"rg:<task>[,<task>...]"), generated offline from a seed; the rg: benchmarks share it.
+
 Rows that cannot be used are skipped and counted by reason in a `SkipReport` (one logged
 warning); nothing is dropped silently. Answers that are numbers are stringified (``3.0`` ->
 ``"3"``); lists of strings / numbers are joined with ", "; booleans, dicts, NaN and nested
@@ -38,7 +41,7 @@ import numpy as np
 
 __all__ = [
     "DataError", "SkipReport", "FieldMap", "FIELD_PRESETS", "load_records", "write_jsonl",
-    "MAX_ANSWER_CHARS", "MAX_PROBLEM_CHARS",
+    "MAX_ANSWER_CHARS", "MAX_PROBLEM_CHARS", "ReasoningGym", "training_records", "import_optional",
 ]
 
 log = logging.getLogger(__name__)
@@ -377,3 +380,26 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> pathlib.Pat
             f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+# ----------------------------------------------------------------------------------------
+# reasoning-gym: procedural problems, generated offline (training data rg:..., benchmarks rg:...).
+
+
+def import_optional(module: str, package: str):
+    """`module`, or DataError naming the pip package (the `eval` extra) when it is missing."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise DataError(f"the {package!r} package is not installed ({e}); "
+                        "pip install -e '.[eval]'.") from None
+
+
+def training_records(data_spec, *, cache_dir: str | None = None) -> tuple[list[dict], SkipReport]:
+    """The training problems of a spec.DataSpec: reasoning-gym's (rg_tasks) or `load_records`'."""
+    if data_spec.rg_tasks:
+        from hbpo_jax.rg_tasks import ReasoningGym  # imports reasoning-gym only when used
+        return ReasoningGym(data_spec.rg_tasks, size=data_spec.size, seed=data_spec.seed).records()
+    return load_records(data_spec.path, split=data_spec.split, field_map=data_spec.field_map or None,
+                        max_rows=data_spec.max_rows or None, cache_dir=cache_dir)

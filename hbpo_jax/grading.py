@@ -1,8 +1,13 @@
 """Answer extraction and grading for math RL rewards; model output is hostile input.
 
 Pipeline per response:
-  1. `extract_answer`: text after the first `</think>`, last `\\boxed{}` / `\\fbox{}` in it.
-     Linear time (one regex scan + one brace scan), no recursion. Missing -> format error.
+  1. `extract_answer`: the last `\\boxed{}` / `\\fbox{}` of the answer part, which the answer-format
+     policy (FORMATS) picks: "paper" (HBPO's, the default): the text after the first `</think>`,
+     no `</think>` = format error; "lenient" (chat models that answer without thinking tags): the
+     same when the response has `</think>`, the whole response when it has no `<think>` at all,
+     and a format error when a think block is opened but never closed (a response cut off
+     mid-thought is not an answer). Linear time (one regex scan + one brace scan), no recursion.
+     Missing -> format error.
   2. `cheap_match` (in the calling process, bounded: answers over MAX_ANSWER_CHARS only get an
      exact comparison): exact match, normalised string match, exact rational comparison,
      element-wise comparison of tuples / intervals. Returns True / False, or None when only
@@ -45,7 +50,8 @@ from hbpo_jax.grading_pool import symbolic_match, symbolic_with_alarm
 
 __all__ = [
     "GradeResult", "extract_answer", "normalize", "cheap_match", "symbolic_safe",
-    "symbolic_match", "symbolic_with_alarm", "grade", "grade_batch", "MAX_ANSWER_CHARS",
+    "symbolic_match", "symbolic_with_alarm", "grade", "grade_batch", "MAX_ANSWER_CHARS", "FORMATS",
+    "answer_part",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,9 @@ MAX_ANSWER_CHARS = 512      # longer answers get an exact comparison only
 MAX_EXPONENT_DIGITS = 4     # 9999^9999 (~40k digits) is fine for sympy; 9^99999 is not
 _MAX_LOGGED = 5             # per grade_batch call; the rest are only counted
 
-_THINK_END = "</think>"
+_THINK_START, _THINK_END = "<think>", "</think>"
+# Answer-format policies (config grading.format): where the answer may stand in a response.
+FORMATS = ("paper", "lenient")
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # Escaped braces and backslashes are not grouping characters; match them as one token.
 _BRACE_TOKEN = re.compile(r"\\[\\{}]|[{}]")
@@ -64,7 +72,8 @@ _BRACE_TOKEN = re.compile(r"\\[\\{}]|[{}]")
 class GradeResult:
     """Outcome of grading one response.
 
-    format_ok: the response has `</think>` and a box after it.
+    format_ok: the response has a box where the answer-format policy looks (paper: after
+      `</think>`; lenient: after `</think>`, or anywhere when no think block was opened).
     correct: the boxed answer matches the ground truth (always False if not format_ok).
     extracted: the boxed answer, or None.
     status: "ok"; "refused" (hostile answer, symbolic step skipped); "skipped" (symbolic step
@@ -98,18 +107,30 @@ def _match_brace(text: str, start: int) -> int | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
-    """The last `\\boxed{...}` / `\\fbox{...}` content after the first `</think>`, else None.
+def answer_part(text: str, answer_format: str = "paper") -> str | None:
+    """The part of a response the answer is read from, under `answer_format` (FORMATS), or None
+    when the response breaks the format (see the module docstring)."""
+    if answer_format not in FORMATS:
+        raise ValueError(f"answer_format must be one of {FORMATS}, got {answer_format!r}.")
+    cut = text.find(_THINK_END)
+    if cut >= 0:
+        return text[cut + len(_THINK_END):]
+    if answer_format == "lenient" and _THINK_START not in text:
+        return text
+    return None  # paper: no </think>; lenient: a think block opened and never closed
+
+
+def extract_answer(text: str, answer_format: str = "paper") -> str | None:
+    """The last `\\boxed{...}` / `\\fbox{...}` content of the answer part (`answer_part`), else None.
 
     `\\boxed {x}` spacing and nested braces are handled; escaped braces `\\{ \\}` do not count;
     an unbalanced last box gives None. Linear time in len(text).
     """
     if not isinstance(text, str):
         return None
-    cut = text.find(_THINK_END)
-    if cut < 0:
+    tail = answer_part(text, answer_format)
+    if tail is None:
         return None
-    tail = text[cut + len(_THINK_END):]
     last = None
     for last in _BOX_OPEN.finditer(tail):
         pass
@@ -337,15 +358,16 @@ def _cheap_stage(extracted: str | None, truth: str) -> GradeResult | None:
     return None
 
 
-def grade(response: str, ground_truth: str, *, timeout_s: float = 5.0) -> GradeResult:
-    """Grade one response in this process.
+def grade(response: str, ground_truth: str, *, timeout_s: float = 5.0,
+          answer_format: str = "paper") -> GradeResult:
+    """Grade one response in this process (answer_format: a FORMATS policy).
 
     The symbolic step runs under a SIGALRM timer, so only in the main thread; elsewhere it is
     skipped (status "skipped"). Not protected against hangs inside C code: for untrusted
     batches use `grade_batch`, which kills late workers.
     """
     t0 = time.perf_counter()
-    extracted = extract_answer(response)
+    extracted = extract_answer(response, answer_format)
     try:
         res = _cheap_stage(extracted, str(ground_truth))
     except Exception:
@@ -367,7 +389,8 @@ def _report(problems: list[tuple[int, str, str | None]]) -> None:
 
 
 def grade_batch(responses: Sequence[str], truths: Sequence[str], *, workers: int | None = None,
-                timeout_s: float = 5.0, pool: grading_pool.GradingPool | None = None) -> list[GradeResult]:
+                timeout_s: float = 5.0, pool: grading_pool.GradingPool | None = None,
+                answer_format: str = "paper") -> list[GradeResult]:
     """Grade many responses; results in input order. Never raises for an item.
 
     Extraction and cheap matching run here (bounded); only undecided, safe items go to the
@@ -379,17 +402,20 @@ def grade_batch(responses: Sequence[str], truths: Sequence[str], *, workers: int
 
     Args:
       responses: model outputs; truths: ground-truth answers (same length).
+      answer_format: where the answer is read (FORMATS: "paper" or "lenient").
     Raises:
-      ValueError: the two sequences differ in length.
+      ValueError: the two sequences differ in length, or an unknown answer_format.
     """
     if len(responses) != len(truths):
         raise ValueError(f"{len(responses)} responses but {len(truths)} truths")
+    if answer_format not in FORMATS:
+        raise ValueError(f"answer_format must be one of {FORMATS}, got {answer_format!r}.")
     results: list[GradeResult | None] = [None] * len(responses)
     symbolic: list[tuple[int, str, str]] = []
     problems: list[tuple[int, str, str | None]] = []
     for i, (resp, truth) in enumerate(zip(responses, truths)):
         t0 = time.perf_counter()
-        extracted = extract_answer(resp)
+        extracted = extract_answer(resp, answer_format)
         try:
             res = _cheap_stage(extracted, str(truth))
         except Exception:  # a bug here must not cost the other items

@@ -4,6 +4,9 @@ The config is resolved once into a RunSpec (hbpo_jax.spec; logged and written to
 `<workdir>/spec.json`), then: policy (a Hugging Face folder, or the tiny task's warm start) ->
 steps (hbpo_jax.step) with metrics, periodic evaluation and checkpoints -> export -> the
 before/after evaluation. Re-running in the same workdir resumes from its newest checkpoint.
+
+The workdir is a local path or gs://bucket/run: every file in it goes through hbpo_jax.files
+(etils.epath) or Orbax, and nothing renames a folder (see hbpo_jax.files, hbpo_jax.checkpoint).
 """
 from __future__ import annotations
 
@@ -11,12 +14,11 @@ import hashlib
 import json
 import logging
 import os
-import signal
 
 import jax
 from flax import nnx
 
-from hbpo_jax import checkpoint, files, prompts
+from hbpo_jax import checkpoint, files, multihost, prompts
 from hbpo_jax import metrics as metrics_lib
 from hbpo_jax import sampler, sharding, trainer
 from hbpo_jax import spec as spec_lib
@@ -46,29 +48,6 @@ def build_policy(config, spec, workdir, mesh, rules) -> Policy:
     return pretrained(config, spec, mesh, rules)
 
 
-class _Preemption:
-    """SIGTERM (a TPU VM's maintenance notice) sets a flag; the loop checkpoints and exits."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM received: checkpointing and stopping after this step.")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 class _Evaluator:
     """The run's evaluations, all through eval.run.evaluate on spec.eval: the benchmarks are
     eval.benchmarks, else the task's eval set ("tiny")."""
@@ -94,8 +73,8 @@ def _cached_before(spec, evaluator: _Evaluator, params, key) -> list[dict]:
     if not cache_dir:
         return evaluator(params, key)
     digest = hashlib.sha1(json.dumps(spec_lib.as_dict(spec.eval), sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"eval-{digest}.json")
-    if os.path.exists(path):
+    path = files.join(cache_dir, f"eval-{digest}.json")
+    if files.exists(path):
         log.info("before-training evaluation: cached in %s", path)
         return files.read_json(path)
     before = evaluator(params, key)
@@ -107,12 +86,14 @@ def _cached_before(spec, evaluator: _Evaluator, params, key) -> list[dict]:
 def run(config, workdir: str) -> dict:
     """Trains as `config` says, in `workdir` (resuming from its checkpoints). Returns a summary."""
     _initialize_distributed(config)
+    checkpoint.quiet_orbax_logs()
     spec = spec_lib.resolve(config)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = _absolute(workdir)
+    files.makedirs(workdir)
     writer_process = jax.process_index() == 0
     log.info("run spec:\n%s", spec.to_json())
     if writer_process:
-        files.write_json(os.path.join(workdir, "spec.json"), spec_lib.as_dict(spec))
+        files.write_json(files.join(workdir, "spec.json"), spec_lib.as_dict(spec))
     mesh = sharding.mesh_from_config(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     policy = build_policy(config, spec, workdir, mesh, rules)
@@ -121,7 +102,7 @@ def run(config, workdir: str) -> dict:
     t = spec.train
 
     state = trainer.init_state(policy.params, step_fn.optimizer)
-    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+    ckpt = checkpoint.TrainCheckpointer(files.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     # The same global batch on every process (see hbpo_jax.step).
     batches = prompts.prompt_batches(policy.train_records, batch_size=t.prompts_per_step, seed=spec.seed,
                                   shuffle=config.data.shuffle, process_index=0, process_count=1)
@@ -136,9 +117,9 @@ def run(config, workdir: str) -> dict:
     writer = metrics_lib.MetricsWriter(workdir, t.steps, start)
     summary: dict = {"workdir": workdir}
     evaluator = _Evaluator(spec, policy, mesh, rules) if (spec.eval.before_after or spec.eval.every) else None
-    results_path = os.path.join(workdir, "results.json")
+    results_path = files.join(workdir, "results.json")
     if spec.eval.before_after:
-        have_before = os.path.exists(results_path) and "before" in files.read_json(results_path)
+        have_before = files.exists(results_path) and "before" in files.read_json(results_path)
         if not (have_before and (start > 0 or spec.eval.reuse_before)):
             before = _cached_before(spec, evaluator, policy.params, jax.random.fold_in(base_key, _BEFORE))
             if writer_process:
@@ -147,7 +128,7 @@ def run(config, workdir: str) -> dict:
                        console=False)
 
     step = start
-    with _Preemption() as preemption:
+    with multihost.StopSignal() as preemption:
         for step in range(start + 1, t.steps + 1):
             state, metrics = step_fn(state, next(batches), jax.random.fold_in(base_key, step))
             if step % t.log_every == 0 or step == t.steps:
@@ -158,13 +139,15 @@ def run(config, workdir: str) -> dict:
             if int(state.skipped) > t.max_consecutive_skips:
                 ckpt.save(step, state, _meta(batches, spec, step))
                 ckpt.close()
+                writer.close()
                 raise TrainingError(
                     f"{int(state.skipped)} consecutive steps had a non-finite loss or gradient "
                     f"(train.max_consecutive_skips={t.max_consecutive_skips}); the last good state "
                     f"is checkpointed at step {step} in {ckpt.directory}.")
-            if step % t.checkpoint_every == 0 or step == t.steps or preemption.requested:
+            stop = preemption.should_stop(step)  # the same on every process (collective)
+            if step % t.checkpoint_every == 0 or step == t.steps or stop:
                 ckpt.save(step, state, _meta(batches, spec, step))
-            if preemption.requested:
+            if stop:
                 ckpt.close()
                 writer.close()
                 summary.update(stopped_at=step, preempted=True)
@@ -173,7 +156,7 @@ def run(config, workdir: str) -> dict:
     summary["steps"] = step
 
     if t.export_hf:
-        export = os.path.join(workdir, "export")
+        export = files.join(workdir, "export")
         save_pretrained(nnx.merge(policy.graphdef, state.params), export, tokenizer=policy.tokenizer)
         summary["export"] = export
     if spec.eval.before_after:
@@ -183,9 +166,7 @@ def run(config, workdir: str) -> dict:
         table = report.before_after_markdown(before, after)
         if writer_process:
             files.write_json(results_path, {"before": before, "after": after})
-            with open(os.path.join(workdir, "results.md"), "w") as f:
-                f.write(table + "\n")
-            summary["results"] = os.path.join(workdir, "results.md")
+            summary["results"] = files.write_text(files.join(workdir, "results.md"), table + "\n")
         writer.text("eval/table", table, step)
         summary["table"] = table
     writer.close()
@@ -197,8 +178,8 @@ def _periodic_eval(evaluator: _Evaluator, params, key, step: int, writer, workdi
     summaries = evaluator(params, key)
     writer.scalars(step, eval_run.scalars(summaries), console=False)
     if jax.process_index() == 0:
-        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-        files.write_json(os.path.join(workdir, "eval", f"step_{step}.json"), {"step": step, "results": summaries})
+        files.makedirs(files.join(workdir, "eval"))
+        files.write_json(files.join(workdir, "eval", f"step_{step}.json"), {"step": step, "results": summaries})
 
 
 def _initialize_distributed(config) -> None:
@@ -216,6 +197,11 @@ def _initialize_distributed(config) -> None:
     jax.distributed.initialize(**kwargs)
     log.info("process %d of %d, %d local of %d devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
+
+
+def _absolute(workdir) -> str:
+    """A local workdir made absolute (Orbax wants one); gs://... as it is."""
+    return os.path.abspath(workdir) if files.is_local(workdir) else os.fspath(workdir)
 
 
 def _meta(batches, spec, step) -> dict:

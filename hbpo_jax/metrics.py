@@ -1,15 +1,28 @@
 """Training metrics: tensorboardX event files and a metrics.jsonl in the workdir, and a console
-progress bar with an ETA."""
+progress bar with an ETA.
+
+A remote workdir (gs://) cannot be appended to (a GCS object is written whole), and tensorboardX
+writes gs:// only through google-cloud-storage, re-uploading its whole buffer on every flush. So
+for a remote workdir both files are written in a local staging folder and copied to the workdir
+(files.copytree, through etils.epath) at most every `sync_secs` seconds, on `flush()` and on
+`close()`; a resumed run first downloads the workdir's metrics.jsonl and appends to it. A crash
+loses at most the last sync_secs of metrics (the checkpoint is unaffected). Local workdirs are
+written in place, as before.
+"""
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Mapping
 
 import jax
+
+from hbpo_jax import files
 
 
 class MetricsWriter:
@@ -21,17 +34,27 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, total_steps: int, start_step: int = 0, console: bool = True,
                  console_keys: tuple[str, ...] = ("reward", "accuracy", "response_len", "loss", "time_rollout",
-                                                      "time_grading", "time_update")):
+                                                      "time_grading", "time_update"),
+                 sync_secs: float = 60.0):
         self.enabled = jax.process_index() == 0
         self.total, self.start = total_steps, start_step
         self.console_keys = console_keys
         self._console = console and self.enabled
         self._t0 = time.time()
         self._writer = self._jsonl = None
+        self._workdir, self._sync_secs, self._synced = workdir, sync_secs, time.time()
+        self._stage = None  # the local folder standing in for a remote workdir
         if self.enabled:
             from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            local = workdir
+            if not files.is_local(workdir):
+                self._stage = local = tempfile.mkdtemp(prefix="hbpo-jax-metrics-")
+                remote_jsonl = files.join(workdir, "metrics.jsonl")
+                if files.exists(remote_jsonl):  # a resumed run appends to the existing rows
+                    files.copy_file(remote_jsonl, os.path.join(local, "metrics.jsonl"))
+            os.makedirs(local, exist_ok=True)
+            self._writer = SummaryWriter(os.path.join(local, "tensorboard"), flush_secs=10)
+            self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a")
 
     def scalars(self, step: int, values: Mapping[str, float], console: bool = True) -> None:
         if not self.enabled:
@@ -44,6 +67,8 @@ class MetricsWriter:
                 self._writer.add_scalar(key, value, step)
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
+        if self._stage and time.time() - self._synced > self._sync_secs:
+            self.flush()
         if self._console and console:
             done = step - self.start
             rate = (time.time() - self._t0) / max(done, 1)
@@ -58,11 +83,24 @@ class MetricsWriter:
             self._writer.add_text(tag, text, step)
 
     def flush(self) -> None:
+        """Flushes both files (and copies them to a remote workdir)."""
         if self.enabled:
             self._writer.flush()
             self._jsonl.flush()
+            self._sync()
 
     def close(self) -> None:
         if self.enabled:
             self._writer.close()
             self._jsonl.close()
+            self._sync()
+            if self._stage:
+                shutil.rmtree(self._stage, ignore_errors=True)
+                self._stage = None
+
+    def _sync(self) -> None:
+        """Copies the staged files to the remote workdir (event files are rewritten whole: an
+        object cannot be appended to)."""
+        if self._stage:
+            files.copytree(self._stage, self._workdir)
+            self._synced = time.time()

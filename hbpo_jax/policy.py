@@ -1,7 +1,8 @@
 """The policy a run trains: model (split for jit), tokenizer and problem records.
 
 `pretrained(config, spec, mesh, rules)` loads a Hugging Face folder (config.model_path) and the
-training data (config.data); the tiny task builds its own (hbpo_jax.tasks.warmstart).
+training data (spec.data: a file, or reasoning-gym's problems for data.path "rg:..."); the tiny
+task builds its own (hbpo_jax.tasks.warmstart).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def fitting(records: list, tokenizer, sampling) -> list:
 
 
 def pretrained(config, spec, mesh, rules) -> Policy:
-    """config.model_path's model and tokenizer, config.data's records (prompts that fit)."""
+    """config.model_path's model and tokenizer, spec.data's records (prompts that fit)."""
     m = config.model
     overrides = {k: m[k] for k in ("attention_impl", "remat") if k in m}
     model, _, tokenizer = load_pretrained(config.model_path, dtype=m.get("param_dtype", "float32"),
@@ -53,9 +54,7 @@ def pretrained(config, spec, mesh, rules) -> Policy:
         raise FileNotFoundError(f"{config.model_path}: no tokenizer files (tokenizer.json) in the model folder.")
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{config.model_path}: the tokenizer has no chat template.")
-    records, report = data.load_records(config.data.path, split=config.data.split,
-                                        field_map=config.data.field_map or None,
-                                        max_rows=config.data.max_rows or None)
+    records, report = data.training_records(spec.data)
     if report.total:
         log.warning("data: %s", report.summary())
     graphdef, params = nnx.split(model)

@@ -14,6 +14,12 @@ so group statistics are reshapes to `group_shape`. Modes (the assistant turn's p
 In training, l1 / l1_max draw one N per prompt (`prompt_budgets`), as L1 does (Aggarwal & Welleck
 2025, arXiv 2503.04697), and every rollout of the prompt shares it.
 
+Chat formats (`PROMPT_FORMATS`, config rollout.prompt_format): "template" renders the model's own
+chat template (with rollout.system_prompt when set); "r1_zero" adds `R1_ZERO_SYSTEM`, a system
+prompt that asks for reasoning in <think> </think> and a final \\boxed{} answer, for instruct
+models that never think on their own. `system_prompt_for` resolves the two into the one system
+prompt every prompt builder takes; the prefix rule below holds for both.
+
 If the rendered template already ends in "<think>" (e.g. DeepSeek-R1-Distill's "<think>\\n"), the
 prefix's own "<think>" is dropped (and the space after it when the template ends in a newline).
 With `prefix_in_response` (default, as in HBPO's code) the pre-filled tokens are response tokens:
@@ -39,6 +45,23 @@ L1_SUFFIX = "\n\nThink for {budget} tokens."
 L1_MAX_SUFFIX = "\n\nThink for maximum {budget} tokens."
 USER_SUFFIXES = {"l1": L1_SUFFIX, "l1_max": L1_MAX_SUFFIX}
 PREFIXES = {"budget": BUDGET_PREFIX, "fixed": BUDGET_PREFIX, "efficiency": EFFICIENCY_PREFIX}
+R1_ZERO_SYSTEM = (
+    "You are a careful problem solver. Work through the problem step by step inside <think> and "
+    "</think> tags. After </think>, state the final answer once, as \\boxed{ANSWER}. Layout: "
+    "<think> your reasoning </think> The answer is \\boxed{ANSWER}.")
+PROMPT_FORMATS = {"template": None, "r1_zero": R1_ZERO_SYSTEM}
+
+
+def system_prompt_for(prompt_format: str, system_prompt: str | None = None) -> str | None:
+    """The system prompt of a chat format: the user's own for "template" (None when empty), the
+    preset's for "r1_zero". ValueError for an unknown format or a user prompt beside a preset."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format must be one of {tuple(PROMPT_FORMATS)}, got {prompt_format!r}.")
+    preset = PROMPT_FORMATS[prompt_format]
+    if preset is not None and system_prompt:
+        raise ValueError(f"prompt format {prompt_format!r} brings its own system prompt; leave the "
+                         "system prompt empty or use 'template'.")
+    return preset or system_prompt or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,5 +373,5 @@ def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[
 
 
 __all__ = ["BUDGET_PREFIX", "BUDGETED", "EFFICIENCY_PREFIX", "L1_MAX_SUFFIX", "L1_SUFFIX", "MODES", "ModeSpec",
-           "PromptLayout", "RolloutBatch", "assistant_prefix", "budget_rollouts", "build_prompts",
+           "PROMPT_FORMATS", "R1_ZERO_SYSTEM", "system_prompt_for", "PromptLayout", "RolloutBatch", "assistant_prefix", "budget_rollouts", "build_prompts",
            "default_eos_ids", "parse_modes", "prompt_lengths", "split_long_prompts"]

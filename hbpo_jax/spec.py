@@ -2,7 +2,7 @@
 
 `resolve(config)` checks every value a run depends on (one sentence naming the key, before
 anything compiles) and returns a `RunSpec`. Each objective declares its own recipe in
-`loss.OBJECTIVES` (prompting, clip range, dual clip, aggregation, overlong shaping, dynamic
+`objectives.OBJECTIVES` (prompting, clip range, dual clip, aggregation, overlong shaping, dynamic
 sampling); a config value overrides the recipe only where the user set it: `rollout.mode`,
 `loss.clip_low`, `loss.clip_high`, `loss.dual_clip` (0 turns it off), `loss.aggregation` and
 `objective.l_max` default to None ("the objective's" / "rollout.max_response_len").
@@ -18,13 +18,11 @@ import math
 from typing import Any
 
 from hbpo_jax import loss as loss_lib
-from hbpo_jax import rollout, sharding, trainer
+from hbpo_jax import grading, objectives, rollout, sharding, trainer
 from hbpo_jax.models.config import ConfigError
+from hbpo_jax.sources import (BENCHMARKS, FILE_BENCHMARKS, RG_DEFAULT_SIZE, RG_PREFIX, DataSpec,  # noqa: F401
+                              parse_benchmark, parse_data_path, resolve_data)
 
-# Benchmark kinds of eval.benchmarks ("KIND" or "KIND:ARG"); hbpo_jax.eval.sets loads them.
-FILE_BENCHMARKS = ("gsm8k", "math500", "olympiadbench", "aime25", "deepscaler")
-BENCHMARKS = FILE_BENCHMARKS + ("champ", "rg", "tiny")
-_BENCHMARK_ALIASES = {"reasoning_gym": "rg", "reasoning-gym": "rg", "arithmetic": "tiny"}
 TASKS = ("", "arithmetic")
 
 
@@ -58,6 +56,7 @@ class SamplingSpec:
     hard_budget_cap: bool
     system_prompt: str | None
     max_batch: int
+    prompt_format: str = "template"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +71,13 @@ class ObjectiveSpec:
     dynamic_sampling: bool
 
     @property
-    def objective(self) -> loss_lib.Objective:
-        return loss_lib.get_objective(self.name)
+    def objective(self) -> objectives.Objective:
+        return objectives.get_objective(self.name)
 
     def advantages(self, correct, format_ok, lengths, budgets):
         """(rewards, advantages), float32 [P, G] each, of bool / int arrays [P, G]."""
         overlong = dict(max_len=self.l_max, cache_len=max(self.l_max // 8, 1)) if self.overlong_penalty else {}
-        return loss_lib.compute_advantages(self.objective, correct, format_ok, lengths, budgets,
+        return objectives.compute_advantages(self.objective, correct, format_ok, lengths, budgets,
                                            **self.settings, **overlong)
 
 
@@ -139,7 +138,10 @@ class EvalSpec:
 
     modes: rollout.ModeSpec per prompting mode; benchmarks: (kind, arg) pairs (empty: the task's
     eval set, "tiny"); max_response_len: eval.max_response_len, or the rollout cap when 0;
-    system_prompt / prefix_in_response / max_prompt_len / max_batch: as in training rollouts.
+    system_prompt / prefix_in_response / max_prompt_len / max_batch / prompt_format: as in
+    training rollouts (system_prompt is the one rollout.system_prompt_for resolved);
+    answer_format: the grading.FORMATS policy that grades; dataset_score: also report a
+    benchmark's own scorer (reasoning-gym's) beside ours.
     """
 
     modes: tuple
@@ -160,6 +162,9 @@ class EvalSpec:
     grading_workers: int
     grading_timeout_s: float
     seed: int
+    answer_format: str = "paper"
+    prompt_format: str = "template"
+    dataset_score: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +179,8 @@ class RunSpec:
     eval: EvalSpec
     grading_workers: int
     grading_timeout_s: float
+    answer_format: str = "paper"  # grading.FORMATS: how training rollouts are graded
+    data: DataSpec | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=str)
@@ -181,23 +188,7 @@ class RunSpec:
 
 # ----------------------------------------------------------------------------- resolving
 
-def parse_benchmark(spec: str) -> tuple[str, str]:
-    """(kind, arg) of an eval.benchmarks entry ("KIND" or "KIND:ARG"); ConfigError when malformed."""
-    _require(isinstance(spec, str) and bool(spec.strip()),
-             f"eval.benchmarks: a benchmark must be a non-empty string, got {spec!r}.")
-    kind, _, arg = spec.strip().partition(":")
-    kind = _BENCHMARK_ALIASES.get(kind.lower(), kind.lower())
-    _require(kind in BENCHMARKS, f"eval.benchmarks: {spec!r} has unknown kind {kind!r}; one of {BENCHMARKS}.")
-    if kind in FILE_BENCHMARKS + ("rg",):
-        what = "a file path" if kind in FILE_BENCHMARKS else "a task name"
-        _require(bool(arg), f"eval.benchmarks: {spec!r}: {kind} needs {what} ({kind}:...).")
-    _require(not (kind == "tiny" and arg), f"eval.benchmarks: {spec!r}: tiny takes no argument.")
-    _require(not (kind == "champ" and arg and not arg.isdigit()),
-             f"eval.benchmarks: {spec!r}: champ takes a problem count (champ:N).")
-    return kind, arg
-
-
-def _sampling(config, objective: loss_lib.Objective) -> SamplingSpec:
+def _sampling(config, objective: objectives.Objective) -> SamplingSpec:
     r = config.rollout
     mode = r.mode if r.get("mode") is not None else objective.prompting
     _require(mode in rollout.MODES,
@@ -223,14 +214,40 @@ def _sampling(config, objective: loss_lib.Objective) -> SamplingSpec:
     _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
     _require(r.top_k >= 0, f"rollout.top_k must be ≥ 0 (0 = off), got {r.top_k}.")
     _require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
+    prompt_format, system_prompt = _prompt_format(r)
     return SamplingSpec(
         mode=mode, budgets=budgets, group=group,
         samples_per_budget=group // len(budgets) if per_budget else group,
         max_prompt_len=int(r.max_prompt_len), max_response_len=int(r.max_response_len),
         temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
         prefix_in_response=bool(r.prefix_in_response), prefix_loss=bool(r.prefix_loss),
-        hard_budget_cap=bool(r.hard_budget_cap), system_prompt=r.system_prompt or None,
-        max_batch=int(r.max_batch))
+        hard_budget_cap=bool(r.hard_budget_cap), system_prompt=system_prompt,
+        max_batch=int(r.max_batch), prompt_format=prompt_format)
+
+
+def _prompt_format(r) -> tuple[str, str | None]:
+    """(rollout.prompt_format, the system prompt it resolves to with rollout.system_prompt)."""
+    name = r.get("prompt_format", "template")
+    _require(name in rollout.PROMPT_FORMATS,
+             f"rollout.prompt_format must be one of {tuple(rollout.PROMPT_FORMATS)}, got {name!r}.")
+    _require(rollout.PROMPT_FORMATS[name] is None or not r.system_prompt,
+             f"rollout.prompt_format {name!r} brings its own system prompt; leave rollout.system_prompt empty.")
+    return name, rollout.system_prompt_for(name, r.system_prompt)
+
+
+def _answer_format(g) -> str:
+    name = g.get("format", "paper")
+    _require(name in grading.FORMATS, f"grading.format must be one of {grading.FORMATS}, got {name!r}.")
+    return name
+
+
+def _check_held_out(data_spec: DataSpec, evaluation: "EvalSpec") -> None:
+    """rg: training problems must not be the eval's: the same task from the same seed is."""
+    shared = [arg for kind, arg in evaluation.benchmarks if kind == "rg" and arg in data_spec.rg_tasks]
+    if shared:
+        _require(data_spec.seed != evaluation.seed,
+                 f"data.seed ({data_spec.seed}) equals seed, so the rg:{shared[0]} training problems "
+                 "would be the eval's; pick another data.seed.")
 
 
 # config.objective key -> the setting name the reward / advantage functions use.
@@ -238,7 +255,7 @@ OBJECTIVE_KEYS = {"beta": "beta", "reward_variant": "variant", "format_reward": 
                   "wrong_reward": "wrong_reward", "intra_weight": "intra_weight"}
 
 
-def _objective(config, objective: loss_lib.Objective, sampling: SamplingSpec) -> ObjectiveSpec:
+def _objective(config, objective: objectives.Objective, sampling: SamplingSpec) -> ObjectiveSpec:
     o = config.objective
     l_max = sampling.max_response_len if o.get("l_max") is None else int(o.l_max)
     _require(l_max == sampling.max_response_len,
@@ -265,7 +282,7 @@ def _objective(config, objective: loss_lib.Objective, sampling: SamplingSpec) ->
                          dynamic_sampling=objective.dynamic_sampling)
 
 
-def _loss(config, objective: loss_lib.Objective, sampling: SamplingSpec, rows_per_minibatch: int) -> LossSpec:
+def _loss(config, objective: objectives.Objective, sampling: SamplingSpec, rows_per_minibatch: int) -> LossSpec:
     c = config.loss
     pick = lambda key, default: default if c.get(key) is None else c.get(key)  # noqa: E731
     clip_low, clip_high = float(pick("clip_low", objective.clip_low)), float(pick("clip_high", objective.clip_high))
@@ -329,6 +346,8 @@ def resolve_eval(config) -> EvalSpec:
     _require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
     _require(g.workers >= 0, f"grading.workers must be ≥ 0 (0 = in this process), got {g.workers}.")
     _require(g.timeout_s > 0, f"grading.timeout_s must be positive, got {g.timeout_s}.")
+    answer_format = _answer_format(g)
+    prompt_format, system_prompt = _prompt_format(r)
     try:
         modes = tuple(rollout.parse_modes(tuple(e.modes), tuple(r.budgets)))
     except ValueError as err:
@@ -344,8 +363,10 @@ def resolve_eval(config) -> EvalSpec:
         samples=int(e.samples), max_response_len=int(e.max_response_len or r.max_response_len),
         max_problems=int(e.max_problems), batch_size=int(e.batch_size),
         max_prompt_len=int(r.max_prompt_len), max_batch=int(r.max_batch),
-        system_prompt=r.system_prompt or None, prefix_in_response=bool(r.prefix_in_response),
-        grading_workers=int(g.workers), grading_timeout_s=float(g.timeout_s), seed=int(config.seed))
+        system_prompt=system_prompt, prefix_in_response=bool(r.prefix_in_response),
+        grading_workers=int(g.workers), grading_timeout_s=float(g.timeout_s), seed=int(config.seed),
+        answer_format=answer_format, prompt_format=prompt_format,
+        dataset_score=bool(e.get("dataset_score", True)))
 
 
 def _check_task(config, budgets: tuple[int, ...]) -> None:
@@ -390,20 +411,23 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
     if config.model_path == "" or "vocab_size" in config.model:
         config_lib.model_config(config)  # with a model_path, config.json is checked when it is read
     name = config.objective.name
-    _require(name in loss_lib.OBJECTIVES,
-             f"objective.name must be one of {sorted(loss_lib.OBJECTIVES)}, got {name!r}.")
-    objective = loss_lib.get_objective(name)
+    _require(name in objectives.OBJECTIVES,
+             f"objective.name must be one of {sorted(objectives.OBJECTIVES)}, got {name!r}.")
+    objective = objectives.get_objective(name)
     sampling = _sampling(config, objective)
     train = _train(config, sampling.group)
     _check_task(config, sampling.budgets)
     _check_mesh(config, train.prompts_per_step * sampling.group, train.micro_batch_size, num_devices)
     evaluation = resolve_eval(config)
+    data_spec = resolve_data(config)
+    _check_held_out(data_spec, evaluation)
     return RunSpec(
         name=config.name, seed=int(config.seed), sampling=sampling,
         objective=_objective(config, objective, sampling),
         loss=_loss(config, objective, sampling, train.rows_per_minibatch), optim=_optim(config),
         train=train, eval=evaluation, grading_workers=evaluation.grading_workers,
-        grading_timeout_s=evaluation.grading_timeout_s)
+        grading_timeout_s=evaluation.grading_timeout_s, answer_format=evaluation.answer_format,
+        data=data_spec)
 
 
 def as_dict(spec: Any) -> dict:

@@ -1,13 +1,14 @@
 """One training step on the run spec: rollouts -> grading -> rewards and advantages -> updates.
 
 With P prompts and G rollouts each (R = P * G rows, prompt-major):
-  rollout.budget_rollouts (jitted sampler, KV cache)  ->  grading.grade_batch (worker processes)
+  rollout.budget_rollouts (jitted sampler, KV cache)  ->  multihost.grade_batch (worker processes)
   ->  spec.objective.advantages  ->  batching.update_arrays (+ old log-probs recomputed where the
   sampler did not sample, e.g. a pre-filled budget prefix that takes the loss)  ->  one optimizer
   update per mini-batch that has a loss token.
 
-Several processes (a TPU pod slice): every process samples the same global batch, gathers all
-rollouts to its host and grades them all, so host-side values are identical everywhere.
+Several processes (a TPU pod slice): every process samples the same global batch and gathers all
+rollouts to its host; each grades a disjoint share and the grades are gathered
+(multihost.grade_batch), so host-side values are identical everywhere.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hbpo_jax import batching, grading, loss, rollout, sharding, trainer
+from hbpo_jax import batching, loss, multihost, rollout, sharding, trainer
 from hbpo_jax.policy import Policy
 from hbpo_jax.spec import RunSpec, SamplingSpec
 
@@ -90,8 +91,9 @@ class Step:
         t1 = time.perf_counter()
 
         truths = [records[i]["answer"] for i in np.asarray(batch.prompt_index)]
-        grades = grading.grade_batch(list(batch.texts), truths, workers=self.spec.grading_workers,
-                                     timeout_s=self.spec.grading_timeout_s)
+        grades = multihost.grade_batch(list(batch.texts), truths, workers=self.spec.grading_workers,
+                                       timeout_s=self.spec.grading_timeout_s,
+                                       answer_format=self.spec.answer_format)
         correct = np.array([g.correct for g in grades], bool)
         format_ok = np.array([g.format_ok for g in grades], bool)
         t2 = time.perf_counter()
@@ -119,7 +121,8 @@ class Step:
             response_len_max=float(lengths.max()), advantage_abs=float(np.abs(adv).mean()),
             generated_tokens_per_s=float(lengths.sum() / max(t1 - t0, 1e-9)),
             time_rollout=t1 - t0, time_grading=t2 - t1, time_update=t3 - t2,
-            skipped_total=float(state.skipped_total), empty_minibatches=float(empty))
+            skipped_total=float(state.skipped_total), empty_minibatches=float(empty),
+            grading_timeouts=float(multihost.count_status(grades, "timeout")))
         if s.mode == "budget":
             for name, values in (("reward", rewards), ("accuracy", correct.astype(float)),
                                  ("response_len", lengths.astype(float)),

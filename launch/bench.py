@@ -14,13 +14,10 @@ hbpo_jax.bench.harness holds the logic (the workers: hbpo_jax.bench.runner). Pla
 not hbpo_jax.cli: the benchmark takes no config file and runs without ml_collections.
 """
 import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without an install
-
-from hbpo_jax.bench import harness, settings  # noqa: E402
+from hbpo_jax.bench import harness, settings
 
 flags.DEFINE_string("out", "bench_out", "Folder for bench.md and bench.json.")
 flags.DEFINE_bool("smoke", False, "Tiny shapes: the same code paths on a CPU in minutes.")

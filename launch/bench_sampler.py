@@ -6,14 +6,9 @@ device's memory bandwidth (hbpo_jax.bench.quick holds the logic).
     --model=tiny|qwen1_5b  --batch=8  --prompt_len=64  --new_tokens=64  --dtype=float32|bfloat16
     --baseline             also time transformers' generate on the same shape
 """
-import os
-import sys
-
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs without an install
-
-from hbpo_jax.bench import common, quick  # noqa: E402
+from hbpo_jax.bench import common, quick
 
 flags.DEFINE_enum("model", "tiny", sorted(common.SHAPES), "Benchmarked model shape.")
 flags.DEFINE_integer("batch", 8, "Rows per sampler call.")

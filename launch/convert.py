@@ -5,23 +5,8 @@
 
 A missing source or a malformed config.json is printed as one line (exit status 2).
 """
-from hbpo_jax import checkpoint, cli
-
-cli.flags.DEFINE_enum("to", None, ["orbax", "hf"], "Target format.", required=True)
-cli.flags.DEFINE_string("src", None, "Source folder.", required=True)
-cli.flags.DEFINE_string("dst", None, "Destination folder.", required=True)
-cli.flags.DEFINE_string("dtype", None, "Parameter dtype to write (default: float32 for orbax, as saved for hf).")
-
-
-def main(argv):
-    del argv
-    f = cli.flags.FLAGS
-    if f.to == "orbax":
-        cfg = checkpoint.hf_to_orbax(f.src, f.dst, dtype=f.dtype or "float32")
-    else:
-        cfg = checkpoint.orbax_to_hf(f.src, f.dst, dtype=f.dtype)
-    print(f"wrote {f.dst}: Qwen2 with {cfg.num_params():,} parameters ({f.to})")
-
+# The program lives in hbpo_jax/scripts/convert.py (also `hbpo-convert`, `python -m hbpo_jax.scripts.convert`).
+from hbpo_jax.scripts.convert import run
 
 if __name__ == "__main__":
-    cli.run(main)
+    run()

@@ -6,17 +6,8 @@ abstract arrays (no weights allocated), on a mesh of the local devices (hbpo_jax
 
 A configuration error is printed as one sentence (exit status 2) before anything compiles.
 """
-from hbpo_jax import cli, sharding
-from hbpo_jax.bench import plan
-
-cli.define_config("configs/qwen1_5b.py", "Config file (get_config).")
-
-
-def main(argv):
-    del argv
-    config = cli.flags.FLAGS.config
-    print(plan.memory_table(config, sharding.mesh_from_config(config.mesh)))
-
+# The program lives in hbpo_jax/scripts/memory.py (also `hbpo-memory`, `python -m hbpo_jax.scripts.memory`).
+from hbpo_jax.scripts.memory import run
 
 if __name__ == "__main__":
-    cli.run(main)
+    run()

@@ -1,29 +1,13 @@
 """Trains a policy with HBPO (or GRPO, Dr. GRPO, DAPO, L1, cosine: config.objective.name).
 
     python launch/train.py --config=configs/tiny.py                    # CPU, minutes, no downloads
-    python launch/train.py --config=configs/qwen1_5b.py --workdir=/runs/hbpo \
-        --config.model_path=/models/DeepSeek-R1-Distill-Qwen-1.5B --config.data.path=/data/deepscaler.json
+    python launch/train.py --config=configs/qwen1_5b.py --workdir=/runs/hbpo         --config.model_path=/models/DeepSeek-R1-Distill-Qwen-1.5B --config.data.path=/data/deepscaler.json
 
 Re-running the same command resumes from the newest checkpoint in --workdir. A configuration
 error is printed as one sentence (exit status 2) before anything loads.
 """
-import os
-
-from hbpo_jax import cli, loop
-
-cli.define_config("configs/tiny.py", "Training config file (get_config).")
-cli.flags.DEFINE_string("workdir", None, "Checkpoints, event files and results (default: runs/<config name>).")
-
-
-def main(argv):
-    del argv
-    config = cli.flags.FLAGS.config
-    workdir = cli.flags.FLAGS.workdir or os.path.join("runs", config.name)
-    summary = loop.run(config, workdir)
-    if summary.get("table"):
-        print(summary["table"])
-    print(f"workdir: {workdir}" + (f"; results: {summary['results']}" if summary.get("results") else ""))
-
+# The program lives in hbpo_jax/scripts/train.py (also `hbpo-train`, `python -m hbpo_jax.scripts.train`).
+from hbpo_jax.scripts.train import run
 
 if __name__ == "__main__":
-    cli.run(main)
+    run()

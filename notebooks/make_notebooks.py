@@ -16,24 +16,40 @@ from nbformat import v4
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-# The same first cell in every notebook: on Colab, install hbpo-jax from its repository; elsewhere
-# (a checkout installed with `pip install -e .`) do nothing. JAX then uses a TPU when one is attached.
-INSTALL = '''\
-# Colab: clone and install hbpo-jax (elsewhere: nothing; install the checkout with `pip install -e .`).
-REPO_URL = "https://github.com/OWNER/hbpo-jax"  # the project's repository, or your fork
-import importlib.util, os, subprocess, sys
-if importlib.util.find_spec("google.colab") is not None:
-    repo = "/content/hbpo-jax"
-    if not os.path.isdir(repo):
-        subprocess.run(["git", "clone", "--depth=1", REPO_URL, repo], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", repo], check=True)
-    sys.path.insert(0, repo)  # importable now, without restarting the runtime
-    if "COLAB_TPU_ADDR" in os.environ:  # a legacy "TPU node" runtime needs an explicit setup
-        import jax.tools.colab_tpu
-        jax.tools.colab_tpu.setup_tpu()
+# The same first cell in every notebook. On Colab: jax[tpu] at the tested version where a TPU
+# runtime is attached (a mismatched libtpu silently falls back to the CPU), hbpo-jax from the
+# source the user sets, and a check that JAX sees the TPU unless in smoke mode. Elsewhere (a
+# checkout installed with `pip install -e .`) it installs nothing.
+JAX_VERSION = "0.10.2"  # setup.py's JAX_VERSION: the tpu extra's pin
+INSTALL = f'''\
+# Colab: Runtime > Change runtime type > v5e-1 TPU (or v6e-1). Set REPO_URL to a pip source of
+# hbpo-jax: "git+https://github.com/<owner>/hbpo-jax" (the project's repository or your fork).
+# What fits a v5e-1 (16 GB HBM): this notebook's tiny models, easily. Real models, as planned by
+# launch/memory.py (XLA's compiled plan on a 1-device CPU; no TPU-topology plan exists yet, so TPU
+# numbers may differ): configs/qwen0_5b_instruct.py, train step 48.9 GiB (5.5 GiB of params and
+# AdamW state), sampler 8.3 GiB; configs/qwen1_5b.py, params + AdamW alone 19.9 GiB. Neither
+# training step fits as configured; the 0.5B sampler (evaluation) does.
+REPO_URL = ""
+import glob, importlib.util, os, subprocess, sys
+SMOKE = os.environ.get("HBPO_SMOKE", "0") == "1"  # the test suite's CPU smoke mode
+ON_COLAB = importlib.util.find_spec("google.colab") is not None
+# A Colab TPU VM runtime: its env var, or the chips' device files (/dev/accel* on v2-v4, vfio on v5e/v6e).
+ON_TPU = bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("COLAB_TPU_1VM")
+              or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+if ON_COLAB:
+    source = REPO_URL or os.environ.get("HBPO_REPO_URL", "")
+    if not source:
+        raise RuntimeError("Set REPO_URL in this cell to a pip source of hbpo-jax, e.g. "
+                           "git+https://github.com/<owner>/hbpo-jax, then run it again.")
+    # On a TPU, the libtpu that matches the tested JAX, resolved together with the package and
+    # installed before jax is first imported.
+    tpu = ["jax[tpu]=={JAX_VERSION}"] if ON_TPU else []
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *tpu, source], check=True)
 import jax
-# A Colab TPU VM runtime shows up here as TpuDevice entries and becomes the default backend.
-print(jax.default_backend(), jax.devices())'''
+print("jax", jax.__version__, jax.default_backend(), jax.devices())
+if ON_COLAB and not SMOKE:
+    assert jax.default_backend() == "tpu", (
+        "JAX does not see a TPU: pick a TPU runtime (v5e-1 or v6e-1), or set HBPO_SMOKE=1 for the CPU.")'''
 
 
 def _parameters(source: str):
@@ -233,14 +249,157 @@ each objective runs and moves length and accuracy in its own direction, not as a
     ]
 
 
-NOTEBOOKS = {"loss_playground.ipynb": loss_playground, "budget_ablation.ipynb": budget_ablation}
+def real_model_ablation():
+    md, code = v4.new_markdown_cell, v4.new_code_cell
+    return [
+        md("""# HBPO on a small real model: an instruct model, GSM8K, HBPO against GRPO
+
+`configs/qwen0_5b_instruct.py` on a Qwen2.5-0.5B-Instruct-class model: the `r1_zero` prompt
+preset (reasoning in `<think> </think>`, a `\\boxed{}` answer), `lenient` grading (a boxed answer
+without a think block counts; a think block opened and never closed does not), budgets 128 / 256 /
+512 / 768 in L_max = 1,024. Two runs from the same model, a few dozen steps each:
+
+* **HBPO** — budget-prefixed rollouts, the budget-aware reward;
+* **GRPO** — the baseline: natural rollouts, a 0/1 reward.
+
+Both are evaluated on held-out problems, greedily, in natural mode and (HBPO) under each budget
+prompt, and plotted as accuracy against mean tokens.
+
+On Colab (a TPU runtime, as the first cell requires) the cells below download the model and
+GSM8K from the Hugging Face Hub — the only place hbpo-jax touches the network — and stops with a clear message when it
+cannot. Offline, point `MODEL` at a local Hugging Face folder and `DATA` at `rg:<task>`
+(reasoning-gym's problems are generated locally). The test suite runs it in smoke mode
+(`HBPO_SMOKE=1`) on a tiny random model folder and `rg:basic_arithmetic`.
+
+Memory: the 0.5B's train step has only been planned on a CPU (the config's docstring); on the
+chip, if a run does not fit, lower `train.micro_batch_size` or `train.prompts_per_step` in
+`OVERRIDES` below."""),
+        code(INSTALL),
+        _parameters("""\
+import os
+SMOKE = os.environ.get("HBPO_SMOKE", "0") == "1"  # tiny numbers, same code path (the test suite sets it)
+WORKDIR = os.environ.get("HBPO_ABLATION_DIR", "runs/real_model_ablation")  # re-running skips finished runs
+MODEL = os.environ.get("HBPO_MODEL", "Qwen/Qwen2.5-0.5B-Instruct")  # a Hub id or a local HF folder
+DATA = os.environ.get("HBPO_DATA", "gsm8k")  # "gsm8k" (from the Hub) or "rg:<task>[,<task>...]"
+STEPS = 30  # RL steps per run
+EVAL_PROBLEMS = 64  # held-out problems per evaluation
+CONFIG = "configs/qwen0_5b_instruct.py\""""),
+        md("""### Model and data
+
+The network is used here only, and only for a Hub id (`MODEL`) or `DATA = "gsm8k"`. GSM8K's
+`train` split is the training data and its `test` split the held-out evaluation."""),
+        code("""\
+from hbpo_jax import data
+
+
+def fetch(what, download):
+    \"\"\"download(), or a RuntimeError that says what was needed and how to run offline.\"\"\"
+    try:
+        return download()
+    except Exception as e:  # no network, no huggingface_hub / datasets, a rate limit ...
+        raise RuntimeError(
+            f"Could not download {what} from the Hugging Face Hub ({type(e).__name__}: {e}). This "
+            "notebook needs the network for it; offline, set MODEL to a local Hugging Face folder "
+            "and DATA to 'rg:basic_arithmetic'.") from None
+
+
+if os.path.isdir(MODEL):
+    model_dir = MODEL
+else:
+    from huggingface_hub import snapshot_download
+    model_dir = fetch(MODEL, lambda: snapshot_download(
+        MODEL, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+
+os.makedirs(WORKDIR, exist_ok=True)
+if DATA == "gsm8k":
+    def gsm8k_files():
+        import datasets
+        paths = {}
+        for split in ("train", "test"):
+            path = os.path.join(WORKDIR, f"gsm8k_{split}.jsonl")
+            if not os.path.exists(path):
+                rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
+                data.write_jsonl(path, ({"question": r["question"], "answer": r["answer"]} for r in rows))
+            paths[split] = path
+        return paths
+    files = fetch("GSM8K", gsm8k_files)
+    TRAIN = {"data.path": files["train"], "data.field_map": "gsm8k"}
+    BENCHMARKS = (f"gsm8k:{files['test']}",)
+else:  # reasoning-gym: training problems from data.seed, held-out ones from seed
+    TRAIN = {"data.path": DATA}
+    BENCHMARKS = tuple(f"rg:{task}" for task in DATA[len("rg:"):].split(","))
+print(model_dir, TRAIN, BENCHMARKS)"""),
+        md("""### The runs
+
+The config's settings (budgets, rollouts, learning rate) for `STEPS` steps each; smoke mode
+shrinks everything so the test suite runs it in a minute on a CPU."""),
+        code("""\
+from hbpo_jax.eval import ablation
+from hbpo_jax.eval.ablation import Variant
+
+VARIANTS = [
+    Variant("hbpo", "hbpo", eval_modes=("natural", "fixed")),  # fixed: each budget prompt
+    Variant("grpo", "grpo"),  # natural rollouts, 0/1 reward
+]
+OVERRIDES = {"model_path": model_dir, **TRAIN, "eval.benchmarks": BENCHMARKS,
+             "eval.max_problems": EVAL_PROBLEMS, "train.steps": STEPS, "train.checkpoint_every": STEPS}
+if SMOKE:
+    OVERRIDES.update({"train.steps": 2, "train.prompts_per_step": 2, "train.mini_batches": 1,
+                      "train.micro_batch_size": 8, "rollout.rollouts_per_prompt": 4,
+                      "rollout.budgets": (16, 24, 32, 40), "rollout.max_response_len": 48,
+                      "rollout.max_prompt_len": 512, "eval.max_response_len": 48, "eval.max_problems": 4,
+                      "data.max_rows": 64, "grading.workers": 1, "model.dtype": "float32",
+                      "model.remat": "none"})
+print(OVERRIDES)"""),
+        code("""\
+ablation.use_compilation_cache(os.path.join(WORKDIR, "jax_cache"))  # run 2 reuses run 1's programs
+results = ablation.run_variants(ablation.load_config(CONFIG), VARIANTS, WORKDIR, overrides=OVERRIDES)
+print("seconds:", {r["name"]: round(r["seconds"]) for r in results["runs"]})"""),
+        md("""### Results
+
+Greedy decoding on the same held-out problems; "warm start" is the model before RL. The
+format-error rate is under the lenient policy. Also in `WORKDIR/ablation.md`."""),
+        code("""\
+from IPython.display import Markdown, display
+
+display(Markdown(ablation.markdown_table(results)))
+for r in results["runs"]:
+    for s in r["after"]:
+        print(f"{r['name']:5s} {s['mode']:11s} accuracy {s['accuracy']:5.1f}%  tokens {s['mean_tokens']:6.1f}  "
+              f"format errors {100 * s.get('format_error_rate', 0):5.1f}%  graded {s.get('answer_format')}")"""),
+        code("""\
+import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(7, 4.5))
+points = [("warm start", s) for s in results["warm_start"]["before"]]
+points += [(r["name"], s) for r in results["runs"] for s in r["after"]]
+colors = {"warm start": "black", "hbpo": "tab:blue", "grpo": "tab:orange"}
+for name, s in points:
+    ax.scatter(s["mean_tokens"], s["accuracy"], color=colors.get(name, "gray"),
+               marker="o" if s["mode"] == "natural" else "s", s=60)
+    ax.annotate(f"{name} {s['mode']}", (s["mean_tokens"], s["accuracy"]), textcoords="offset points",
+                xytext=(5, 4), fontsize=8)
+ax.set(xlabel="mean response tokens", ylabel="accuracy %",
+       title="accuracy against tokens per budget prompt (circles: natural mode)")
+ax.grid(alpha=0.3)
+plt.tight_layout()
+fig.savefig(os.path.join(WORKDIR, "accuracy_vs_tokens.png"), dpi=120)
+plt.show()"""),
+    ]
+
+
+# Colab's notebook settings for a v5e-1 TPU runtime (Runtime > Change runtime type).
+COLAB_METADATA = {"accelerator": "TPU", "colab": {"gpuType": "V5E1", "provenance": []}}
+
+NOTEBOOKS = {"loss_playground.ipynb": loss_playground, "budget_ablation.ipynb": budget_ablation,
+             "real_model_ablation.ipynb": real_model_ablation}
 
 
 def build(cells) -> nbformat.NotebookNode:
     nb = v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    nb.metadata["accelerator"] = "TPU"  # Colab: suggest a TPU runtime
+    nb.metadata.update(COLAB_METADATA)  # Colab: open on a TPU runtime
     return nb
 
 

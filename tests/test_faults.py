@@ -53,7 +53,7 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
     import transformers
 
     from hbpo_jax import config as config_lib
-    from hbpo_jax import loop
+    from hbpo_jax import policy
     from tests.hf_reference import hf_model
 
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
@@ -64,5 +64,5 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
     config.model_path = str(tmp_path)
     config.data.path = str(tmp_path / "unused.jsonl")
     with pytest.raises(config_lib.ConfigError, match="no chat template"):
-        loop.build_policy(config, str(tmp_path / "work"), None, ())
+        policy.pretrained(config, None, None, ())  # refused before the data or the spec is read
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen2"

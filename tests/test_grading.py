@@ -224,3 +224,40 @@ def test_grade_batch_input_checks_and_order():
     assert [(r.format_ok, r.correct) for r in got] == [(True, False), (False, False),
                                                        (True, False), (True, True)]
     assert [r.extracted for r in got] == ["3", None, "2", "b+a"]
+
+
+# ---------------------------------------------------------------------------- answer-format policies
+
+# Real-looking responses: an R1-style one (think block, then the answer) and an instruct model's
+# (no think block: "... the final answer is \(\boxed{3}\)."), a cut-off one, a budget-prefixed one.
+R1_STYLE = ("<think>\nFirst, 5 - 3 = 2. Then 2 - 6 = -4.\n</think>\n\n"
+            "The result of the calculation is $\\boxed{-4}$.")
+INSTRUCT_STYLE = ("To calculate \\(2 - (-1)\\), subtracting a negative number is the same as adding "
+                  "its positive: \\(2 + 1 = 3\\). So, the final answer is \\(\\boxed{3}\\).")
+NEVER_CLOSED = ("<think> I will answer the question with 128 tokens. 2 - (-1) = 2 + 1, so "
+                "\\boxed{3}, the answer")
+BOX_IN_THINKING_ONLY = "<think> maybe \\boxed{3} </think> I am not sure."
+
+
+@pytest.mark.parametrize("text,truth,paper,lenient", [
+    (R1_STYLE, "-4", (True, True), (True, True)),
+    (INSTRUCT_STYLE, "3", (False, False), (True, True)),
+    (INSTRUCT_STYLE, "4", (False, False), (True, False)),
+    (NEVER_CLOSED, "3", (False, False), (False, False)),      # opened, never closed: no answer
+    (BOX_IN_THINKING_ONLY, "3", (False, False), (False, False)),  # the box must follow </think>
+    ("The answer is 3.", "3", (False, False), (False, False)),  # no box at all
+])
+def test_answer_format_policies(text, truth, paper, lenient):
+    for policy, want in (("paper", paper), ("lenient", lenient)):
+        r = G.grade(text, truth, answer_format=policy)
+        assert (r.format_ok, r.correct) == want, (policy, text)
+    batch = G.grade_batch([text], [truth], workers=0, answer_format="lenient")[0]
+    assert (batch.format_ok, batch.correct) == lenient
+
+
+def test_paper_is_the_default_and_unknown_policies_are_refused():
+    assert G.extract_answer(INSTRUCT_STYLE) is None
+    assert G.extract_answer(INSTRUCT_STYLE, "lenient") == "3"
+    assert G.answer_part(R1_STYLE, "lenient") == G.answer_part(R1_STYLE, "paper")
+    with pytest.raises(ValueError, match="answer_format"):
+        G.grade_batch([R1_STYLE], ["-4"], answer_format="loose")

@@ -1,5 +1,6 @@
 """The training loop on two processes (jax.distributed, 4 CPU devices each, one 8-device mesh)
-equals one process with 8 devices, and its checkpoints restore across process counts.
+equals one process with 8 devices, its checkpoints restore across process counts, and a SIGTERM
+to one process stops both at the same checkpoint.
 
 Tolerance: both runs execute the same XLA programs on the same global arrays; only the
 cross-process collectives differ (gloo instead of in-process), which may sum in another order.
@@ -9,6 +10,7 @@ different sample, reward or update) moves every metric by far more. Discrete met
 accuracy, lengths) come out exactly equal unless a rounding flips a sampled token.
 """
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -107,3 +109,54 @@ def test_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_run, 
     a, b = tiny_run.metrics(two), tiny_run.metrics(one)
     print(f"resumed step 3 (1 process from 2, 2 from 1): max |difference| {_max_diff(a, b):.3g}")
     _assert_close(a, b, [1, 2, 3])
+
+
+def _start_two(tiny_run, workdir, steps, *extra):
+    port = _free_port()
+    return [subprocess.Popen(
+        _command(tiny_run, workdir, steps, "--config.distributed=True",
+                 f"--config.distributed_coordinator=localhost:{port}",
+                 "--config.distributed_num_processes=2", f"--config.distributed_process_id={i}", *extra),
+        cwd=tiny_run.root, env=_env(4, workdir.parent / "jax-cache"), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_both_at_the_same_checkpoint_and_resumes_exactly(tiny_run, tmp_path):
+    """SIGTERM reaches process 1 only, after step 3 (a maintenance notice on one host of a pod):
+    both processes checkpoint the same step and exit 0 within a bounded time; the resumed run's
+    metrics equal an uninterrupted run's."""
+    steps = 6
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    _two_processes(tiny_run, straight, steps)
+    tiny_run.warm(stopped)
+    procs = _start_two(tiny_run, stopped, steps, "--config.train.checkpoint_every=100")
+    metrics = stopped / "metrics.jsonl"
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and procs[1].poll() is None:
+            if metrics.exists() and any('"step": 3,' in line and "loss" in line
+                                        for line in metrics.read_text().splitlines()):
+                break
+            time.sleep(0.1)
+        assert procs[1].poll() is None, "the run ended before it could be signalled"
+        t0 = time.time()
+        procs[1].send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=180)[1] for p in procs]
+        print(f"both processes exited {time.time() - t0:.0f}s after the SIGTERM")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-3000:]
+    saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 3 <= saved[0] < steps, saved  # checkpoint_every=100: only the stop's
+    assert max(tiny_run.metrics(stopped)) == saved[0]
+    for err in errs:  # both decided to stop at that step
+        assert f"checkpoints step {saved[0]} and stops" in err or "checkpointing and stopping" in err, err[-2000:]
+
+    assert f"resumed from step {saved[0]}" in _two_processes(tiny_run, stopped, steps)
+    _assert_close(tiny_run.metrics(stopped), tiny_run.metrics(straight), range(1, steps + 1))

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("loss_playground.ipynb", "budget_ablation.ipynb")
+NOTEBOOKS = ("loss_playground.ipynb", "budget_ablation.ipynb", "real_model_ablation.ipynb")
 
 
 def _execute(name, **env):
@@ -98,3 +98,42 @@ def test_budget_ablation_runs_and_writes_its_table(tmp_path):
     assert "| warm start | sft |" in shown
     assert (tmp_path / "ablation.png").stat().st_size > 5000
     assert _outputs(nb, "image/png")
+
+
+def _tiny_chat_model_folder(path):
+    """A tiny random Qwen2 Hugging Face folder whose tokenizer has a chat template and covers the
+    r1_zero system prompt and reasoning-gym's arithmetic problems."""
+    from hbpo_jax import rg_tasks, rollout
+    from hbpo_jax.models import ModelConfig, create_model, save_pretrained
+    from hbpo_jax.tasks import tokenizer as tokenizer_lib
+
+    records, _ = rg_tasks.ReasoningGym(("basic_arithmetic",), size=200, seed=5).records()
+    corpus = [rollout.R1_ZERO_SYSTEM] + [r["problem"] for r in records]
+    tok = tokenizer_lib.build_tokenizer(corpus, vocab_size=160)
+    assert tok.chat_template
+    cfg = ModelConfig(vocab_size=-(-len(tok) // 8) * 8, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=1024,
+                      eos_token_ids=(tok.eos_token_id,))
+    save_pretrained(create_model(cfg, seed=0), str(path), tokenizer=tok)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_real_model_ablation_runs_offline_on_a_tiny_folder(tmp_path):
+    model = _tiny_chat_model_folder(tmp_path / "model")
+    nb = _execute("real_model_ablation.ipynb", HBPO_ABLATION_DIR=str(tmp_path / "runs"), HBPO_MODEL=model,
+                  HBPO_DATA="rg:basic_arithmetic", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    results = json.loads((tmp_path / "runs" / "ablation.json").read_text())
+    assert [(r["name"], r["objective"], r["rollout_mode"]) for r in results["runs"]] == [
+        ("hbpo", "hbpo", "budget"), ("grpo", "grpo", "natural")]
+    modes = {r["name"]: [s["mode"] for s in r["after"]] for r in results["runs"]}
+    assert modes == {"hbpo": ["natural", "budget_16", "budget_24", "budget_32", "budget_40"], "grpo": ["natural"]}
+    for r in results["runs"]:
+        for s in r["after"]:
+            assert s["answer_format"] == "lenient" and s["benchmark"] == "rg_basic_arithmetic"
+            assert 0 <= s["accuracy"] <= 100 and "dataset_score" in s
+    spec = json.loads((tmp_path / "runs" / "hbpo" / "spec.json").read_text())
+    assert spec["answer_format"] == "lenient" and spec["sampling"]["prompt_format"] == "r1_zero"
+    assert spec["data"]["rg_tasks"] == ["basic_arithmetic"]
+    assert (tmp_path / "runs" / "accuracy_vs_tokens.png").stat().st_size > 5000
+    assert _outputs(nb, "image/png") and _outputs(nb, "text/markdown")

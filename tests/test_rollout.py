@@ -224,3 +224,34 @@ def test_prompt_lengths_count_the_templated_prompt(qwen):
     layout = rollout.build_prompts(qwen, ["1+1?", "a much longer question " * 20], mode="natural")
     np.testing.assert_array_equal(lengths, [len(t) for t in layout.prompt_tokens])
     assert lengths[1] > lengths[0]
+
+
+# ---------------------------------------------------------------------------- prompt presets
+
+def test_prompt_format_presets_resolve_the_system_prompt():
+    assert rollout.system_prompt_for("template") is None
+    assert rollout.system_prompt_for("template", "Be brief.") == "Be brief."
+    r1 = rollout.system_prompt_for("r1_zero")
+    assert r1 == rollout.R1_ZERO_SYSTEM and "<think>" in r1 and "</think>" in r1 and "\\boxed{" in r1
+    with pytest.raises(ValueError, match="own system prompt"):
+        rollout.system_prompt_for("r1_zero", "Be brief.")
+    with pytest.raises(ValueError, match="prompt format"):
+        rollout.system_prompt_for("chatml")
+
+
+@pytest.mark.parametrize("template,prefix", [
+    (QWEN_TEMPLATE, "<think> I will answer the question with 256 tokens"),  # instruct: the prefix opens the block
+    (THINK_TEMPLATE, "I will answer the question with 256 tokens"),          # R1: the template already did
+])
+def test_r1_zero_prompt_keeps_the_budget_prefix_in_place(template, prefix):
+    tok = _qwen_tokenizer(template)
+    system = rollout.system_prompt_for("r1_zero")
+    layout = rollout.build_prompts(tok, PROBLEMS[:1], budgets=[256], mode="budget", system_prompt=system)
+    text = tok.decode(layout.prompt_tokens[0])
+    # The preset replaces the template's default system prompt; the user turn and generation
+    # prompt follow it, and the budget prefix is the first thing the assistant says.
+    assert text.startswith("<|im_start|>system\n" + system + "<|im_end|>\n") and "You are Qwen" not in text
+    assert text.endswith("<|im_start|>assistant\n" + ("<think>\n" if template == THINK_TEMPLATE else ""))
+    assert layout.prefix_texts == [prefix]
+    natural = rollout.build_prompts(tok, PROBLEMS[:1], mode="natural", system_prompt=system)
+    assert natural.prefix_texts == [""] and natural.prompt_tokens == layout.prompt_tokens

@@ -1,9 +1,9 @@
 """hbpo_jax.spec: every objective resolves its own recipe, config values override it only where
 set, every registry name is checked at start-up, and each objective trains on the tiny task."""
+import ast
 import dataclasses
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hbpo_jax import batching, loop, loss, rollout, spec, step, trainer
+from hbpo_jax import batching, loop, loss, objectives, rollout, spec, step, trainer
 from hbpo_jax.models import ModelConfig, create_model
 from hbpo_jax.models.config import ConfigError
 from hbpo_jax.policy import Policy
@@ -53,7 +53,7 @@ def test_each_objective_resolves_its_own_recipe(name):
     assert kw["clip_high"] == hi and kw["dual_clip"] == dual and kw["aggregation"] == agg
     # Dr. GRPO divides every mini-batch by the same constant: rows x L_max.
     assert (kw.get("loss_scale_tokens") == 256 * 4096) == (name == "dr_grpo")
-    assert set(RECIPES) == set(loss.OBJECTIVES)
+    assert set(RECIPES) == set(objectives.OBJECTIVES)
 
 
 def test_paper_config_resolves_to_the_paper_values():
@@ -223,39 +223,27 @@ def test_a_mini_batch_with_no_loss_token_takes_no_optimizer_step():
 
 # ----------------------------------------------------------------------------- short runs
 
-FAST = {
-    "task.sft_steps": 30, "task.sft_examples": 300, "task.eval_problems": 8, "task.train_problems": 64,
-    "model.num_layers": 2, "model.hidden_size": 64, "model.intermediate_size": 128, "model.head_dim": 16,
-    "rollout.budgets": (16, 32), "task.sft_budget_scales": (0.5, 1.0), "rollout.rollouts_per_prompt": 4,
-    "rollout.max_response_len": 48, "train.prompts_per_step": 4, "train.mini_batches": 2,
-    "train.micro_batch_size": 8, "train.steps": 1, "eval.before_after": False, "train.export_hf": False,
-}
-
-
-def _fast_config(name):
+def _fast_config(name, args):
+    """configs/tiny.py with the tiny_run fixture's overrides (so the session's warm start fits),
+    one step, and micro-batches of 8 rows for the 8 in-process devices."""
     config = tiny.get_config()
-    for key, value in FAST.items():
+    for arg in (*args, "--config.train.micro_batch_size=8", "--config.train.steps=1"):
+        key, value = arg[len("--config."):].split("=", 1)
         section, field = key.split(".")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a bare string, e.g. task.name=arithmetic
         config[section][field] = value
     config.objective.name = name
     return config
 
 
-@pytest.fixture(scope="module")
-def warm_dir(tmp_path_factory):
-    """One warm start (tokenizer + SFT) shared by every objective's run."""
-    workdir = tmp_path_factory.mktemp("objectives-warm")
-    loop.run(_fast_config("hbpo"), str(workdir))
-    return workdir
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_each_objective_trains_a_step_on_the_tiny_task(name, warm_dir, tmp_path):
-    for item in warm_dir.iterdir():
-        if item.name == "warmstart" or item.name.startswith("tokenizer-"):
-            shutil.copytree(item, tmp_path / item.name)
-    summary = loop.run(_fast_config(name), str(tmp_path))
+def test_each_objective_trains_a_step_on_the_tiny_task(name, tiny_run, tmp_path):
+    tiny_run.warm(tmp_path)  # the session's warm start
+    summary = loop.run(_fast_config(name, tiny_run.args), str(tmp_path))
     assert summary["steps"] == 1
     written = json.loads((tmp_path / "spec.json").read_text())
     assert written["objective"]["name"] == name and written["sampling"]["mode"] == RECIPES[name][0]

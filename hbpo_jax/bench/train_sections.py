@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from hbpo_jax import batching, loss, spec, trainer
+from hbpo_jax import batching, objectives, spec, trainer
 from hbpo_jax.bench.common import SectionSkipped, failure_reason, median, progress
 from hbpo_jax.bench.jax_context import JaxContext
 
@@ -19,9 +19,9 @@ OPTIM = spec.OptimSpec(learning_rate=1e-6, schedule="constant", warmup_steps=0, 
 
 
 def hbpo_loss() -> spec.LossSpec:
-    """HBPO's own loss recipe (loss.OBJECTIVES["hbpo"]) without a KL term: what spec.resolve gives
+    """HBPO's own loss recipe (objectives.OBJECTIVES["hbpo"]) without a KL term: what spec.resolve gives
     configs/qwen1_5b.py (the benchmark takes no config file, so it reads the recipe directly)."""
-    o = loss.get_objective("hbpo")
+    o = objectives.get_objective("hbpo")
     return spec.LossSpec(clip_low=o.clip_low, clip_high=o.clip_high, dual_clip=o.dual_clip, kl_coef=0.0,
                          aggregation=o.aggregation)
 

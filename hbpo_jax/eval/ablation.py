@@ -29,7 +29,7 @@ import time
 from typing import Callable, Sequence
 
 from hbpo_jax import cli, files, sharding
-from hbpo_jax import loss as loss_lib
+from hbpo_jax import objectives
 from hbpo_jax import spec as spec_lib
 from hbpo_jax.eval import report
 from hbpo_jax.eval.evaluation import sort_levels
@@ -42,11 +42,11 @@ class Variant:
     """One run of an ablation.
 
     name: its folder under the ablation workdir and its row in the table.
-    objective: a loss.OBJECTIVES name (objective.name).
+    objective: an objectives.OBJECTIVES name (objective.name).
     budgets: rollout.budgets; () keeps the base config's. In a rollout mode without budget prompts
       (natural, efficiency) only the number of rollouts matters: one budget, the largest, is kept
       so that every rollout of a prompt is one group.
-    rollout_mode: rollout.mode; None: the objective's own (loss.OBJECTIVES: "budget" for HBPO,
+    rollout_mode: rollout.mode; None: the objective's own (objectives.OBJECTIVES: "budget" for HBPO,
       "natural" for budget-blind rewards such as classic and cosine).
     eval_modes: eval.modes after training ("fixed": each of the variant's budgets).
     """
@@ -59,7 +59,7 @@ class Variant:
     @property
     def mode(self) -> str:
         """The rollout mode the variant trains with."""
-        return self.rollout_mode or loss_lib.get_objective(self.objective).prompting
+        return self.rollout_mode or objectives.get_objective(self.objective).prompting
     eval_modes: tuple[str, ...] = ("natural",)
 
 

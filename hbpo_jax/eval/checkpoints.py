@@ -12,7 +12,6 @@ model_path, or the folders above the checkpoint (a tiny run keeps its tokenizer 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 from typing import Any, Sequence
@@ -20,7 +19,7 @@ from typing import Any, Sequence
 import jax
 
 from hbpo_jax import checkpoint as ckpt_lib
-from hbpo_jax import sharding
+from hbpo_jax import files, sharding
 from hbpo_jax.models import load_pretrained
 from hbpo_jax.models.config import ModelConfig
 from hbpo_jax.models.hf import load_tokenizer, read_hf_config
@@ -39,31 +38,31 @@ class LoadedPolicy:
 
 
 def _is_hf(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and any(
-        os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "model.safetensors.index.json"))
+    return files.exists(files.join(path, "config.json")) and any(
+        files.exists(files.join(path, n)) for n in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def _latest_step(checkpoints: str) -> str:
-    steps = sorted((int(n) for n in os.listdir(checkpoints) if n.isdigit()
-                    and os.path.isdir(os.path.join(checkpoints, n, "state"))), reverse=True)
+    steps = sorted((int(p.name) for p in files.path(checkpoints).iterdir() if p.name.isdigit()
+                    and (p / "state").is_dir()), reverse=True)
     if not steps:
         raise FileNotFoundError(f"{checkpoints}: no training checkpoints (step folders with state/).")
-    return os.path.join(checkpoints, str(steps[0]))
+    return files.join(checkpoints, str(steps[0]))
 
 
 def find_tokenizer(folders: Sequence[str]):
     """The first tokenizer in `folders` (tokenizer.json there, else one `tokenizer-*/` below);
     None when there is none."""
     for folder in folders:
-        if not folder or not os.path.isdir(folder):
+        if not folder or not files.isdir(folder):
             continue
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        if files.exists(files.join(folder, "tokenizer.json")):
             return load_tokenizer(folder)
-        found = sorted(glob.glob(os.path.join(folder, "tokenizer-*", "tokenizer.json")), key=os.path.getmtime)
+        found = sorted(files.path(folder).glob("tokenizer-*/tokenizer.json"), key=lambda p: p.stat().mtime)
         if found:
             if len(found) > 1:
                 log.warning("%s holds %d tokenizers; using the newest, %s.", folder, len(found), found[-1])
-            return load_tokenizer(os.path.dirname(found[-1]))
+            return load_tokenizer(os.fspath(found[-1].parent))
     return None
 
 
@@ -76,7 +75,7 @@ def _train_step_params(step_dir: str, cfg: ModelConfig, mesh, rules):
     # The TrainState stores each nnx variable as {"value": array}.
     item = {"params": jax.tree.map(lambda x: {"value": x}, targets)}
     restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+        files.path(step_dir) / "state", args=ocp.args.PyTreeRestore(
             item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
     params = jax.tree.map(lambda v: v["value"], restored["params"],
                           is_leaf=lambda v: isinstance(v, dict) and set(v) == {"value"})
@@ -90,19 +89,20 @@ def load_policy(checkpoint: str, config, *, workdir: str | None = None, mesh=Non
     naming the path when it is none of them or no tokenizer is found."""
     from flax import nnx
 
-    path = os.path.abspath(os.fspath(checkpoint))
-    if not os.path.isdir(path):
+    path = os.fspath(checkpoint)
+    path = os.path.abspath(path) if files.is_local(path) else path
+    if not files.isdir(path):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist.")
     m = config.model
     dtype = m.get("param_dtype", "float32")
-    if os.path.isdir(os.path.join(path, "checkpoints")):  # a run's workdir
+    if files.isdir(files.join(path, "checkpoints")):  # a run's workdir
         workdir = workdir or path
-        path = _latest_step(os.path.join(path, "checkpoints"))
-    parents = [os.path.dirname(path), os.path.dirname(os.path.dirname(path))]
-    if os.path.isdir(os.path.join(path, "state")):
+        path = _latest_step(files.join(path, "checkpoints"))
+    parents = [os.fspath(files.path(path).parent), os.fspath(files.path(path).parent.parent)]
+    if files.isdir(files.join(path, "state")):
         run_dir = workdir or parents[1]
-        source = next((d for d in (os.path.join(run_dir, "warmstart"), config.model_path)
-                       if d and os.path.isfile(os.path.join(d, "config.json"))), None)
+        source = next((d for d in (files.join(run_dir, "warmstart"), config.model_path)
+                       if d and files.exists(files.join(d, "config.json"))), None)
         if source is None:
             raise FileNotFoundError(f"{path}: a training checkpoint, but no model config.json in "
                                     f"{run_dir}/warmstart or config.model_path; pass --workdir.")
@@ -110,7 +110,7 @@ def load_policy(checkpoint: str, config, *, workdir: str | None = None, mesh=Non
                                   dtype=m.get("dtype") or dtype)
         graphdef, params = _train_step_params(path, cfg, mesh, rules)
         kind = "train_step"
-    elif os.path.isdir(os.path.join(path, "params")):
+    elif files.isdir(files.join(path, "params")):
         model = ckpt_lib.restore_params(path, mesh=mesh, rules=rules, dtype=dtype)
         cfg, kind = model.cfg, "params"
         graphdef, params = nnx.split(model)

@@ -18,6 +18,9 @@ Statistics of a BenchmarkResult (P problems x S samples):
   tokens     mean and median over all P * S responses (counted as in training: the pre-filled
              prefix is included when rollout.prefix_in_response).
   by_level   the same statistics over the problems of each level (when the data has levels).
+  dataset_score  (benchmarks with their own scorer, e.g. reasoning-gym's score_answer) the mean of
+             that scorer over our extracted answers, in %, beside our accuracy.
+Every summary names the answer-format policy that graded it (answer_format, grading.FORMATS).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from hbpo_jax import grading, rollout
+from hbpo_jax import multihost, rollout
 from hbpo_jax.rollout import ModeSpec
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ class BenchmarkResult:
 
     ids, levels: P strings (levels None when the data has none).
     correct, format_ok: bool [P, S]; tokens: int [P, S]; texts, extracted: P lists of S.
+    answer_format: the grading.FORMATS policy that graded; dataset_scores: float [P, S] of the
+    benchmark's own scorer, or None.
     """
 
     benchmark: str
@@ -53,11 +58,17 @@ class BenchmarkResult:
     tokens: np.ndarray
     texts: list
     extracted: list
+    answer_format: str = "paper"
+    dataset_scores: np.ndarray | None = None
 
     def summary(self) -> dict:
-        """{benchmark, mode, budget, **stats(all problems), by_level: {level: stats}}."""
+        """{benchmark, mode, budget, answer_format, **stats(all problems)[, dataset_score],
+        by_level: {level: stats}}."""
         out = {"benchmark": self.benchmark, "mode": self.mode, "budget": self.budget,
+               "answer_format": self.answer_format,
                **stats(self.correct, self.tokens, self.format_ok), "by_level": {}}
+        if self.dataset_scores is not None and self.dataset_scores.size:
+            out["dataset_score"] = float(self.dataset_scores.mean() * 100)
         levels = [lv for lv in self.levels if lv is not None]
         for level in sort_levels(set(levels)):
             sel = np.array([lv == level for lv in self.levels])
@@ -119,17 +130,25 @@ def stats(correct: np.ndarray, tokens: np.ndarray, format_ok: np.ndarray | None 
 
 
 def score(benchmark: str, mode: ModeSpec | str, records: Sequence[dict], texts: Sequence[str],
-          tokens, *, samples: int = 1, workers: int | None = 1, timeout_s: float = 5.0) -> BenchmarkResult:
+          tokens, *, samples: int = 1, workers: int | None = 1, timeout_s: float = 5.0,
+          answer_format: str = "paper", scorer=None) -> BenchmarkResult:
     """Grades fixed responses (no model): texts and tokens are [P * S], prompt-major (problem 0's
     S samples first), as `generate` returns them. records: dicts with answer (and id, level or
-    difficulty)."""
+    difficulty). answer_format: the grading.FORMATS policy; scorer: the benchmark's own,
+    (record, extracted answer or None) -> [0, 1], also run on every response when given."""
     mode = mode if isinstance(mode, ModeSpec) else ModeSpec(str(mode), str(mode))
     p, s = len(records), int(samples)
     if len(texts) != p * s or np.size(tokens) != p * s:
         raise ValueError(f"{len(texts)} texts and {np.size(tokens)} token counts for {p} problems x {s} samples.")
     truths = [str(r["answer"]) for r in records for _ in range(s)]
-    grades = grading.grade_batch(list(texts), truths, workers=workers, timeout_s=timeout_s)
+    # Each process grades a share; all get the same grades (collective with several processes).
+    grades = multihost.grade_batch(list(texts), truths, workers=workers, timeout_s=timeout_s,
+                                   answer_format=answer_format)
     shape = (p, s)
+    theirs = None
+    if scorer is not None:
+        theirs = np.array([scorer(records[i // s], g.extracted) for i, g in enumerate(grades)],
+                          np.float64).reshape(shape)
     grid = lambda xs: [list(xs[i * s:(i + 1) * s]) for i in range(p)]  # noqa: E731
     return BenchmarkResult(
         benchmark=benchmark, mode=mode.name, budget=mode.budget,
@@ -138,7 +157,8 @@ def score(benchmark: str, mode: ModeSpec | str, records: Sequence[dict], texts: 
         correct=np.array([g.correct for g in grades], bool).reshape(shape),
         format_ok=np.array([g.format_ok for g in grades], bool).reshape(shape),
         tokens=np.asarray(tokens, np.int64).reshape(shape), texts=grid(list(texts)),
-        extracted=grid([g.extracted for g in grades]))
+        extracted=grid([g.extracted for g in grades]), answer_format=answer_format,
+        dataset_scores=theirs)
 
 
 def generate(policy, tokenizer, problems: Sequence[str], mode: ModeSpec, *, samples: int,

@@ -157,12 +157,13 @@ def write(results: Sequence[BenchmarkResult], out_dir: str, *, meta: dict | None
     """Writes the four files of FILES under out_dir; returns {kind: path}.
 
     meta: run settings stored in results.json; skipped: {benchmark: SkipReport summary line}."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, v) for k, v in FILES.items()}
     summaries = [r.summary() for r in results]
-    files.write_json(paths["json"], jsonable({"meta": meta or {}, "skipped": skipped or {}, "results": summaries}))
-    with open(paths["markdown"], "w") as f:
-        f.write(markdown(summaries))
-    plot(summaries, paths["plot"])
-    data.write_jsonl(paths["responses"], (row for r in results for row in r.rows()))
-    return paths
+    # out_dir may be gs://: the files are written in a local folder, then uploaded (files.staged_dir).
+    with files.staged_dir(out_dir) as local:
+        paths = {k: os.path.join(local, v) for k, v in FILES.items()}
+        files.write_json(paths["json"], jsonable({"meta": meta or {}, "skipped": skipped or {},
+                                                  "results": summaries}))
+        files.write_text(paths["markdown"], markdown(summaries))
+        plot(summaries, paths["plot"])
+        data.write_jsonl(paths["responses"], (row for r in results for row in r.rows()))
+    return {k: files.join(out_dir, v) for k, v in FILES.items()}

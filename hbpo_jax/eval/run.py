@@ -110,7 +110,8 @@ def evaluate(eval_spec, graphdef, params, tokenizer, benchmarks: Sequence, key: 
                 mesh=mesh, rules=rules)
             results.append(evaluation.score(bench.name, mode, bench.records, texts, lengths,
                                             samples=e.samples, workers=e.grading_workers,
-                                            timeout_s=e.grading_timeout_s))
+                                            timeout_s=e.grading_timeout_s, answer_format=e.answer_format,
+                                            scorer=bench.scorer if e.dataset_score else None))
             s = results[-1].summary()
             log.info("eval %s / %s: accuracy %.1f%%, mean tokens %.1f (%d problems x %d samples)",
                      bench.name, mode.name, s["accuracy"], s["mean_tokens"], s["problems"], s["samples"])
@@ -119,12 +120,15 @@ def evaluate(eval_spec, graphdef, params, tokenizer, benchmarks: Sequence, key: 
 
 def scalars(summaries: Sequence[dict], prefix: str = "eval") -> dict[str, float]:
     """TensorBoard / metrics.jsonl scalars, always named <prefix>/<benchmark>/<mode>/{accuracy,
-    mean_tokens, median_tokens} and <prefix>/<benchmark>/<mode>/level_<l>/{accuracy,mean_tokens}."""
+    mean_tokens, median_tokens} (and dataset_score, when the benchmark has its own scorer) and
+    <prefix>/<benchmark>/<mode>/level_<l>/{accuracy,mean_tokens}."""
     out = {}
     for s in summaries:
         base = f"{prefix}/{s.get('benchmark', '')}/{s['mode']}"
         for key in ("accuracy", "mean_tokens", "median_tokens"):
             out[f"{base}/{key}"] = s[key]
+        if "dataset_score" in s:
+            out[f"{base}/dataset_score"] = s["dataset_score"]
         for level, v in s["by_level"].items():
             out[f"{base}/level_{level}/accuracy"] = v["accuracy"]
             out[f"{base}/level_{level}/mean_tokens"] = v["mean_tokens"]
@@ -162,6 +166,8 @@ def run(config, checkpoint: str, out_dir: str | None = None, *, workdir: str | N
             "modes": [m.name for m in eval_spec.modes], "samples": eval_spec.samples,
             "temperature": eval_spec.temperature, "top_p": eval_spec.top_p,
             "max_response_len": eval_spec.max_response_len, "seed": eval_spec.seed,
+            "answer_format": eval_spec.answer_format, "prompt_format": eval_spec.prompt_format,
+            "system_prompt": eval_spec.system_prompt,
             "interval": "normal approximation over per-problem means (1.96 sd/sqrt(P))"}
     skipped = {b.name: b.report.summary() for b in benchmarks}
     summaries = [r.summary() for r in results]

@@ -13,15 +13,19 @@ hbpo_jax.spec, whose parse_benchmark checks them when the config is resolved):
   tiny            the tiny run's arithmetic eval problems (hbpo_jax.tasks.arithmetic; level =
                   difficulty), the set the training loop evaluates before and after training.
 
-Every benchmark is graded by hbpo_jax.grading (last \\boxed{} after </think>), so the answers of
-reasoning-gym tasks are compared by our grader, not by reasoning-gym's `score_answer`.
+Every benchmark is graded by hbpo_jax.grading (the last \\boxed{} where the answer-format policy,
+grading.format, looks), so the answers of reasoning-gym tasks are compared by our grader; the
+task's own `score_answer` (on our extracted answer) is the benchmark's `scorer`, which evaluations
+report beside ours as `dataset_score` (eval.dataset_score). reasoning-gym problems are generated
+by rg_tasks.ReasoningGym, the code rg: training data uses.
 champ-dataset and reasoning-gym are the `eval` extra of setup.py (imported only when used).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
-from hbpo_jax import data
+from hbpo_jax import data, rg_tasks
 from hbpo_jax import spec as spec_lib
 from hbpo_jax.eval.evaluation import level_label
 
@@ -32,12 +36,15 @@ TINY = ("tiny", "")  # the task's own eval set, as an eval.benchmarks (kind, arg
 @dataclasses.dataclass
 class Benchmark:
     """A named list of records ``{"id": str, "problem": str, "answer": str, "level": str|None}``
-    and the SkipReport of source rows left out (malformed rows, too many rows, prompts too long)."""
+    and the SkipReport of source rows left out (malformed rows, too many rows, prompts too long).
+    scorer: the benchmark's own scorer, (record, extracted answer or None) -> score in [0, 1], or
+    None (reasoning-gym tasks have one)."""
 
     name: str
     records: list
     report: data.SkipReport
     source: str = ""
+    scorer: Callable | None = None
 
 
 def _cap(records: list, report: data.SkipReport, max_problems: int) -> list:
@@ -60,6 +67,7 @@ def load(benchmark: str | tuple[str, str], *, max_problems: int = 0, seed: int =
     """
     kind, arg = spec_lib.parse_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     spec = f"{kind}:{arg}" if arg else kind
+    scorer = None
     if kind in spec_lib.FILE_BENCHMARKS:
         raw, report = data.load_records(arg, field_map=kind)
         records = [{"id": str(i), "problem": r["problem"], "answer": r["answer"],
@@ -78,26 +86,18 @@ def load(benchmark: str | tuple[str, str], *, max_problems: int = 0, seed: int =
             max_problems = min(int(arg), max_problems or int(arg))
         name, source = "champ", "champ-dataset"
     else:
-        records, report = _reasoning_gym(arg, size=size, seed=seed)
-        name, source = f"rg_{arg}", f"reasoning-gym:{arg}"
+        gym = rg_tasks.ReasoningGym((arg,), size=size, seed=seed)
+        records, report = gym.records()
+        name, source, scorer = f"rg_{arg}", f"reasoning-gym:{arg}", gym.score
     records = _cap(records, report, max_problems)
     if not records:
         raise data.DataError(f"benchmark {spec!r}: no usable problems ({report.summary()}).")
-    return Benchmark(name, records, report, source)
-
-
-def _import(module: str, package: str):
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise data.DataError(f"the {package!r} package is not installed ({e}); "
-                             "pip install -e '.[eval]'.") from None
+    return Benchmark(name, records, report, source, scorer)
 
 
 def _champ() -> tuple[list, data.SkipReport]:
     """CHAMP's problems in the package's (natural) order: id = its identifier, level = category."""
-    champ = _import("champ_dataset", "champ-dataset")
+    champ = data.import_optional("champ_dataset", "champ-dataset")
     dataset = champ.load("v0")
     report, records = data.SkipReport(), []
     for i, (ident, p) in enumerate(dataset.problems.items()):
@@ -112,22 +112,4 @@ def _champ() -> tuple[list, data.SkipReport]:
         else:
             records.append({"id": str(ident), "problem": problem, "answer": answer.strip(),
                             "level": level_label(getattr(p, "category", None))})
-    return records, report
-
-
-def _reasoning_gym(task: str, *, size: int, seed: int) -> tuple[list, data.SkipReport]:
-    rg = _import("reasoning_gym", "reasoning-gym")
-    try:
-        dataset = rg.create_dataset(task, size=int(size), seed=int(seed))
-    except Exception as e:  # unknown task names raise a plain error inside reasoning-gym
-        raise data.DataError(f"reasoning-gym task {task!r} could not be created: {e}") from None
-    report, records = data.SkipReport(), []
-    for i, item in enumerate(dataset):
-        report.rows_read += 1
-        answer = item.get("answer")
-        if not isinstance(answer, str) or not answer.strip():
-            report.add("answer_missing", i)
-            continue
-        records.append({"id": str(item.get("metadata", {}).get("source_index", i)),
-                        "problem": item["question"], "answer": answer.strip(), "level": None})
     return records, report

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from hbpo_jax import files as _files  # `files` is a local name below
 from hbpo_jax import sharding as sharding_lib
 from hbpo_jax.models.config import DTYPES, ConfigError, ModelConfig
 from hbpo_jax.models.qwen2 import Qwen2
@@ -99,14 +100,14 @@ def _set(tree, path, value):
 # ----------------------------------------------------------------------------- loading
 
 def read_hf_config(path: str) -> dict:
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
+    """config.json of a model folder (local or gs://, read through etils.epath)."""
+    config_path = _files.join(path, "config.json")
+    if not _files.isdir(path):
         raise FileNotFoundError(f"model folder {path!r} does not exist.")
-    if not os.path.isfile(config_path):
+    if not _files.exists(config_path):
         raise FileNotFoundError(f"{config_path}: no config.json in the model folder.")
     try:
-        with open(config_path) as f:
-            hf = json.load(f)
+        hf = json.loads(_files.read_text(config_path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{config_path}: not valid JSON ({e}).") from None
     if not isinstance(hf, dict):
@@ -146,7 +147,7 @@ def load_pretrained(path: str, *, dtype: str = "float32", compute_dtype: str | N
     config_overrides: ModelConfig fields such as attention_impl="cudnn" or remat="full".
     Returns Pretrained(model, config, tokenizer); tokenizer is None without tokenizer files.
     """
-    path = os.fspath(path)
+    path = _files.local_dir(path)  # a gs:// folder is downloaded once into a local cache
     cfg = ModelConfig.from_hf(read_hf_config(path), source=os.path.join(path, "config.json"),
                               param_dtype=dtype, dtype=compute_dtype or dtype, **config_overrides)
     files = _weight_files(path)
@@ -206,6 +207,7 @@ def load_tokenizer(path: str):
     AutoTokenizer would follow config.json's model_type and, in transformers 5, build a
     Qwen2Tokenizer with its own pre-tokenizer, which changes the ids of a custom vocabulary.
     """
+    path = _files.local_dir(path)  # transformers reads local folders only
     if not any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
         return None
     import transformers
@@ -230,8 +232,18 @@ def save_pretrained(model: Qwen2, path: str, *, tokenizer=None, dtype: str | Non
 
     dtype: weights dtype on disk (default: the model's param dtype). Tensors are fetched from the
     devices one at a time; above max_shard_bytes the weights are split into numbered files with
-    an index. In a multi-process run every process must call this; process 0 writes.
+    an index. In a multi-process run every process must call this; process 0 writes. `path` may
+    be gs://: the folder is written locally, then uploaded (files.staged_dir).
     """
+    if jax.process_index() != 0:
+        _save_pretrained(model, path, tokenizer=tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        return
+    with _files.staged_dir(path) as local:
+        _save_pretrained(model, local, tokenizer=tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def _save_pretrained(model: Qwen2, path: str, *, tokenizer, dtype, max_shard_bytes) -> None:
+    """save_pretrained into a local folder (process 0 writes; the others join the fetches)."""
     cfg = model.cfg
     dtype_name = dtype or cfg.param_dtype
     if dtype_name not in DTYPES:

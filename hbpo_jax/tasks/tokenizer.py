@@ -20,8 +20,10 @@ import io
 import json
 import os
 import re
-import shutil
+import tempfile
 from typing import Iterable, Sequence
+
+from hbpo_jax import files
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EXTRA_TOKENS = ("<think>", "</think>", "\n", "\\boxed{")  # single tokens, not special
@@ -113,18 +115,31 @@ def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 192, whole_words:
     if workdir is not None:
         key = [vocab_size, texts] + ([list(whole_words)] if whole_words else [])
         digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-        folder = os.path.join(workdir, f"tokenizer-{digest}")
-        if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        folder = files.join(workdir, f"tokenizer-{digest}")
+        if files.exists(files.join(folder, "tokenizer.json")):
             return load_tokenizer(folder)
     tokenizer = _fast_tokenizer(_train_pieces(_segments(texts, whole_words), vocab_size), whole_words)
     if folder is not None:
-        tmp = f"{folder}.tmp{os.getpid()}"
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)  # atomic: a concurrent builder never sees half a folder
-        except OSError:  # another process got there first with the same tokenizer
-            shutil.rmtree(tmp, ignore_errors=True)
+        _cache(tokenizer, folder)
     return tokenizer
+
+
+def _cache(tokenizer, folder: str) -> None:
+    """Saves `tokenizer` into `folder` (local or gs://) so that a reader never loads half of it:
+    the other files first, tokenizer.json (what `build_tokenizer` looks for) last, each written
+    whole. No folder rename (gcsfuse and GCS have none). Concurrent builders of the same
+    tokenizer write the same bytes."""
+    with tempfile.TemporaryDirectory(prefix="hbpo-jax-tokenizer-") as local:
+        tokenizer.save_pretrained(local)
+        names = sorted(os.listdir(local), key=lambda n: n == "tokenizer.json")
+        files.makedirs(folder)
+        for name in names:
+            tmp = files.join(folder, f".{name}.tmp{os.getpid()}") if files.is_local(folder) else None
+            if tmp:  # locally: a file rename makes each file appear whole
+                files.copy_file(os.path.join(local, name), tmp)
+                os.replace(tmp, files.join(folder, name))
+            else:  # GCS: one object upload is whole by itself
+                files.copy_file(os.path.join(local, name), files.join(folder, name))
 
 
 def load_tokenizer(folder: str):

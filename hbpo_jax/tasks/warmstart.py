@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 from flax import nnx
 
@@ -44,8 +43,8 @@ def settings(config, budgets, model_cfg) -> dict:
 def check_settings(warm: str, wanted: dict) -> None:
     """Refuses a cached warm start built from other settings (a changed SFT setting needs a fresh
     workdir); a setting added since the cache was written counts at its base-config default."""
-    path = os.path.join(warm, SETTINGS_FILE)
-    if not os.path.exists(path):
+    path = files.join(warm, SETTINGS_FILE)
+    if not files.exists(path):
         log.warning("warm start: %s has no %s (an older cache); using it as it is", warm, SETTINGS_FILE)
         return
     defaults = json.loads(json.dumps({f"task.{k}": v for k, v in config_lib.base_config().task.to_dict().items()}))
@@ -67,9 +66,9 @@ def arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
     # The task's tokenizer decides the vocabulary (rounded up to a multiple of 8).
     model_cfg = config_lib.model_config(config).replace(
         vocab_size=-(-len(tokenizer) // 8) * 8, eos_token_ids=(tokenizer.eos_token_id,))
-    warm = os.path.join(workdir, "warmstart")
+    warm = files.join(workdir, "warmstart")
     wanted = settings(config, budgets, model_cfg)
-    if os.path.isdir(os.path.join(warm, "params")):
+    if files.isdir(files.join(warm, "params")):
         check_settings(warm, wanted)
         log.info("warm start: restoring the cached SFT model from %s", warm)
         model = checkpoint.restore_params(warm, mesh=mesh, rules=rules, dtype=model_cfg.param_dtype)
@@ -77,7 +76,7 @@ def arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
         model = _supervised(config, tokenizer, model_cfg, budgets, mesh, rules)
         checkpoint.save_params(warm, model)
         if _is_writer():
-            files.write_json(os.path.join(warm, SETTINGS_FILE), wanted)
+            files.write_json(files.join(warm, SETTINGS_FILE), wanted)
     graphdef, params = nnx.split(model)
     train = arithmetic.make_dataset(t.train_problems, config.seed + 2)
     return Policy(graphdef, params, tokenizer, train, eval_records(config), cache_dir=warm)
