@@ -61,6 +61,7 @@ def test_bfloat16_within_documented_tolerance(tmp_path):
     assert np.abs(ours - hf_logits(hf, ids)).max() <= 0.05
 
 
+@pytest.mark.slow  # > 10 s on the 2-core machine
 def test_kv_cache_prefill_and_decode_match_full_forward(tmp_path):
     hf = hf_model(**CONFIGS[2])
     model = _load(tmp_path, hf)
@@ -92,6 +93,7 @@ def test_attention_implementations_agree(tmp_path, impl):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow  # > 10 s on the 2-core machine
 def test_remat_gives_same_loss_and_gradients(tmp_path):
     from flax import nnx
     hf = hf_model(**CONFIGS[0])

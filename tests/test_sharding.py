@@ -64,6 +64,7 @@ def test_parameters_follow_the_rule_table(mesh):
     assert gate.addressable_shards[0].data.shape == (32, 24)
 
 
+@pytest.mark.slow  # > 10 s on the 2-core machine
 def test_sharded_forward_equals_unsharded(mesh):
     plain = create_model(CFG, seed=1)
     sharded = create_model(CFG, seed=1, mesh=mesh)

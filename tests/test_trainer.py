@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 import optax
 from flax import nnx
 
@@ -76,6 +77,7 @@ def _run(micro, mesh=None):
     return state, metrics
 
 
+@pytest.mark.slow  # > 10 s on the 2-core machine
 def test_gradient_accumulation_equals_one_big_batch():
     one, m1 = _run(1)
     four, m4 = _run(4)
@@ -114,6 +116,7 @@ def test_non_finite_step_is_skipped_and_counted():
     assert (int(state.step), int(state.skipped), int(state.skipped_total)) == (1, 0, 1)
 
 
+@pytest.mark.slow  # > 10 s on the 2-core machine
 def test_sharded_update_equals_unsharded():
     mesh = sharding.make_mesh((1, 2, 4))
     plain, m1 = _run(2)
