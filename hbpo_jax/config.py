@@ -117,11 +117,6 @@ def base_config() -> config_dict.ConfigDict:
     return c
 
 
-def samples_per_budget(config) -> int:
-    """Rollouts per (prompt, budget) subgroup: rollout.rollouts_per_prompt / len(rollout.budgets)."""
-    return config.rollout.rollouts_per_prompt // len(config.rollout.budgets)
-
-
 def model_config(config) -> ModelConfig:
     """The ModelConfig of `config.model` (checked; the key names are reported as model.<field>)."""
     fields = dict(config.model)

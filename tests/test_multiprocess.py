@@ -51,19 +51,24 @@ def _one_process(tiny_run, workdir, steps, timeout=400):
     return done.stderr
 
 
-def _two_processes(tiny_run, workdir, steps, timeout=400):
+def _start_two(tiny_run, workdir, steps, *extra):
+    """Both processes of a 2-host run (4 CPU devices each), started; stderr piped."""
     port = _free_port()
-    procs = [subprocess.Popen(
+    return [subprocess.Popen(
         _command(tiny_run, workdir, steps, "--config.distributed=True",
                  f"--config.distributed_coordinator=localhost:{port}",
-                 "--config.distributed_num_processes=2", f"--config.distributed_process_id={i}"),
+                 "--config.distributed_num_processes=2", f"--config.distributed_process_id={i}", *extra),
         cwd=tiny_run.root, env=_env(4, workdir.parent / "jax-cache"), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
         for i in range(2)]
+
+
+def _finish(procs, timeout) -> list[str]:
+    """Waits for both processes (killing any still alive on the way out), asserts both exited 0;
+    returns their stderr."""
     errs = []
     try:
-        for p in procs:
-            errs.append(p.communicate(timeout=timeout)[1])
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -71,6 +76,11 @@ def _two_processes(tiny_run, workdir, steps, timeout=400):
                 p.wait()
     for p, err in zip(procs, errs):
         assert p.returncode == 0, err[-3000:]
+    return errs
+
+
+def _two_processes(tiny_run, workdir, steps, timeout=400):
+    errs = _finish(_start_two(tiny_run, workdir, steps), timeout)
     assert "process 1 of 2, 4 local of 8 devices" in errs[1]
     return errs[0]
 
@@ -111,17 +121,6 @@ def test_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_run, 
     _assert_close(a, b, [1, 2, 3])
 
 
-def _start_two(tiny_run, workdir, steps, *extra):
-    port = _free_port()
-    return [subprocess.Popen(
-        _command(tiny_run, workdir, steps, "--config.distributed=True",
-                 f"--config.distributed_coordinator=localhost:{port}",
-                 "--config.distributed_num_processes=2", f"--config.distributed_process_id={i}", *extra),
-        cwd=tiny_run.root, env=_env(4, workdir.parent / "jax-cache"), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-
-
 @pytest.mark.slow
 def test_sigterm_to_one_host_stops_both_at_the_same_checkpoint_and_resumes_exactly(tiny_run, tmp_path):
     """SIGTERM reaches process 1 only, after step 3 (a maintenance notice on one host of a pod):
@@ -133,25 +132,20 @@ def test_sigterm_to_one_host_stops_both_at_the_same_checkpoint_and_resumes_exact
     tiny_run.warm(stopped)
     procs = _start_two(tiny_run, stopped, steps, "--config.train.checkpoint_every=100")
     metrics = stopped / "metrics.jsonl"
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and procs[1].poll() is None:
-            if metrics.exists() and any('"step": 3,' in line and "loss" in line
-                                        for line in metrics.read_text().splitlines()):
-                break
-            time.sleep(0.1)
-        assert procs[1].poll() is None, "the run ended before it could be signalled"
-        t0 = time.time()
+    deadline = time.time() + 400
+    while time.time() < deadline and procs[1].poll() is None:
+        if metrics.exists() and any('"step": 3,' in line and "loss" in line
+                                    for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.1)
+    t0 = time.time()
+    if procs[1].poll() is None:
         procs[1].send_signal(signal.SIGTERM)
-        errs = [p.communicate(timeout=180)[1] for p in procs]
-        print(f"both processes exited {time.time() - t0:.0f}s after the SIGTERM")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, err in zip(procs, errs):
-        assert p.returncode == 0, err[-3000:]
+    else:
+        _finish(procs, 1)  # kills the other process
+        raise AssertionError("the run ended before it could be signalled")
+    errs = _finish(procs, 180)
+    print(f"both processes exited {time.time() - t0:.0f}s after the SIGTERM")
     saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir() if p.name.isdigit())
     assert len(saved) == 1 and 3 <= saved[0] < steps, saved  # checkpoint_every=100: only the stop's
     assert max(tiny_run.metrics(stopped)) == saved[0]

@@ -202,3 +202,28 @@ def test_the_wheel_carries_configs_license_and_entry_points(tmp_path):
     assert any(n.endswith("LICENSE") for n in names)
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "hbpo-train = hbpo_jax.scripts.train:run" in entry
+
+
+def test_the_fake_bucket_maps_gs_paths_and_refuses_directory_renames(tmp_path):
+    """The stand-in storage the gs:// loop test runs on does what it claims."""
+    from etils import epath
+
+    root = str(tmp_path)
+    assert fake_gcs.to_local(root, "gs://b/run/x") == os.path.join(root, "b/run/x")
+    assert fake_gcs.to_remote(root, os.path.join(root, "b/run/x")) == "gs://b/run/x"
+    assert fake_gcs.to_local(root, "/local/x") == "/local/x"
+    with fake_gcs.mock_gcs(root):
+        epath.Path("gs://b/run/a.txt").write_text("hi")  # no parent folder needed, as on GCS
+        assert epath.Path("gs://b/run/a.txt").read_text() == "hi"
+    assert (tmp_path / "b" / "run" / "a.txt").read_text() == "hi"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("x")
+    log = tmp_path / "refused.txt"
+    with fake_gcs.refuse_directory_renames(str(log)):
+        with pytest.raises(OSError):
+            os.rename(tmp_path / "d", tmp_path / "d2")
+        with pytest.raises(OSError):
+            (tmp_path / "d").replace(tmp_path / "d3")
+        os.replace(tmp_path / "f", tmp_path / "g")  # files still move
+    assert (tmp_path / "d").is_dir() and (tmp_path / "g").exists() and len(log.read_text().splitlines()) == 2
+    os.rename(tmp_path / "d", tmp_path / "d2")  # restored afterwards

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 
+import jax
 from flax import nnx
 
 from hbpo_jax import checkpoint, files
@@ -75,7 +76,7 @@ def arithmetic_policy(config, workdir: str, mesh, rules) -> Policy:
     else:
         model = _supervised(config, tokenizer, model_cfg, budgets, mesh, rules)
         checkpoint.save_params(warm, model)
-        if _is_writer():
+        if jax.process_index() == 0:
             files.write_json(files.join(warm, SETTINGS_FILE), wanted)
     graphdef, params = nnx.split(model)
     train = arithmetic.make_dataset(t.train_problems, config.seed + 2)
@@ -94,8 +95,3 @@ def _supervised(config, tokenizer, model_cfg, budgets, mesh, rules):
     log.info("warm start: %d SFT steps in %.0fs, final loss %.3f", t.sft_steps, result.seconds,
              float(result.losses[-10:].mean()))
     return result.model()
-
-
-def _is_writer() -> bool:
-    import jax
-    return jax.process_index() == 0
