@@ -38,7 +38,10 @@ setup(
     ],
     extras_require={
         # A TPU VM (pod slice or Colab): the libtpu build of the tested JAX, and gcsfs for gs://
-        # workdirs (etils.epath reads and writes GCS through it).
+        # workdirs (etils.epath reads and writes GCS through it). jax[tpu]==0.10.2 pins
+        # libtpu==0.0.42.* (0.0.42.1 resolved); libtpu is also what `launch/memory.py --topology`
+        # compiles TPU programs with on a CPU machine. Not in `test`: a 213 MB wheel (684 MB
+        # installed); tests/test_tpu_plan.py skips its TPU compile without it.
         "tpu": [f"jax[tpu]=={JAX_VERSION}", "gcsfs>=2024.2"],
         # NVIDIA GPUs: the CUDA 12 wheels (drivers >= 525) of the tested JAX.
         "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
@@ -53,6 +56,8 @@ setup(
             # the CI machines (a looser pin would pull a multi-GB CUDA build).
             "torch==2.13.0",
             "pytest>=8",
+            "pytest-xdist>=3.5",
+            "filelock>=3.12",
             "hypothesis>=6.100",
             "nbclient>=0.10",
             "nbformat>=5.9",

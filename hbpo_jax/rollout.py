@@ -32,9 +32,10 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from hbpo_jax import sampler, sharding
+from hbpo_jax import sampler, sampling, sharding
 
 MODES = ("budget", "natural", "efficiency", "fixed", "l1", "l1_max")
 BUDGETED = ("budget", "fixed", "l1", "l1_max")  # modes whose rows carry a budget
@@ -278,7 +279,8 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
     max_batch: rows per sampler call (0: all at once). The KV cache grows with the rows, so a
       large rollout batch (1,024 rows x 5,120 slots is ~150 GB for the 1.5B model) is sampled in
       chunks; every chunk has the same shape (the last is padded with finished rows), so one
-      compilation serves them all, and chunk i samples with fold_in(key, i).
+      compilation serves them all. Row r samples with the key fold_in(key, r), r its index among
+      all rows, so the chunking changes no token (sampler: a row's tokens depend on its key only).
     """
     layout = build_prompts(tokenizer, problems, budgets=budgets, samples_per_budget=samples_per_budget,
                            mode=mode, system_prompt=system_prompt, prompt_budgets=prompt_budgets)
@@ -343,20 +345,21 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
 
 def _sample_in_chunks(policy, ids, mask, limits, max_batch: int, *, key, **kwargs):
     """sampler.generate over rows [R, P] in chunks of max_batch rows; numpy (tokens [R, N],
-    logprobs [R, N], lengths [R], stop_reason [R])."""
+    logprobs [R, N], lengths [R], stop_reason [R]). Row r's key is fold_in(key, r) whatever its chunk."""
     rows = ids.shape[0]
     chunk = rows if max_batch <= 0 or max_batch >= rows else int(max_batch)
+    keys = sampling.row_keys(key, rows)  # typed [R]: by the row's global index, not its chunk slot
     outs = []
-    for i, start in enumerate(range(0, rows, chunk)):
+    for start in range(0, rows, chunk):
         sl = slice(start, start + chunk)
-        c_ids, c_mask, c_limits = ids[sl], mask[sl], limits[sl]
+        c_ids, c_mask, c_limits, c_keys = ids[sl], mask[sl], limits[sl], keys[sl]
         short = chunk - c_ids.shape[0]
         if short:  # pad with copies of the first row that stop at once (limit 0)
             c_ids = np.concatenate([c_ids, np.repeat(ids[:1], short, 0)])
             c_mask = np.concatenate([c_mask, np.repeat(mask[:1], short, 0)])
             c_limits = np.concatenate([c_limits, np.zeros(short, c_limits.dtype)])
-        out = sampler.generate(policy, c_ids, c_mask, key=key if chunk == rows else jax.random.fold_in(key, i),
-                               limits=c_limits, **kwargs)
+            c_keys = jnp.concatenate([c_keys, jnp.repeat(keys[:1], short, 0)])
+        out = sampler.generate(policy, c_ids, c_mask, key=c_keys, limits=c_limits, **kwargs)
         got = (out.tokens, out.logprobs, out.lengths, out.stop_reason)
         outs.append([sharding.to_host(x)[: chunk - short] for x in got])  # all rows, on every process
     tokens, logp, lengths, reason = (np.concatenate(parts) for parts in zip(*outs))

@@ -14,8 +14,14 @@ Shapes: B = rows, P = (bucketed) prompt length, N = max_new_tokens (static), V =
 * `Sampler` owns the jitted prefill and decode loop of one model structure and one set of static
   settings (`SamplerSettings`); `generate` is a function over a per-process cache of Samplers, so
   repeated calls with the same settings compile once.
-* Randomness: step s draws with `fold_in(key, s)`; the same key gives the same tokens, and a row's
-  tokens do not depend on the other rows of the batch.
+* Token selection and randomness are `hbpo_jax.sampling`'s (`sample_logits`): exact draws without
+  a draw per vocabulary entry or a vocabulary sort. Every row has its own key, and its i-th
+  generated token draws with fold_in(row key, i), i counted per row (a SamplerInputs.token_offset
+  shifts it). So a row's tokens depend on its key and its logits only, not on its place in the
+  batch, the chunk it was sampled in, its neighbours, or the loop step it started at. Given one
+  key for a call, row r's key is fold_in(key, r) (`sampling.row_keys`); the training rollout
+  derives them from the step key and each row's index among all of the step's rows, so cutting
+  the rows into sampler calls (rollout.max_batch) does not change a token.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hbpo_jax import sharding as shd
 from hbpo_jax.models.qwen2 import KVCache
+from hbpo_jax.sampling import keys_for_rows, sample_logits, token_keys
 
 STOP_NONE = 0  # still running (never returned: every row ends with EOS or LIMIT)
 STOP_EOS = 1  # sampled one of the EOS ids (included in the length)
@@ -88,47 +95,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: str |
     return ids, mask.astype(np.int32)
 
 
-# ----------------------------------------------------------------------------- token selection
-
-def _truncate(x: jax.Array, top_p: float, top_k: int) -> jax.Array:
-    """x: float32 [B, V] scaled logits -> same with tokens outside top-k, then outside the
-    nucleus of the renormalised top-k distribution, set to -inf. Ties at the threshold are kept."""
-    neg = jnp.asarray(-jnp.inf, x.dtype)
-    if top_k and top_k < x.shape[-1]:
-        vals = jax.lax.top_k(x, top_k)[0]  # [B, k], descending
-        x = jnp.where(x >= vals[:, -1:], x, neg)
-    else:
-        vals = None
-    if top_p < 1.0:
-        srt = vals if vals is not None else jnp.sort(x, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(srt, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < top_p  # the smallest prefix whose mass reaches top_p; top-1 always
-        threshold = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(x >= threshold, x, neg)
-    return x
-
-
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 1.0, top_p: float = 1.0,
-                  top_k: int = 0) -> tuple[jax.Array, jax.Array]:
-    """One token per row.
-
-    logits: float32 [B, V]; key: PRNG key; temperature, top_p, top_k: Python numbers
-    (T = 0 -> greedy; top_p = 1 and top_k = 0 disable truncation).
-    Returns (tokens int32 [B], logprobs float32 [B] under the full log_softmax(logits / T);
-    T = 1 for greedy).
-    """
-    logits = logits.astype(jnp.float32)
-    if temperature == 0:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        scaled = logits
-    else:
-        scaled = logits / temperature
-        tokens = jax.random.categorical(key, _truncate(scaled, top_p, top_k), axis=-1).astype(jnp.int32)
-    logp = jax.nn.log_softmax(scaled, axis=-1)
-    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-
-
 # ----------------------------------------------------------------------------- the sampler
 
 @dataclasses.dataclass(frozen=True)
@@ -168,13 +134,16 @@ class SamplerSettings:
 
 class SamplerInputs(NamedTuple):
     """One batch, padded to the prompt bucket and placed on the mesh (Sampler.prepare).
-    prompt_ids, prompt_mask: int32 [B, P]; prompt_lens, limits: int32 [B]; key: a PRNG key."""
+    prompt_ids, prompt_mask: int32 [B, P]; prompt_lens, limits: int32 [B]; key: typed PRNG keys
+    [B], one per row; token_offset: int32 [B], the index of each row's first token in its key's
+    sequence (0 for a row sampled from its start)."""
 
     prompt_ids: Any
     prompt_mask: Any
     prompt_lens: Any
     limits: Any
     key: Any
+    token_offset: Any
 
 
 def _constrain(tree, shardings):
@@ -239,12 +208,15 @@ class Sampler:
             fn = self._cache_fns[key] = jax.jit(init, out_shardings=self.cache_shardings(*key))
         return fn()
 
-    def prepare(self, prompt_ids, prompt_mask=None, *, key: jax.Array, limits=None) -> SamplerInputs:
+    def prepare(self, prompt_ids, prompt_mask=None, *, key: jax.Array, limits=None,
+                token_offset=None) -> SamplerInputs:
         """Checks a batch, pads it on the left to the prompt bucket and places it on the mesh.
 
         prompt_ids: int [B, P0], LEFT-padded (see pad_prompts), ≥ 1 real token a row; prompt_mask:
-        [B, P0], 1 on real tokens (default all ones); limits: int [B] per-row caps on new tokens
-        (clipped to [0, N] in the loop; default N). numpy or jax arrays (jax stays on device).
+        [B, P0], 1 on real tokens (default all ones); key: one PRNG key (row r gets fold_in(key, r))
+        or one per row (typed [B] or uint32 [B, 2]); limits: int [B] per-row caps on new tokens
+        (clipped to [0, N] in the loop; default N); token_offset: int [B], default 0 (see
+        SamplerInputs). numpy or jax arrays (jax stays on device).
         """
         st = self.settings
         xp = jnp if isinstance(prompt_ids, jax.Array) else np
@@ -261,10 +233,17 @@ class Sampler:
         limits = xp.full((b,), st.max_new_tokens, xp.int32) if limits is None else xp.asarray(limits).astype(xp.int32)
         if limits.shape != (b,):
             raise ValueError(f"limits must be int [B] = [{b}], got shape {limits.shape}.")
+        offset = (xp.zeros((b,), xp.int32) if token_offset is None
+                  else xp.asarray(token_offset).astype(xp.int32))
+        if offset.shape != (b,):
+            raise ValueError(f"token_offset must be int [B] = [{b}], got shape {offset.shape}.")
+        keys = keys_for_rows(key, b)
         if self.mesh is None:
-            return SamplerInputs(prompt_ids, mask, lens, limits, key)
+            return SamplerInputs(prompt_ids, mask, lens, limits, keys, offset)
         rows = [jax.device_put(x, self._rows(x.shape)) for x in (prompt_ids, mask, lens, limits)]
-        return SamplerInputs(*rows, shd.put(key, self._replicated()))  # shd.put: multi-process keys too
+        # shd.put: the keys are process-local (equal on every process), the mesh may not be.
+        return SamplerInputs(*rows, shd.put(keys, self._rows(keys.shape)),
+                             jax.device_put(offset, self._rows(offset.shape)))
 
     # -- the jitted halves
     def prefill(self, params, cache: KVCache, inputs: SamplerInputs):
@@ -274,11 +253,13 @@ class Sampler:
 
     def decode(self, params, cache: KVCache, logits, inputs: SamplerInputs):
         """The decode loop after prefill -> (SamplerOutput, cache). `cache` is donated."""
-        return self._decode(params, cache, logits, inputs.prompt_lens, inputs.limits, inputs.key)
+        return self._decode(params, cache, logits, inputs.prompt_lens, inputs.limits, inputs.key,
+                            inputs.token_offset)
 
-    def __call__(self, params, prompt_ids, prompt_mask=None, *, key: jax.Array, limits=None) -> SamplerOutput:
+    def __call__(self, params, prompt_ids, prompt_mask=None, *, key: jax.Array, limits=None,
+                 token_offset=None) -> SamplerOutput:
         """prepare + prefill + decode: SamplerOutput as device arrays (see `generate`)."""
-        inputs = self.prepare(prompt_ids, prompt_mask, key=key, limits=limits)
+        inputs = self.prepare(prompt_ids, prompt_mask, key=key, limits=limits, token_offset=token_offset)
         cache = self.new_cache(*inputs.prompt_ids.shape)
         logits, cache = self.prefill(params, cache, inputs)
         out, cache = self.decode(params, cache, logits, inputs)
@@ -294,9 +275,10 @@ class Sampler:
         if shardings is not None:
             cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache, shardings)
         rows = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._rows(shape))  # noqa: E731
-        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self._replicated())
+        keys = jax.ShapeDtypeStruct((batch,), jax.random.key(0).dtype, sharding=self._rows((batch,)))
         w = int(prompt_width)
-        return cache, SamplerInputs(rows((batch, w)), rows((batch, w)), rows((batch,)), rows((batch,)), key)
+        return cache, SamplerInputs(rows((batch, w)), rows((batch, w)), rows((batch,)), rows((batch,)), keys,
+                                    rows((batch,)))
 
     def lower(self, params, batch: int, prompt_len: int):
         """(prefill, decode) lowered for `batch` rows of prompts up to `prompt_len` tokens (padded
@@ -306,7 +288,8 @@ class Sampler:
         prefill = self._prefill.lower(params, cache, inputs.prompt_ids, inputs.prompt_mask)
         logits = jax.ShapeDtypeStruct((batch, self.cfg.vocab_size), jnp.float32,
                                       sharding=self._rows((batch, self.cfg.vocab_size)))
-        decode = self._decode.lower(params, cache, logits, inputs.prompt_lens, inputs.limits, inputs.key)
+        decode = self._decode.lower(params, cache, logits, inputs.prompt_lens, inputs.limits, inputs.key,
+                                    inputs.token_offset)
         return prefill, decode
 
     # -- internals
@@ -326,8 +309,9 @@ class Sampler:
         hidden, cache = model.forward(prompt_ids, None, prompt_mask, cache, return_hidden=True)
         return model.logits(hidden[:, -1]), _constrain(cache, shardings)
 
-    def _decode_fn(self, params, cache, logits, prompt_lens, limits, key):
-        """logits: float32 [B, V] after the prompt; prompt_lens, limits: int32 [B]."""
+    def _decode_fn(self, params, cache, logits, prompt_lens, limits, keys, token_offset):
+        """logits: float32 [B, V] after the prompt; prompt_lens, limits, token_offset: int32 [B];
+        keys: typed PRNG keys [B]."""
         TRACE_COUNTS["decode"] += 1
         st, n_new = self.settings, self.settings.max_new_tokens
         model = nnx.merge(self.graphdef, params)
@@ -337,7 +321,9 @@ class Sampler:
         limits = jnp.clip(limits, 0, n_new)
 
         def pick(step, logits, done, tokens_buf, logp_buf, reason, lengths):
-            tok, lp = sample_logits(logits, jax.random.fold_in(key, step), st.temperature, st.top_p, st.top_k)
+            # Loop step s is token s of every row here; token_offset places it in the row's sequence.
+            step_keys = token_keys(keys, token_offset + step)
+            tok, lp = sample_logits(logits, step_keys, st.temperature, st.top_p, st.top_k)
             tok = jnp.where(done, st.pad_id, tok)
             lp = jnp.where(done, 0.0, lp)
             tokens_buf = jax.lax.dynamic_update_slice(tokens_buf, tok[:, None], (0, step))
@@ -411,7 +397,9 @@ def generate(model_or_pair, prompt_ids, prompt_mask=None, *, key: jax.Array, max
     prompt_ids: int [B, P], LEFT-padded (see `pad_prompts`); every row needs ≥ 1 real token.
     prompt_mask: [B, P], 1 on real tokens (default: all ones). P is re-padded on the left to
       bucket_length(P, prompt_bucket) to keep the number of compiled shapes small.
-    key: a jax PRNG key. max_new_tokens: static cap N (one compilation per value).
+    key: one jax PRNG key (row r samples with fold_in(key, r)) or one per row (typed [B] or uint32
+      [B, 2]); a row's tokens depend on its key only (see hbpo_jax.sampling).
+    max_new_tokens: static cap N (one compilation per value).
     limits: int [B] per-row cap on new tokens (clipped to [0, N]); default N for every row.
     eos_ids: token ids that end a row (kept, counted in its length). pad_id: fills after the stop.
     temperature (0 -> greedy), top_p (1 -> off), top_k (0 -> off): static Python numbers.
@@ -436,4 +424,4 @@ def graphdef_cfg(graphdef, state):
 
 __all__ = ["STOP_EOS", "STOP_LIMIT", "STOP_NONE", "Sampler", "SamplerInputs", "SamplerOutput",
            "SamplerSettings", "bucket_length", "generate", "get_sampler", "graphdef_cfg", "pad_prompts",
-           "sample_logits", "split_model"]
+           "split_model"]

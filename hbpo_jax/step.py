@@ -35,7 +35,8 @@ def draw_l1_budgets(key: jax.Array, prompts: int, budgets: tuple[int, ...]) -> n
 
 def sample(sampling: SamplingSpec, graphdef, params, tokenizer, problems: list, key: jax.Array, *,
            mesh=None, rules=None) -> rollout.RolloutBatch:
-    """The rollouts of one step as the spec's prompting mode lays them out."""
+    """The rollouts of one step as the spec's prompting mode lays them out. Row r (its index among
+    the step's rows) samples with fold_in(key, r), so sampling.max_batch changes no token."""
     prompt_budgets, budgets = None, sampling.budgets
     if sampling.mode in L1_MODES:
         key, sub = jax.random.split(key)

@@ -1,5 +1,7 @@
 """Test setup: 8 fake CPU devices (so sharded code paths run everywhere), no network, one JAX
-compilation cache for the session, and the tiny training run shared by the end-to-end tests.
+compilation cache for the session, XLA's quick compile (`FAST_COMPILE`), and the tiny training run
+shared by the end-to-end tests. pytest.ini runs two pytest-xdist workers; they share the cache
+and the warm start.
 
 Markers: `slow` marks a test that takes more than ~10 s on the 2-core CI machine (a training
 or evaluation subprocess, a notebook, a multi-process run). `python -m pytest tests -q -m "not
@@ -8,7 +10,8 @@ slow"` is the few-minute check; the full suite is what .ci/run runs.
 Fixtures:
   tiny_run    a `TinyRun`: launch/train.py on a few-second version of configs/tiny.py, in a
               subprocess, every workdir starting from the session's one SFT warm start.
-  warm_start  (session) the folder that warm start was built in, built on first use.
+  warm_start  (session) the folder that warm start was built in, built on first use by
+              whichever worker needs it first (a file lock keeps the other waiting).
 """
 import json
 import os
@@ -18,9 +21,21 @@ import subprocess
 import sys
 import tempfile
 
+import filelock
 import pytest
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The tests compile hundreds of small programs and run each only a few times, so LLVM's
+# optimisation passes cost more than they save: at level 0 test_trainer + test_qwen2 take a quarter
+# less CPU time, with the same results. Every test subprocess gets the same flags (`xla_flags`).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int = 1) -> str:
+    """XLA_FLAGS for a test process (or subprocess) with `devices` CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -89,7 +104,7 @@ class TinyRun:
     def env(**extra) -> dict:
         """The environment of a run: one CPU device (conftest's 8 fake devices are for
         in-process tests), the session's compilation cache, and `extra`."""
-        return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **extra)
+        return dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", **extra)
 
     def warm(self, workdir) -> pathlib.Path:
         """Puts the session's warm start into `workdir` (kept if it has one); returns it."""
@@ -123,23 +138,30 @@ class TinyRun:
         return rows
 
 
+def _session_dir(tmp_path_factory) -> pathlib.Path:
+    """A folder of this test session that every pytest-xdist worker shares (the workers'
+    base temp folders sit side by side in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def warm_start(tmp_path_factory):
     """() -> the folder of the session's tiny warm start, built on the first call by a 1-step run
-    (the loop builds and caches warm starts; a run needs at least one step). That step also
-    fills the compilation cache with the training step every later run compiles."""
-    built = []
+    (the loop builds and caches warm starts; a run needs at least one step), once for all xdist
+    workers. That step also fills the compilation cache with the training step every later run
+    compiles."""
+    workdir = _session_dir(tmp_path_factory) / "warm-start"
 
     def build() -> pathlib.Path:
-        if not built:
-            workdir = tmp_path_factory.mktemp("warm-start")
-            cmd = [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
-                   f"--workdir={workdir}", "--config.train.steps=1", *TINY_ARGS]
-            done = subprocess.run(cmd, cwd=ROOT, env=TinyRun.env(), capture_output=True, text=True, timeout=900)
-            assert done.returncode == 0, done.stderr[-3000:]
-            assert (workdir / "warmstart").is_dir(), "the tiny run no longer caches its warm start in warmstart/"
-            built.append(workdir)
-        return built[0]
+        with filelock.FileLock(str(workdir) + ".lock"):
+            if not (workdir / "warmstart").is_dir():
+                cmd = [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
+                       f"--workdir={workdir}", "--config.train.steps=1", *TINY_ARGS]
+                done = subprocess.run(cmd, cwd=ROOT, env=TinyRun.env(), capture_output=True, text=True, timeout=900)
+                assert done.returncode == 0, done.stderr[-3000:]
+                assert (workdir / "warmstart").is_dir(), "the tiny run no longer caches its warm start in warmstart/"
+        return workdir
 
     return build
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from conftest import xla_flags
 
 from hbpo_jax.bench import common, harness, quick, report, runner, settings
 
@@ -15,8 +16,7 @@ FORBIDDEN = ("ml_collections", "grain", "tensorboardX", "math_verify", "datasets
 
 
 def _env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as on the GPU machine
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=xla_flags(1))  # one device, as on a GPU machine
     env.pop(runner.FAULT_ENV, None)
     env.update(extra)
     return env
@@ -132,7 +132,6 @@ def test_hung_and_crashed_workers_are_table_entries(tmp_path, monkeypatch):
     runs each remaining section and the torch section still runs."""
     for k, v in _env().items():
         monkeypatch.setenv(k, v)
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.setenv(runner.FAULT_ENV, "ceilings:hang,sampler_small:crash")
     logs = []
     result = harness.run(smoke=True, out_dir=str(tmp_path), only=["ceilings", "sampler_small", "hf_train"],

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import xla_flags
 from flax import nnx
 
 from hbpo_jax.models import (ConfigError, SafetensorsError, WeightsError, create_model,
@@ -155,7 +156,7 @@ def test_convert_script_round_trips(tmp_path):
     hf = hf_model()
     hf.save_pretrained(tmp_path / "hf")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
     for args in (["--to=orbax", f"--src={tmp_path / 'hf'}", f"--dst={tmp_path / 'orbax'}"],
                  ["--to=hf", f"--src={tmp_path / 'orbax'}", f"--dst={tmp_path / 'back'}"]):
         done = subprocess.run([sys.executable, os.path.join(root, "launch", "convert.py"), *args],

@@ -10,6 +10,7 @@ different sample, reward or update) moves every metric by far more. Discrete met
 accuracy, lengths) come out exactly equal unless a rounding flips a sampled token.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,10 +18,12 @@ import time
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 # mesh (2, 2, 2): the `data` axis spans the two processes, as on a pod slice (qwen1_5b.py:pod).
 MESH = "--config.mesh.shape=(2,2,2)"
 RTOL, ATOL = 1e-4, 1e-5
+STEPS = 5  # of the reference run; the SIGTERM lands after step 2
 
 
 def _command(tiny_run, workdir, steps, *extra):
@@ -29,12 +32,10 @@ def _command(tiny_run, workdir, steps, *extra):
     return tiny_run.command(workdir, steps, MESH, *extra)
 
 
-def _env(devices, cache):
-    # A compilation cache shared by the four runs: the resumed ones compile (almost) nothing.
+def _env(devices):
+    # The session's compilation cache (conftest): the resumed runs compile (almost) nothing.
     # (JAX_SHARE_BINARY_BETWEEN_HOSTS=1 would halve the two processes' compiling, but hangs on CPU.)
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
 
 
 def _free_port():
@@ -44,8 +45,7 @@ def _free_port():
 
 
 def _one_process(tiny_run, workdir, steps, timeout=400):
-    done = subprocess.run(_command(tiny_run, workdir, steps), cwd=tiny_run.root, env=_env(8, workdir.parent / "jax-cache"),
-                          capture_output=True,
+    done = subprocess.run(_command(tiny_run, workdir, steps), cwd=tiny_run.root, env=_env(8), capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
@@ -58,7 +58,7 @@ def _start_two(tiny_run, workdir, steps, *extra):
         _command(tiny_run, workdir, steps, "--config.distributed=True",
                  f"--config.distributed_coordinator=localhost:{port}",
                  "--config.distributed_num_processes=2", f"--config.distributed_process_id={i}", *extra),
-        cwd=tiny_run.root, env=_env(4, workdir.parent / "jax-cache"), stdout=subprocess.DEVNULL,
+        cwd=tiny_run.root, env=_env(4), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
         for i in range(2)]
 
@@ -79,15 +79,16 @@ def _finish(procs, timeout) -> list[str]:
     return errs
 
 
-def _two_processes(tiny_run, workdir, steps, timeout=400):
-    errs = _finish(_start_two(tiny_run, workdir, steps), timeout)
+def _two_processes(tiny_run, workdir, steps, *extra, timeout=400):
+    errs = _finish(_start_two(tiny_run, workdir, steps, *extra), timeout)
     assert "process 1 of 2, 4 local of 8 devices" in errs[1]
     return errs[0]
 
 
 def _assert_close(got, want, steps):
-    assert sorted(got) == sorted(want) == list(steps)
+    """`got` and `want` (step -> metrics) both have each of `steps`, with equal metrics there."""
     for step in steps:
+        assert step in got and step in want, (step, sorted(got), sorted(want))
         assert got[step].keys() == want[step].keys()
         for key, value in want[step].items():
             np.testing.assert_allclose(got[step][key], value, rtol=RTOL, atol=ATOL,
@@ -95,46 +96,53 @@ def _assert_close(got, want, steps):
 
 
 def _max_diff(a, b):
-    return max(abs(a[s][k] - b[s][k]) for s in a for k in a[s])
+    return max(abs(a[s][k] - b[s][k]) for s in a.keys() & b.keys() for k in a[s])
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_run, tmp_path_factory):
+    """The workdir of an uninterrupted 2-process run of STEPS steps, every checkpoint kept: the
+    reference both tests compare with."""
+    workdir = tmp_path_factory.mktemp("straight")
+    t0 = time.time()
+    _two_processes(tiny_run, workdir, STEPS, f"--config.train.keep_checkpoints={STEPS}")
+    print(f"2 processes, {STEPS} steps: {time.time() - t0:.0f}s")
+    return workdir
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_run, tmp_path):
-    two, one = tmp_path / "two", tmp_path / "one"
+def test_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_run, straight, tmp_path):
+    one, two_to_one = tmp_path / "one", tmp_path / "two_to_one"
     t0 = time.time()
     _one_process(tiny_run, one, 2)
-    t1 = time.time()
-    _two_processes(tiny_run, two, 2)
-    t2 = time.time()
-    print(f"1 process: {t1 - t0:.0f}s, 2 processes: {t2 - t1:.0f}s")
-    m2, m1 = tiny_run.metrics(two), tiny_run.metrics(one)
-    print(f"2 vs 1 process, steps 1-2: max |difference| {_max_diff(m2, m1):.3g}")
-    _assert_close(m2, m1, [1, 2])
-    assert all(m2[s]["loss"] != 0 and m2[s]["grad_norm"] > 0 for s in (1, 2))  # real updates happened
+    print(f"1 process, 2 steps: {time.time() - t0:.0f}s")
+    reference, m1 = tiny_run.metrics(straight), tiny_run.metrics(one)
+    print(f"1 vs 2 processes, steps 1-2: max |difference| {_max_diff(m1, reference):.3g}")
+    _assert_close(m1, reference, [1, 2])
+    assert all(m1[s]["loss"] != 0 and m1[s]["grad_norm"] > 0 for s in (1, 2))  # real updates happened
 
-    # Step 3 from the other side's checkpoint: two processes -> one, and one -> two (resharded).
-    assert "resumed from step 2" in _one_process(tiny_run, two, 3)
+    # Step 3 from the other side's step-2 checkpoint: two processes -> one, one -> two (resharded).
+    tiny_run.warm(two_to_one)
+    shutil.copytree(straight / "checkpoints" / "2", two_to_one / "checkpoints" / "2")
+    t0 = time.time()
+    assert "resumed from step 2" in _one_process(tiny_run, two_to_one, 3)
     assert "resumed from step 2" in _two_processes(tiny_run, one, 3)
-    print(f"resumed runs: {time.time() - t2:.0f}s")
-    a, b = tiny_run.metrics(two), tiny_run.metrics(one)
-    print(f"resumed step 3 (1 process from 2, 2 from 1): max |difference| {_max_diff(a, b):.3g}")
-    _assert_close(a, b, [1, 2, 3])
+    print(f"resumed runs: {time.time() - t0:.0f}s")
+    for resumed in (two_to_one, one):
+        _assert_close(tiny_run.metrics(resumed), reference, [3])
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_host_stops_both_at_the_same_checkpoint_and_resumes_exactly(tiny_run, tmp_path):
-    """SIGTERM reaches process 1 only, after step 3 (a maintenance notice on one host of a pod):
+def test_sigterm_to_one_host_stops_both_at_the_same_checkpoint_and_resumes_exactly(tiny_run, straight, tmp_path):
+    """SIGTERM reaches process 1 only, after step 2 (a maintenance notice on one host of a pod):
     both processes checkpoint the same step and exit 0 within a bounded time; the resumed run's
     metrics equal an uninterrupted run's."""
-    steps = 6
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    _two_processes(tiny_run, straight, steps)
-    tiny_run.warm(stopped)
-    procs = _start_two(tiny_run, stopped, steps, "--config.train.checkpoint_every=100")
+    stopped = tiny_run.warm(tmp_path / "stopped")
+    procs = _start_two(tiny_run, stopped, STEPS, "--config.train.checkpoint_every=100")
     metrics = stopped / "metrics.jsonl"
     deadline = time.time() + 400
     while time.time() < deadline and procs[1].poll() is None:
-        if metrics.exists() and any('"step": 3,' in line and "loss" in line
+        if metrics.exists() and any('"step": 2,' in line and "loss" in line
                                     for line in metrics.read_text().splitlines()):
             break
         time.sleep(0.1)
@@ -147,10 +155,12 @@ def test_sigterm_to_one_host_stops_both_at_the_same_checkpoint_and_resumes_exact
     errs = _finish(procs, 180)
     print(f"both processes exited {time.time() - t0:.0f}s after the SIGTERM")
     saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir() if p.name.isdigit())
-    assert len(saved) == 1 and 3 <= saved[0] < steps, saved  # checkpoint_every=100: only the stop's
+    assert len(saved) == 1 and 2 <= saved[0] < STEPS, saved  # checkpoint_every=100: only the stop's
     assert max(tiny_run.metrics(stopped)) == saved[0]
     for err in errs:  # both decided to stop at that step
         assert f"checkpoints step {saved[0]} and stops" in err or "checkpointing and stopping" in err, err[-2000:]
 
-    assert f"resumed from step {saved[0]}" in _two_processes(tiny_run, stopped, steps)
-    _assert_close(tiny_run.metrics(stopped), tiny_run.metrics(straight), range(1, steps + 1))
+    assert f"resumed from step {saved[0]}" in _two_processes(tiny_run, stopped, STEPS)
+    resumed = tiny_run.metrics(stopped)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    _assert_close(resumed, tiny_run.metrics(straight), resumed)

@@ -8,6 +8,7 @@ import sys
 
 import nbformat
 import pytest
+from conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("loss_playground.ipynb", "budget_ablation.ipynb", "real_model_ablation.ipynb")
@@ -19,7 +20,7 @@ def _execute(name, **env):
     saved = dict(os.environ)
     # One CPU device in the kernel (conftest's 8 fake devices are for in-process tests); the
     # kernel's inline matplotlib backend (no MPLBACKEND) so that figures become outputs.
-    os.environ.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", HBPO_SMOKE="1", **env)
+    os.environ.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", HBPO_SMOKE="1", **env)
     os.environ.pop("MPLBACKEND", None)
     try:
         NotebookClient(nb, timeout=600, kernel_name="python3",

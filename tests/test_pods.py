@@ -14,6 +14,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from tests import fake_gcs
 
@@ -151,7 +152,7 @@ def _free_port():
 def test_two_hosts_grade_disjoint_shares_and_agree_when_one_times_out(tmp_path):
     script, port = tmp_path / "grade.py", _free_port()
     script.write_text(_GRADING_SCRIPT)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
     t0 = time.time()
     procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tmp_path / f"{i}.json")],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

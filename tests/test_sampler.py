@@ -1,4 +1,5 @@
 """The sampler against the full forward pass without a cache (tiny random models, CPU)."""
+import dataclasses
 import math
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hbpo_jax import sampler
+from hbpo_jax import sampler, sampling
 from hbpo_jax.models import ModelConfig, create_model
 from hbpo_jax.sharding import make_mesh
 
@@ -169,6 +170,73 @@ def test_token_frequencies_match_tempered_softmax(model):
     assert stat1 > _chi2_critical(dof1), (stat1, dof1)
 
 
+@pytest.mark.parametrize("top_p,candidates", [(1.0, sampling.TOP_P_CANDIDATES), (0.9, 64), (0.9, 4)])
+def test_frequencies_match_truncated_softmax_over_several_blocks(top_p, candidates):
+    """The two-level inverse CDF over a vocabulary of several blocks (1,000 = 7 x 128 + a padded
+    one), untruncated and with top-p: the nucleus found among 64 candidates, and (4 candidates,
+    a nucleus of 19) the bisection fallback. Rows draw with their own keys fold_in(key, row)."""
+    n, t = 10_000, 0.8
+    rng = np.random.default_rng(1)
+    row = rng.normal(0, 3 * t, size=1000).astype(np.float32)
+    probs = np.exp(_log_softmax(row.astype(np.float64) / t))
+    order = np.argsort(-probs)
+    before = np.cumsum(probs[order]) - probs[order]
+    nucleus = order[before < top_p]
+    if top_p < 1:
+        assert 4 < len(nucleus) < 64
+    toks, lps = jax.jit(lambda x, k: sampling.sample_logits(x, k, t, top_p, candidates=candidates))(
+        jnp.asarray(np.tile(row, (n, 1))), jax.random.key(17))
+    toks = np.asarray(toks)
+    assert set(np.unique(toks).tolist()) <= set(nucleus.tolist())
+    np.testing.assert_allclose(np.asarray(lps), np.log(probs[toks]), atol=1e-5)  # full softmax
+    target = np.zeros_like(probs)
+    target[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    counts = np.bincount(toks, minlength=row.size)
+    stat, dof = _chi2(counts, target)
+    assert stat < _chi2_critical(dof), (stat, dof)
+    stat1, dof1 = _chi2(counts, np.exp(_log_softmax(row.astype(np.float64))))  # T = 1: rejected
+    assert stat1 > _chi2_critical(dof1), (stat1, dof1)
+
+
+def test_inverse_cdf_never_returns_a_zero_weight_entry():
+    """u · total rounding to the total, and zero weights (masked tokens) before, between and
+    after the positive ones: the index is always a positive entry, never past the end."""
+    w = jnp.asarray([[0.0, 1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 3.0, 0.0, 0.0], [1e-30, 0.0, 0.0, 0.0, 0.0]])
+    for u in (0.0, 0.3, 1 / 3, 0.5, np.nextafter(np.float32(1), np.float32(0)), 1.0, 2.0):
+        idx, total = sampling._inverse_cdf(w, jnp.full((3,), u, jnp.float32))
+        assert (np.asarray(total) > 0).all()
+        assert (np.asarray(w)[np.arange(3), np.asarray(idx)] > 0).all(), u
+    idx, _ = sampling._inverse_cdf(w[:1], jnp.asarray([0.4], jnp.float32))  # 0.4 x 3 = 1.2 -> index 3
+    assert int(idx[0]) == 3
+
+
+def test_nucleus_threshold_from_candidates_and_by_bisection_equal_the_sorted_one():
+    """Rows whose 0.9-nucleus fits among 16 candidates and rows where it does not: the candidate
+    threshold (exact top_k, and approx_max_k with its count check) is the sorted row's wherever it
+    says `inside`, and bisection finds it for every row; float64 sums decide the reference."""
+    rng = np.random.default_rng(3)
+    scales = np.array([0.3, 1.0, 3.0, 6.0, 10.0, 0.5, 8.0, 2.0])[:, None]
+    x64 = rng.normal(0, 1, size=(8, 1000)) * scales
+    x64[4, :5] = x64[4].max() + 1.0  # a tie of five at the top
+    x = jnp.asarray(x64, jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    p = 0.9
+    w = np.exp(x64 - x64.max(1, keepdims=True))
+    srt = -np.sort(-x64, axis=1)
+    ws = np.exp(srt - srt[:, :1])
+    before = np.cumsum(ws, 1) - ws
+    ref = np.where(before < p * w.sum(1, keepdims=True), srt, np.inf).min(1)
+    m = jnp.max(x, axis=-1)
+    target = p * jnp.sum(jnp.exp(x - m[:, None]), axis=-1)
+    np.testing.assert_array_equal(np.asarray(jax.jit(sampling._bisect_threshold)(x, m, target)), ref)
+    for approx in (False, True):
+        vals, ids, thr, inside = sampling._nucleus_candidates(x, m, target, 16, approx)
+        inside = np.asarray(inside)
+        assert inside.any() and not inside.all(), approx
+        np.testing.assert_array_equal(np.asarray(thr)[inside], ref[inside])
+        np.testing.assert_array_equal(np.take_along_axis(x64, np.asarray(ids), 1), np.asarray(vals))
+
+
 def test_top_p_and_top_k_stay_inside_their_sets():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(np.tile(rng.normal(0, 2, size=(1, 50)), (4000, 1)), jnp.float32)
@@ -176,21 +244,77 @@ def test_top_p_and_top_k_stay_inside_their_sets():
     probs = np.exp(_log_softmax(np.asarray(logits[0]) / t))
     order = np.argsort(-probs)
     top5 = set(order[:5].tolist())
-    toks, lps = sampler.sample_logits(logits, jax.random.key(0), t, top_k=5)
+    toks, lps = sampling.sample_logits(logits, jax.random.key(0), t, top_k=5)
     assert set(np.asarray(toks).tolist()) == top5  # all of the top 5 appear, nothing else
     np.testing.assert_allclose(np.asarray(lps), np.log(probs[np.asarray(toks)]), atol=1e-5)
 
     mass_before = np.cumsum(probs[order]) - probs[order]
     nucleus = set(order[mass_before < 0.7].tolist())
     assert 1 < len(nucleus) < 50
-    toks, _ = sampler.sample_logits(logits, jax.random.key(1), t, top_p=0.7)
+    toks, _ = sampling.sample_logits(logits, jax.random.key(1), t, top_p=0.7)
     assert set(np.asarray(toks).tolist()) == nucleus
 
     # Both: the nucleus of the renormalised top-3 distribution.
     p3 = probs[order[:3]] / probs[order[:3]].sum()
     both = set(order[:3][(np.cumsum(p3) - p3) < 0.5].tolist())
-    toks, _ = sampler.sample_logits(logits, jax.random.key(2), t, top_p=0.5, top_k=3)
+    toks, _ = sampling.sample_logits(logits, jax.random.key(2), t, top_p=0.5, top_k=3)
     assert set(np.asarray(toks).tolist()) == both
+
+
+def test_a_rows_tokens_do_not_depend_on_its_batch_its_slot_or_its_start(model):
+    """Engine independence at temperature 1: the same rows sampled as one batch, permuted, in
+    chunks, and resumed after their first 3 tokens (prompt + those tokens, token_offset 3) give the
+    same tokens and log-probs for the same row keys."""
+    ids, mask = sampler.pad_prompts(PROMPTS, pad_id=0)
+    n, key = 8, jax.random.key(21)
+    kw = dict(max_new_tokens=n, temperature=1.0, pad_id=99)
+    whole = sampler.generate(model, ids, mask, key=key, **kw)
+    tokens, logprobs = np.asarray(whole.tokens), np.asarray(whole.logprobs)
+    keys = sampling.row_keys(key, len(PROMPTS))  # what one key for the call derives
+
+    def check(out, rows, upto=n, start=0):
+        np.testing.assert_array_equal(np.asarray(out.tokens)[:, :upto - start], tokens[rows, start:upto])
+        np.testing.assert_allclose(np.asarray(out.logprobs)[:, :upto - start], logprobs[rows, start:upto],
+                                   atol=1e-5, rtol=0)
+
+    check(sampler.generate(model, ids, mask, key=jax.random.key_data(keys), **kw), [0, 1, 2, 3])  # raw [B, 2]
+    perm = np.array([2, 0, 3, 1])
+    check(sampler.generate(model, ids[perm], mask[perm], key=keys[perm], **kw), perm)
+    for rows in (np.array([0, 1]), np.array([2, 3])):
+        check(sampler.generate(model, ids[rows], mask[rows], key=keys[rows], **kw), rows)
+
+    k = 3
+    resumed_ids, resumed_mask = sampler.pad_prompts([p + tokens[r, :k].tolist() for r, p in enumerate(PROMPTS)])
+    graphdef, state = nnx.split(model)
+    smp = sampler.get_sampler(graphdef, state, sampler.SamplerSettings(**kw))
+    out = smp(state, resumed_ids, resumed_mask, key=keys, limits=np.full(4, n - k), token_offset=np.full(4, k))
+    check(out, [0, 1, 2, 3], start=k)
+    assert (tokens != np.asarray(sampler.generate(model, ids, mask, key=jax.random.key(22), **kw).tokens)).any()
+
+
+@pytest.mark.slow
+def test_step_sample_gives_the_same_rows_for_any_max_batch():
+    """The training rollout keys each row by its index among the step's rows: cutting the 8 rows
+    into sampler calls of 3 (the last padded) changes no token at temperature 1."""
+    from hbpo_jax import step
+    from hbpo_jax.spec import SamplingSpec
+    from tests.test_rollout import _char_tokenizer
+
+    cfg = ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, eos_token_ids=(2,))
+    m = create_model(cfg, seed=0)
+    m.lm_head[...] = m.lm_head[...].at[:, 2].add(0.6)  # some rows end early
+    graphdef, params = nnx.split(m)
+    spec = SamplingSpec(mode="budget", budgets=(24, 32), group=4, samples_per_budget=2, max_prompt_len=64,
+                        max_response_len=24, temperature=1.0, top_p=1.0, top_k=0, prefix_in_response=False,
+                        prefix_loss=False, hard_budget_cap=False, system_prompt=None, max_batch=0)
+    tok, problems, key = _char_tokenizer(), ["1+1?", "7*8?"], jax.random.key(9)
+    whole = step.sample(spec, graphdef, params, tok, problems, key)
+    chunked = step.sample(dataclasses.replace(spec, max_batch=3), graphdef, params, tok, problems, key)
+    for field in ("response_ids", "lengths", "stop_reason", "response_mask"):
+        np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field), err_msg=field)
+    np.testing.assert_allclose(chunked.logprobs, whole.logprobs, atol=1e-5)
+    assert len(set(map(tuple, whole.response_ids.tolist()))) > 1  # rows differ: it is sampling
 
 
 def test_top_k_through_generate(model):
