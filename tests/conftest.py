@@ -75,6 +75,16 @@ def pytest_configure(config):
                                        "evaluation or notebook subprocesses); deselect with -m 'not slow'")
 
 
+# The files whose tests take minutes, collected first: the two xdist workers take whole files in
+# collection order, and a long file taken last would run alone at the end.
+HEAVY_FIRST = ("test_multiprocess.py", "test_notebooks.py", "test_spec.py", "test_bench.py", "test_ablation.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

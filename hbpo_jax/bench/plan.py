@@ -1,10 +1,12 @@
-"""The training step and the sampler of a config, built from abstract arrays (no weights
-allocated) and lowered or compiled on a mesh: to check that a big config fits before a pod is
-spent, and to read the per-device memory XLA plans for it (launch/memory.py).
+"""The training step, the log-prob pass and the sampler of a config, built from abstract arrays
+(no weights allocated) and lowered or compiled on a mesh: to check that a big config fits before
+a pod is spent, and to read the per-device memory XLA plans for it (launch/memory.py).
 
-Both are built the way a run builds them: the config resolved into a spec (spec.resolve), the
-update batch in the loop's layout (batching.abstract_minibatch) and the rollout sampler through
-the public Sampler API.
+They are built the way a run builds them: the config resolved into a spec (spec.resolve), the
+update batch in the loop's layout (batching.abstract_minibatch), the log-prob pass as
+step.Step._logprobs calls trainer.compute_logprobs, and the rollout sampler through the public
+Sampler API. The mesh may hold local devices or a TPU topology's (`topology_mesh`): the programs
+then compile for that TPU on this machine (hbpo_jax.bench.tpu_plan).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hbpo_jax import batching, sampler, sharding, spec, trainer
+from hbpo_jax import batching, rollout, sampler, sharding, spec, trainer
 from hbpo_jax import config as config_lib
 from hbpo_jax.models import Qwen2
 
@@ -61,6 +63,42 @@ def lower_train_step(config, mesh):
                                         mesh, rules, with_ref=run.loss.kl_coef > 0)
     return trainer.update.lower(graphdef, state, batch, optimizer=optimizer, prompt_len=prompt_width,
                                 temperature=s.temperature, loss_kwargs=run.loss.kwargs())
+
+
+def lower_logprobs(config, mesh):
+    """The jitted old- (or reference-) log-prob pass at its full shapes, as the loop calls it
+    (step.Step._logprobs): one micro-batch of micro_batch_size rows of the bucketed prompt width
+    plus L_max tokens, rows over the batch axes; the policy's parameters as the train state holds
+    them. The loop runs it R / micro_batch_size times per pass (R = prompts_per_step x group)."""
+    run, cfg, rules = _resolve(config, mesh)
+    s, t = run.sampling, run.train
+    graphdef, params = abstract_params(cfg, mesh, rules)
+    prompt_width = sampler.bucket_length(s.max_prompt_len)
+    rows = NamedSharding(mesh, PartitionSpec(sharding.logical_to_spec(("batch",), rules, mesh)[0]))
+    tokens = jax.ShapeDtypeStruct((t.micro_batch_size, prompt_width + s.max_response_len), jnp.int32,
+                                  sharding=rows)
+    return trainer.compute_logprobs.lower(graphdef, params, tokens, tokens, prompt_len=prompt_width,
+                                          temperature=s.temperature)
+
+
+def logprob_passes(run) -> int:
+    """Log-prob passes over a step's rollouts, as step.Step runs them: the old log-probs when
+    train.recompute_old_logprobs is "always", or "auto" and a pre-filled budget prefix takes the
+    loss (prefix_in_response and prefix_loss in a mode that pre-fills one); the reference
+    log-probs when the loss has a KL term."""
+    mode, s = run.train.recompute_old_logprobs, run.sampling
+    prefix_takes_loss = s.mode in rollout.PREFIXES and s.prefix_in_response and s.prefix_loss
+    old = mode == "always" or (mode == "auto" and prefix_takes_loss)
+    return int(old) + int(run.loss.kl_coef > 0)
+
+
+def topology_mesh(mesh_cfg, topology: str):
+    """The config's mesh (`mesh.shape`, -1 = the rest; `mesh.axes`) laid on the chips of a TPU
+    topology ("v5p:2x2x4", "v5e:4x4", ...; jax.experimental.topologies, needs libtpu): programs
+    lowered on it compile for that TPU here, without one."""
+    from jax.experimental import topologies
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    return sharding.make_mesh(tuple(mesh_cfg["shape"]), tuple(mesh_cfg["axes"]), devices=devices)
 
 
 def lower_sampler(config, mesh, batch: int | None = None):

@@ -1,21 +1,34 @@
 """Prints the per-device memory XLA plans for a config's training step and sampler, built from
-abstract arrays (no weights allocated), on a mesh of the local devices (hbpo_jax.bench.plan).
+abstract arrays (no weights allocated) (hbpo_jax.bench.plan), on a mesh of the local devices, or
+with --topology the TPU plan (hbpo_jax.bench.tpu_plan): the train step, the old-log-prob pass and
+the sampler compiled on this machine for a TPU topology (libtpu installed, no TPU needed), per
+chip: memory against the chip's HBM, flops and bytes, a roofline time, the decode loop's
+collectives, and a roofline projection of the run.
 
     python launch/memory.py --config=configs/qwen1_5b.py
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python launch/memory.py --config=configs/qwen1_5b.py
+    pip install -e ".[tpu]"   # libtpu, for --topology
+    python launch/memory.py --config=configs/qwen1_5b.py --topology=v5p:2x2x4   # also v5e:4x4, v6e:2x4, v4:2x2x4
 
-A configuration error is printed as one sentence (exit status 2) before anything compiles.
+The config's mesh.shape (-1 = the rest) is laid on the topology's chips. A configuration error is
+printed as one sentence (exit status 2) before anything compiles.
 """
 from hbpo_jax import cli, sharding
 from hbpo_jax.bench import plan
 
 cli.define_config("configs/qwen1_5b.py", "Config file (get_config).")
+cli.flags.DEFINE_string("topology", "", "A TPU topology to compile for on this machine (e.g. v5p:2x2x4, v5e:4x4, "
+                        "v6e:2x4, v4:2x2x4; needs libtpu); empty: XLA's plan on the local devices.")
 
 
 def main(argv):
     del argv
-    config = cli.flags.FLAGS.config
-    print(plan.memory_table(config, sharding.mesh_from_config(config.mesh)))
+    config, topology = cli.flags.FLAGS.config, cli.flags.FLAGS.topology
+    if topology:
+        from hbpo_jax.bench import tpu_plan
+        print(tpu_plan.report(config, topology))
+    else:
+        print(plan.memory_table(config, sharding.mesh_from_config(config.mesh)))
 
 
 def run() -> None:

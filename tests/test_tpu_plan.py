@@ -1,0 +1,187 @@
+"""The TPU plan instrument (hbpo_jax.bench.tpu_plan, hlo): the pure parts (chip table, HLO
+parsing, loop trip counts, convolution flops, the projection) everywhere; a compile of a small
+model for a TPU topology only where libtpu is installed (`pip install -e ".[tpu]"`), skipped
+otherwise."""
+import pathlib
+import sys
+
+import pytest
+
+from hbpo_jax import spec
+from hbpo_jax.bench import hlo, plan, tpu_plan
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import qwen1_5b, tiny  # noqa: E402
+
+# A while loop of 16 iterations: all-gather of a [32, 128] shard, a [8,128] x [128,128] dot and an
+# all-reduce per iteration; then a loop whose exit depends on data (a decode loop).
+HLO = """HloModule test, entry_computation_layout={(bf16[8,128]{1,0}, bf16[32,128]{1,0})->bf16[8,128]{1,0}}
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %sum = bf16[] add(%a, %b)
+}
+
+%body (p: (s32[], bf16[8,128], bf16[32,128])) -> (s32[], bf16[8,128], bf16[32,128]) {
+  %p = (s32[], bf16[8,128]{1,0}, bf16[32,128]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %x = bf16[8,128]{1,0} get-tuple-element(%p), index=1
+  %w = bf16[32,128]{1,0} get-tuple-element(%p), index=2
+  %ag = bf16[128,128]{1,0} all-gather(%w), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  %y = bf16[8,128]{1,0} dot(%x, %ag), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ar = bf16[8,128]{1,0} all-reduce(%y), channel_id=2, replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %t = (s32[], bf16[8,128]{1,0}, bf16[32,128]{1,0}) tuple(%next, %ar, %w)
+}
+
+%cond (q: (s32[], bf16[8,128], bf16[32,128])) -> pred[] {
+  %q = (s32[], bf16[8,128]{1,0}, bf16[32,128]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(16)
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+%cond2 (r: (s32[], bf16[8,128], bf16[32,128])) -> pred[] {
+  %r = (s32[], bf16[8,128]{1,0}, bf16[32,128]{1,0}) parameter(0)
+  %k = s32[] get-tuple-element(%r), index=0
+  %m = s32[] constant(16)
+  %below = pred[] compare(%k, %m), direction=LT
+  %flag = pred[] constant(true)
+  ROOT %both = pred[] and(%below, %flag)
+}
+
+ENTRY %main (x0: bf16[8,128], w0: bf16[32,128]) -> bf16[8,128] {
+  %x0 = bf16[8,128]{1,0} parameter(0)
+  %w0 = bf16[32,128]{1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %copy = s32[] copy(%zero)
+  %init = (s32[], bf16[8,128]{1,0}, bf16[32,128]{1,0}) tuple(%copy, %x0, %w0)
+  %loop = (s32[], bf16[8,128]{1,0}, bf16[32,128]{1,0}) while(%init), condition=%cond, body=%body
+  %loop2 = (s32[], bf16[8,128]{1,0}, bf16[32,128]{1,0}) while(%init), condition=%cond2, body=%body
+  ROOT %out = bf16[8,128]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_chip_table():
+    assert tpu_plan.chip_for("v5p:2x2x4").peak_flops == 459e12
+    assert tpu_plan.chip_for("v5e:4x4").hbm_bandwidth == 819e9
+    assert tpu_plan.chip_for("TPU v5 lite").name == "v5e"  # jax's device_kind
+    assert tpu_plan.chip_for("v6e:2x4").hbm_bytes == 32 * 2**30
+    assert tpu_plan.chip_for("v4:2x2x4").source.endswith("/v4")
+    with pytest.raises(ValueError, match="known: v4, v5e, v5p, v6e"):
+        tpu_plan.chip_for("v9z:2x2")
+
+
+def test_hlo_loops_collectives_and_cost():
+    module = hlo.Module(HLO)
+    assert module.entry == "main"
+    assert [(loop.name, n) for loop, n in module.loops()] == [("loop", 16), ("loop2", None)]
+    per_loop = hlo.loop_collectives(HLO)
+    gather, reduce = per_loop["loop"]
+    assert (gather.opcode, gather.operand_shape, gather.result_shape) == ("all-gather", "bf16[32,128]", "bf16[128,128]")
+    assert (gather.operand_bytes, gather.result_bytes) == (32 * 128 * 2, 128 * 128 * 2)
+    assert gather.groups == "{{0,1,2,3}}"
+    assert reduce.opcode == "all-reduce" and reduce.result_bytes == 8 * 128 * 2
+    dot = 2 * 8 * 128 * 128
+    flops_once, _ = hlo.walk_cost(module, trips=False)
+    flops, _ = hlo.walk_cost(module)
+    assert (flops_once, flops) == (2 * dot, 17 * dot)  # the data-dependent loop counts once
+    cost = hlo.loop_cost(module)
+    assert (cost.once[0], cost.per_iteration[0], cost.as_xla[0]) == (16 * dot, dot, 2 * dot)
+    # XLA's figures (here 10% above the walk's) split in the same proportions.
+    (once_flops, _), (step_flops, _) = cost.scale((2.2 * dot, 0.0))
+    assert (once_flops, step_flops) == (pytest.approx(17.6 * dot), pytest.approx(1.1 * dot))
+    assert hlo.group_collectives(per_loop["loop"] + per_loop["loop2"])[0][1] == 2
+
+
+def test_hlo_shapes_and_convolution_flops():
+    assert hlo.shape_bytes("bf16[3,100]{1,0:T(8,128)(2,1)}") == 8 * 128 * 2  # padded to its tile
+    assert hlo.shape_bytes("bf16[3,100]{1,0:T(8,128)(2,1)}", tiled=False) == 600
+    assert hlo.shape_bytes("(f32[7]{0}, s32[])") == 32
+    # XLA:TPU's batched matmul [4 x 2 x 2 batches] of [64, 16] x [16, 16], written as a convolution
+    # whose window, stride and lhs dilation encode the batch dimensions (from a compiled prefill).
+    text = ("HloModule c\n"
+            "ENTRY %e (l: f32[4,64,2,16,1], r: bf16[4,16,2,2,16]) -> f32[4,2,64,16,2] {\n"
+            "  %l = f32[4,64,2,16,1]{4,3,2,1,0} parameter(0)\n"
+            "  %r = bf16[4,16,2,2,16]{4,3,2,1,0} parameter(1)\n"
+            "  ROOT %c = f32[4,2,64,16,2]{4,3,2,1,0} convolution(%l, %r), window={size=4x2x2 stride=3x1x1 "
+            "pad=0_0x0_0x1_1 lhs_dilate=4x2x1 rhs_reversal=0x0x1}, dim_labels=0b1f2_0o12i->01bf2\n"
+            "}\n")
+    module = hlo.Module(text)
+    assert hlo.dot_flops(module, module.by_name["c"]) == 2 * (4 * 2 * 2) * 64 * 16 * 16
+
+
+def test_projection_arithmetic():
+    chip = tpu_plan.Chip("x", peak_flops=100e12, hbm_bandwidth=1e12, hbm_bytes=16 * 2**30, source="")
+
+    def program(flops, nbytes, step_flops=0.0, step_bytes=0.0):
+        p = tpu_plan.ProgramPlan("p", "", 1, 1, 1, 0, flops, nbytes, 0.0, 0.0)  # no HLO: all of it once
+        p.step_flops, p.step_bytes = step_flops, step_bytes
+        return p
+
+    programs = {"train": program(100e12, 1e9),      # compute bound: 1 s
+                "logprobs": program(1e12, 1e11),    # memory bound: 0.1 s
+                "prefill": program(10e12, 1e9),     # 0.1 s
+                "decode": program(1e9, 2e10, 1e9, 1e9)}  # 20 ms once per call, 1 ms per step
+    assert programs["train"].bound(chip) == "compute" and programs["logprobs"].bound(chip) == "memory"
+    assert programs["train"].peak == 3 and programs["decode"].roofline_s(chip, step=True) == pytest.approx(1e-3)
+    counts = tpu_plan.StepCounts(sampler_calls=4, decode_steps=1000, logprob_calls=10, updates=2, steps=3600)
+    p = tpu_plan.project(programs, counts, chip)
+    assert p["sampler"] == pytest.approx(4 * (0.1 + 0.02 + 1000 * 1e-3))
+    assert p["logprobs"] == pytest.approx(1.0) and p["updates"] == pytest.approx(2.0)
+    assert p["step"] == pytest.approx(7.48) and p["run_hours"] == pytest.approx(7.48)
+    programs["prefill"] = tpu_plan.ProgramPlan("sampler prefill", "", 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0,
+                                               error="RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+    assert "did not compile: RESOURCE_EXHAUSTED" in tpu_plan.program_table(programs, chip)[4]
+    assert tpu_plan.projection_lines(programs, counts, chip)[0].startswith("No projection: sampler prefill")
+
+
+def test_step_counts_of_the_paper_config():
+    config = qwen1_5b.get_config()
+    run = spec.resolve(config, num_devices=16)
+    counts = tpu_plan.step_counts(run)
+    # 64 prompts x 16 rollouts sampled 256 at a time, one old-log-prob pass (the pre-filled budget
+    # prefix takes the loss) of 16-row micro-batches, 4 mini-batch updates, 629 steps.
+    assert counts == tpu_plan.StepCounts(4, 4095, 64, 4, 629)
+    assert plan.logprob_passes(spec.resolve(tiny.get_config(), num_devices=1)) == 0  # prefix_loss off
+    config.loss.kl_coef = 0.01
+    assert plan.logprob_passes(spec.resolve(config, num_devices=16)) == 2  # + the reference pass
+
+
+SMALL = dict(num_layers=2, hidden_size=64, intermediate_size=128, head_dim=16, num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.slow
+def test_small_model_compiles_for_a_tpu_topology(monkeypatch):
+    pytest.importorskip("libtpu")
+    # Only compiling: another process holding libtpu's lock file (a parallel test worker, a
+    # launch/memory.py run) must not stop this one.
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    config = tiny.get_config()
+    config.model.update(SMALL)
+    r = config.rollout
+    r.budgets, r.rollouts_per_prompt, r.max_prompt_len, r.max_response_len = (16, 32), 4, 16, 48
+    r.prefix_loss = True  # so that the step has an old-log-prob pass
+    config.objective.l_max = 48
+    t = config.train
+    t.prompts_per_step, t.mini_batches, t.micro_batch_size = 4, 2, 4
+    mesh = plan.topology_mesh(config.mesh, "v5e:2x2")
+    assert mesh.devices.size == 4 and mesh.devices.flat[0].platform == "tpu"
+    programs = tpu_plan.compile_programs(config, mesh)
+    assert list(programs) == ["train", "logprobs", "prefill", "decode"]
+    chip = tpu_plan.chip_for("v5e:2x2")
+    for p in programs.values():
+        assert p.args > 0 and p.outs > 0 and p.peak > 0, p
+        assert p.flops + p.step_flops > 0 and p.bytes > 0 and p.roofline_s(chip) > 0 and p.compile_s > 0, p
+    assert programs["train"].flops == pytest.approx(2 * programs["train"].xla_flops, rel=0.05)  # 2 micro-batches
+    decode = programs["decode"]
+    assert decode.step_flops > 0 and decode.step_bytes > 0 and decode.roofline_s(chip, step=True) > 0
+    assert hlo.loop_collectives(decode.text)  # the decode loop, found in the HLO
+    counts = tpu_plan.step_counts(spec.resolve(config, num_devices=4))
+    assert counts.logprob_calls == 4 and tpu_plan.project(programs, counts, chip)["run_hours"] > 0
+    lines = tpu_plan.program_table(programs, chip) + tpu_plan.collective_lines(programs["decode"].text)
+    assert len(lines) > 6 and "| sampler decode loop: one decode step |" in "\n".join(lines)
