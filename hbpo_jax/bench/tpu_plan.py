@@ -281,7 +281,9 @@ def projection_lines(programs: dict[str, ProgramPlan], counts: StepCounts, chip:
 
 
 def report(config, topology: str) -> str:
-    """The plan of `config` on TPU `topology`, compiled here, as text (markdown tables)."""
+    """The plan of `config` on TPU `topology`, compiled here, as text (markdown tables).
+    ValueError (before anything compiles) for a chip without figures in CHIPS."""
+    chip_for(topology)
     mesh = plan.topology_mesh(config.mesh, topology)
     return format_report(config, topology, mesh, compile_programs(config, mesh))
 

@@ -14,6 +14,7 @@ The config's mesh.shape (-1 = the rest) is laid on the topology's chips. A confi
 printed as one sentence (exit status 2) before anything compiles.
 """
 from hbpo_jax import cli, sharding
+from hbpo_jax.models.config import ConfigError
 from hbpo_jax.bench import plan
 
 cli.define_config("configs/qwen1_5b.py", "Config file (get_config).")
@@ -26,6 +27,13 @@ def main(argv):
     config, topology = cli.flags.FLAGS.config, cli.flags.FLAGS.topology
     if topology:
         from hbpo_jax.bench import tpu_plan
+        try:
+            tpu_plan.chip_for(topology)
+        except ValueError as e:
+            raise ConfigError(f"--topology={topology}: {e}") from None
+        import importlib.util
+        if importlib.util.find_spec("libtpu") is None:
+            raise ConfigError(f"--topology={topology} compiles with libtpu: pip install -e \".[tpu]\".")
         print(tpu_plan.report(config, topology))
     else:
         print(plan.memory_table(config, sharding.mesh_from_config(config.mesh)))
