@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
     r.max_response_len = 4096  # L_max
     r.temperature = 1.0
     r.top_p = 1.0
-    r.max_batch = 256  # 1,024 rollouts sampled 256 at a time: ~37 GB of bf16 KV cache per call
+    r.max_batch = 256  # 256 decode slots for the 1,024 rollouts: ~37 GB of bf16 KV cache
 
     config.objective.name = "hbpo"
 
@@ -42,6 +42,7 @@ def get_config(arg: str | None = None):
     t.prompts_per_step = 64
     t.mini_batches = 4  # PPO mini-batch of 16 prompts = 256 sequences
     t.micro_batch_size = 16  # sequences per forward/backward (gradient accumulation)
+    t.update_width_step = 1024  # micro-batches grouped by length, cut to 1,024 / 2,048 / 3,072 / 4,096
     t.ppo_epochs = 1
 
     o = config.optim

@@ -65,7 +65,11 @@ def base_config() -> config_dict.ConfigDict:
         # prefix_loss: it also gets the policy loss (HBPO's code), although the policy never
         # sampled it. Both default to the code's behaviour.
         prefix_in_response=True, prefix_loss=True, hard_budget_cap=False, system_prompt="",
-        max_batch=0,  # rows per sampler call (0: all); bounds the KV cache
+        max_batch=0,  # rows decoding at once (0: all); bounds the KV cache
+        # "static": chunks of max_batch rows, each until its longest row ends; "refill": max_batch
+        # slots, each refilled from a queue when its row ends, every distinct prompt prefilled
+        # once (hbpo_jax.engine). The same tokens for the same seed either way.
+        engine="refill",
         # The chat format (rollout.PROMPT_FORMATS): "template" (the model's chat template, with
         # rollout.system_prompt if set) or "r1_zero" (a system prompt asking for reasoning in
         # <think> </think> and a final \boxed{} answer; for instruct models that never think).
@@ -91,7 +95,12 @@ def base_config() -> config_dict.ConfigDict:
     c.train = config_dict.ConfigDict(dict(
         steps=629, prompts_per_step=64, mini_batches=4, micro_batch_size=16, ppo_epochs=1,
         log_every=1, checkpoint_every=20, keep_checkpoints=3, max_consecutive_skips=5,
-        recompute_old_logprobs="auto", export_hf=True))
+        recompute_old_logprobs="auto", export_hf=True,
+        # 0: every micro-batch of a step at one response width (the longest response, rounded).
+        # w > 0: a mini-batch's rows grouped by length into micro-batches, each cut to its longest
+        # row rounded up to a multiple of w, so the update pays for real tokens, not padding (at
+        # most max_response_len / w widths, each compiled once). The same gradient either way.
+        update_width_step=0))
 
     # format: the answer-format policy (grading.FORMATS): "paper" (the answer after </think>; no
     # think block = format error) or "lenient" (also the last \boxed{} of a response that never

@@ -23,21 +23,29 @@ prompt every prompt builder takes; the prefix rule below holds for both.
 If the rendered template already ends in "<think>" (e.g. DeepSeek-R1-Distill's "<think>\\n"), the
 prefix's own "<think>" is dropped (and the space after it when the template ends in a newline).
 With `prefix_in_response` (default, as in HBPO's code) the pre-filled tokens are response tokens:
-counted in `lengths`, inside `response_mask`, outside `sampled_mask` (the sampler did not draw them,
-so the trainer recomputes their log-probabilities).
+counted in `lengths`, inside `response_mask`, outside `sampled_mask` (the sampler did not draw them).
+Their log-probabilities come from the refilling engine's prefill (`scored_mask`); the static
+sampler does not score them, so the trainer recomputes them when they take the loss.
+
+Engines (`ENGINES`, config rollout.engine): "static" samples chunks of max_batch rows, each until
+its longest row ends (hbpo_jax.sampler); "refill" keeps max_batch decode slots busy, refilling a
+slot when its row ends, and prefills each distinct prompt once (hbpo_jax.engine). Both draw the
+same tokens for the same key (a row's randomness is its own).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hbpo_jax import engine as engine_lib
 from hbpo_jax import sampler, sampling, sharding
 
 MODES = ("budget", "natural", "efficiency", "fixed", "l1", "l1_max")
+ENGINES = ("static", "refill")
 BUDGETED = ("budget", "fixed", "l1", "l1_max")  # modes whose rows carry a budget
 THINK = "<think>"
 BUDGET_PREFIX = "<think> I will answer the question with {budget} tokens"
@@ -129,8 +137,10 @@ class RolloutBatch:
       chat template, plus the prefix when it is not counted in the response.
     response_ids: int32 [R, N], prefix tokens first when counted, then sampled tokens, then pad.
     response_mask: bool [R, N], the counted response tokens (loss mask); lengths: int32 [R], its sum.
-    sampled_mask: bool [R, N], tokens the sampler drew; logprobs: float32 [R, N], their sampler
-      log-probabilities (full log_softmax(logits / T)), 0 elsewhere.
+    sampled_mask: bool [R, N], tokens the sampler drew; scored_mask: bool [R, N], tokens whose
+      `logprobs` are the sampling policy's: the sampled ones, and the counted pre-filled prefix
+      when the refill engine scored it; logprobs: float32 [R, N], the full log_softmax(logits / T)
+      at those tokens, 0 elsewhere.
     prefix_lengths: int32 [R]; budgets: int32 [R] (0 for natural / efficiency); prompt_index:
       int32 [R]; stop_reason: int32 [R] (sampler.STOP_EOS / STOP_LIMIT).
     texts: R strings, prefix text + generated text (special tokens kept, the final EOS dropped).
@@ -150,6 +160,11 @@ class RolloutBatch:
     stop_reason: np.ndarray
     texts: list
     group_shape: tuple
+    scored_mask: np.ndarray | None = None  # None: = sampled_mask
+
+    def __post_init__(self):
+        if self.scored_mask is None:
+            self.scored_mask = self.sampled_mask
 
 
 def assistant_prefix(rendered: str, prefix: str) -> str:
@@ -267,7 +282,7 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
                     mesh=None, rules=None, system_prompt: str | None = None,
                     prompt_bucket: str | int | None = "pow2", eos_ids: Sequence[int] | None = None,
                     pad_id: int | None = None, max_batch: int = 0,
-                    prompt_budgets: Sequence[int] | None = None) -> RolloutBatch:
+                    prompt_budgets: Sequence[int] | None = None, engine: str = "static") -> RolloutBatch:
     """Builds the prompts (`build_prompts`), samples the rows, and lays out the responses (see
     RolloutBatch for shapes).
 
@@ -276,11 +291,11 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
     hard_budget_cap: also cap each row's counted response at its budget (budget / fixed / l1).
     eos_ids: default `default_eos_ids`; pad_id: default the tokenizer's pad id, else the first EOS.
     prompt_budgets: l1 / l1_max: one budget per problem instead of `budgets` (build_prompts).
-    max_batch: rows per sampler call (0: all at once). The KV cache grows with the rows, so a
-      large rollout batch (1,024 rows x 5,120 slots is ~150 GB for the 1.5B model) is sampled in
-      chunks; every chunk has the same shape (the last is padded with finished rows), so one
-      compilation serves them all. Row r samples with the key fold_in(key, r), r its index among
-      all rows, so the chunking changes no token (sampler: a row's tokens depend on its key only).
+    max_batch: rows decoding at once (0: all). The KV cache grows with them (1,024 rows x 5,120
+      slots is ~150 GB for the 1.5B model): the static engine's rows per call, the refill
+      engine's slots.
+    engine: "static" or "refill" (`sample_rows`). Row r samples with fold_in(key, r), r its index
+      among all rows, so neither max_batch nor the engine changes a token.
     """
     layout = build_prompts(tokenizer, problems, budgets=budgets, samples_per_budget=samples_per_budget,
                            mode=mode, system_prompt=system_prompt, prompt_budgets=prompt_budgets)
@@ -302,12 +317,11 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
         limits = np.minimum(limits, layout.budgets - counted)
     limits = np.clip(limits, 0, n).astype(np.int32)
 
+    settings = sampler.SamplerSettings(n, tuple(eos_ids), pad_id, temperature, top_p, top_k, prompt_bucket)
+    got = sample_rows(graphdef_state, layout, limits, settings, engine=engine, max_batch=max_batch, key=key,
+                      mesh=mesh, rules=rules)
+    tokens, logp, sampled_len, reason, prefix_logp = got[:5]
     full_prompts = [p + x for p, x in zip(layout.prompt_tokens, layout.prefix_tokens)]
-    ids, mask = sampler.pad_prompts(full_prompts, pad_id, prompt_bucket)
-    tokens, logp, sampled_len, reason = _sample_in_chunks(
-        graphdef_state, ids, mask, limits, max_batch, key=key, max_new_tokens=n, eos_ids=eos_ids,
-        pad_id=pad_id, temperature=temperature, top_p=top_p, top_k=top_k, mesh=mesh, rules=rules,
-        prompt_bucket=prompt_bucket)
 
     # prefix + sampled tokens, right-padded: the text the grader sees, and the counted response.
     width = n + int(pfx.max(initial=0))
@@ -322,13 +336,18 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
         lengths = joined_len
         sampled_mask = (col[:, :n] >= pfx[:, None]) & (col[:, :n] < joined_len[:, None])
         logprobs = np.where(sampled_mask, _gather_shifted(logp, pfx, n, 0.0), 0.0).astype(np.float32)
+        scored_mask = sampled_mask
+        if prefix_logp is not None:  # the engine scored the prefix: its log-probs lead the response
+            in_prefix = col[:, :n] < pfx[:, None]
+            logprobs = np.where(in_prefix, _gather_shifted(prefix_logp, np.zeros_like(pfx), n, 0.0), logprobs)
+            scored_mask = sampled_mask | in_prefix
         prompt_ids, prompt_mask = sampler.pad_prompts(layout.prompt_tokens, pad_id, prompt_bucket)
     else:
         response_ids = tokens
         lengths = sampled_len
-        sampled_mask = col[:, :n] < sampled_len[:, None]
+        sampled_mask = scored_mask = col[:, :n] < sampled_len[:, None]
         logprobs = logp.astype(np.float32)
-        prompt_ids, prompt_mask = ids, mask
+        prompt_ids, prompt_mask = sampler.pad_prompts(full_prompts, pad_id, prompt_bucket)
     response_mask = col[:, :n] < lengths[:, None]
 
     text_len = joined_len - (reason == sampler.STOP_EOS)  # drop the final EOS from the text
@@ -340,16 +359,59 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
         response_mask=response_mask, sampled_mask=sampled_mask, logprobs=logprobs,
         lengths=lengths.astype(np.int32), prefix_lengths=pfx, budgets=layout.budgets,
         prompt_index=layout.prompt_index, stop_reason=reason, texts=texts,
-        group_shape=layout.group_shape)
+        group_shape=layout.group_shape, scored_mask=scored_mask)
 
 
-def _sample_in_chunks(policy, ids, mask, limits, max_batch: int, *, key, **kwargs):
-    """sampler.generate over rows [R, P] in chunks of max_batch rows; numpy (tokens [R, N],
-    logprobs [R, N], lengths [R], stop_reason [R]). Row r's key is fold_in(key, r) whatever its chunk."""
-    rows = ids.shape[0]
+def expected_lengths(budgets: np.ndarray, cap: int) -> np.ndarray:
+    """A row's expected response length for the refill engine's queue: its budget, or the cap
+    for a row without one (natural, efficiency). int [R]."""
+    return np.where(np.asarray(budgets) > 0, np.minimum(budgets, cap), cap)
+
+
+class SampledRows(NamedTuple):
+    """What an engine drew for a layout's rows (numpy): tokens, logprobs [R, N] (generated tokens
+    only), lengths, stop_reason [R]; prefix_logprobs [R, F - 1] (refill engine; None for static);
+    slot_steps: the decode slot-steps paid (rows in a call x loop steps it ran, summed)."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    stop_reason: np.ndarray
+    prefix_logprobs: np.ndarray | None
+    slot_steps: int
+
+
+def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerSettings, *,
+                engine: str = "static", max_batch: int = 0, key, mesh=None, rules=None) -> SampledRows:
+    """Samples a layout's rows (prompt + pre-filled prefix, `limits` int [R] new tokens each) with
+    `engine` (ENGINES). Row r draws with fold_in(key, r), so both engines give the same tokens.
+
+    static: chunks of max_batch rows (0: one call), prompt and prefix prefilled per row, each chunk
+      until its longest row ends; every chunk has the same shape (the last is padded with rows that
+      stop at once), so one compilation serves them all.
+    refill: max_batch decode slots (0: one per row); each distinct prompt prefilled once, rows
+      admitted longest expected first (`expected_lengths`), prefix log-probs scored.
+    """
+    graphdef, state = sampler.split_model(policy)
+    rows = len(layout.prompt_tokens)
+    if engine == "refill":
+        prompt_ids: dict = {}
+        row_prompt = np.array([prompt_ids.setdefault(tuple(p), len(prompt_ids)) for p in layout.prompt_tokens],
+                              np.int32)
+        eng = engine_lib.get_engine(graphdef, state, settings, slots=min(max_batch or rows, rows), mesh=mesh,
+                                    rules=rules)
+        order = np.lexsort((np.arange(rows), -expected_lengths(layout.budgets, settings.max_new_tokens)))
+        out, stats = eng.run(state, [list(p) for p in prompt_ids], row_prompt, layout.prefix_tokens, limits,
+                             key=key, order=order)
+        return SampledRows(*out, slot_steps=stats.slot_steps)
+    if engine != "static":
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
+    full_prompts = [p + x for p, x in zip(layout.prompt_tokens, layout.prefix_tokens)]
+    ids, mask = sampler.pad_prompts(full_prompts, settings.pad_id, settings.prompt_bucket)
+    smp = sampler.get_sampler(graphdef, state, settings, mesh=mesh, rules=rules)
     chunk = rows if max_batch <= 0 or max_batch >= rows else int(max_batch)
     keys = sampling.row_keys(key, rows)  # typed [R]: by the row's global index, not its chunk slot
-    outs = []
+    outs, slot_steps = [], 0
     for start in range(0, rows, chunk):
         sl = slice(start, start + chunk)
         c_ids, c_mask, c_limits, c_keys = ids[sl], mask[sl], limits[sl], keys[sl]
@@ -359,11 +421,12 @@ def _sample_in_chunks(policy, ids, mask, limits, max_batch: int, *, key, **kwarg
             c_mask = np.concatenate([c_mask, np.repeat(mask[:1], short, 0)])
             c_limits = np.concatenate([c_limits, np.zeros(short, c_limits.dtype)])
             c_keys = jnp.concatenate([c_keys, jnp.repeat(keys[:1], short, 0)])
-        out = sampler.generate(policy, c_ids, c_mask, key=c_keys, limits=c_limits, **kwargs)
+        out = smp(state, c_ids, c_mask, key=c_keys, limits=c_limits)
         got = (out.tokens, out.logprobs, out.lengths, out.stop_reason)
         outs.append([sharding.to_host(x)[: chunk - short] for x in got])  # all rows, on every process
+        slot_steps += chunk * int(sharding.to_host(out.num_steps))
     tokens, logp, lengths, reason = (np.concatenate(parts) for parts in zip(*outs))
-    return tokens, logp, lengths.astype(np.int32), reason.astype(np.int32)
+    return SampledRows(tokens, logp, lengths.astype(np.int32), reason.astype(np.int32), None, slot_steps)
 
 
 def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -375,6 +438,6 @@ def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[
     return out, lens
 
 
-__all__ = ["BUDGET_PREFIX", "BUDGETED", "EFFICIENCY_PREFIX", "L1_MAX_SUFFIX", "L1_SUFFIX", "MODES", "ModeSpec",
+__all__ = ["BUDGET_PREFIX", "BUDGETED", "ENGINES", "SampledRows", "expected_lengths", "sample_rows", "EFFICIENCY_PREFIX", "L1_MAX_SUFFIX", "L1_SUFFIX", "MODES", "ModeSpec",
            "PROMPT_FORMATS", "R1_ZERO_SYSTEM", "system_prompt_for", "PromptLayout", "RolloutBatch", "assistant_prefix", "budget_rollouts", "build_prompts",
            "default_eos_ids", "parse_modes", "prompt_lengths", "split_long_prompts"]

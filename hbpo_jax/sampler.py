@@ -185,14 +185,20 @@ class Sampler:
 
     def cache_shardings(self, batch: int, prompt_width: int) -> KVCache | None:
         """NamedShardings of the cache [B, P + N, K, D] per layer (None without a mesh)."""
+        return self.kv_shardings(batch, self.cache_length(prompt_width))
+
+    def kv_shardings(self, batch: int, length: int, per_row_index: bool = False) -> KVCache | None:
+        """NamedShardings of a KVCache [B, length, K, D] per layer: rows over the `batch` rule, kv
+        heads over `kv_heads`; its index replicated, or split as the rows (per_row_index, an int
+        [B] index). None without a mesh."""
         if self.mesh is None:
             return None
-        length = self.cache_length(prompt_width)
         kv_shape = (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
         kv = self._sharding(("batch", "cache_seq", "kv_heads", "head_dim"), kv_shape)
         valid = self._sharding(("batch", "cache_seq"), (batch, length))
+        index = self.row_sharding((batch,)) if per_row_index else self.replicated()
         layers = self.cfg.num_layers
-        return KVCache(keys=(kv,) * layers, values=(kv,) * layers, valid=valid, index=self._replicated())
+        return KVCache(keys=(kv,) * layers, values=(kv,) * layers, valid=valid, index=index)
 
     def new_cache(self, batch: int, prompt_width: int) -> KVCache:
         """A zeroed cache for `batch` rows of prompts `prompt_width` wide, created on device (sharded
@@ -240,10 +246,10 @@ class Sampler:
         keys = keys_for_rows(key, b)
         if self.mesh is None:
             return SamplerInputs(prompt_ids, mask, lens, limits, keys, offset)
-        rows = [jax.device_put(x, self._rows(x.shape)) for x in (prompt_ids, mask, lens, limits)]
+        rows = [jax.device_put(x, self.row_sharding(x.shape)) for x in (prompt_ids, mask, lens, limits)]
         # shd.put: the keys are process-local (equal on every process), the mesh may not be.
-        return SamplerInputs(*rows, shd.put(keys, self._rows(keys.shape)),
-                             jax.device_put(offset, self._rows(offset.shape)))
+        return SamplerInputs(*rows, shd.put(keys, self.row_sharding(keys.shape)),
+                             jax.device_put(offset, self.row_sharding(offset.shape)))
 
     # -- the jitted halves
     def prefill(self, params, cache: KVCache, inputs: SamplerInputs):
@@ -274,8 +280,8 @@ class Sampler:
         shardings = self.cache_shardings(batch, prompt_width)
         if shardings is not None:
             cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache, shardings)
-        rows = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._rows(shape))  # noqa: E731
-        keys = jax.ShapeDtypeStruct((batch,), jax.random.key(0).dtype, sharding=self._rows((batch,)))
+        rows = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.row_sharding(shape))  # noqa: E731
+        keys = jax.ShapeDtypeStruct((batch,), jax.random.key(0).dtype, sharding=self.row_sharding((batch,)))
         w = int(prompt_width)
         return cache, SamplerInputs(rows((batch, w)), rows((batch, w)), rows((batch,)), rows((batch,)), keys,
                                     rows((batch,)))
@@ -287,7 +293,7 @@ class Sampler:
         cache, inputs = self.abstract_inputs(batch, self.prompt_width(prompt_len))
         prefill = self._prefill.lower(params, cache, inputs.prompt_ids, inputs.prompt_mask)
         logits = jax.ShapeDtypeStruct((batch, self.cfg.vocab_size), jnp.float32,
-                                      sharding=self._rows((batch, self.cfg.vocab_size)))
+                                      sharding=self.row_sharding((batch, self.cfg.vocab_size)))
         decode = self._decode.lower(params, cache, logits, inputs.prompt_lens, inputs.limits, inputs.key,
                                     inputs.token_offset)
         return prefill, decode
@@ -296,10 +302,12 @@ class Sampler:
     def _sharding(self, logical, shape):
         return NamedSharding(self.mesh, shd.logical_to_spec(logical, self.rules, self.mesh, shape))
 
-    def _rows(self, shape):
+    def row_sharding(self, shape):
+        """The NamedSharding of a batch-major array [B, ...] (None without a mesh)."""
         return None if self.mesh is None else shd.batch_sharding(self.mesh, self.rules, len(shape), shape)
 
-    def _replicated(self):
+    def replicated(self):
+        """The replicated NamedSharding of the mesh (None without one)."""
         return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
 
     def _prefill_fn(self, params, cache, prompt_ids, prompt_mask):

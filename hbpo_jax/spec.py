@@ -57,6 +57,7 @@ class SamplingSpec:
     system_prompt: str | None
     max_batch: int
     prompt_format: str = "template"
+    engine: str = "refill"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,7 @@ class TrainSpec:
     max_consecutive_skips: int
     recompute_old_logprobs: str
     export_hf: bool
+    update_width_step: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +140,7 @@ class EvalSpec:
 
     modes: rollout.ModeSpec per prompting mode; benchmarks: (kind, arg) pairs (empty: the task's
     eval set, "tiny"); max_response_len: eval.max_response_len, or the rollout cap when 0;
-    system_prompt / prefix_in_response / max_prompt_len / max_batch / prompt_format: as in
+    system_prompt / prefix_in_response / max_prompt_len / max_batch / prompt_format / engine: as in
     training rollouts (system_prompt is the one rollout.system_prompt_for resolved);
     answer_format: the grading.FORMATS policy that grades; dataset_score: also report a
     benchmark's own scorer (reasoning-gym's) beside ours.
@@ -165,6 +167,7 @@ class EvalSpec:
     answer_format: str = "paper"
     prompt_format: str = "template"
     dataset_score: bool = True
+    engine: str = "refill"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +225,13 @@ def _sampling(config, objective: objectives.Objective) -> SamplingSpec:
         temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
         prefix_in_response=bool(r.prefix_in_response), prefix_loss=bool(r.prefix_loss),
         hard_budget_cap=bool(r.hard_budget_cap), system_prompt=system_prompt,
-        max_batch=int(r.max_batch), prompt_format=prompt_format)
+        max_batch=int(r.max_batch), prompt_format=prompt_format, engine=_engine(r))
+
+
+def _engine(r) -> str:
+    name = r.get("engine", "refill")
+    _require(name in rollout.ENGINES, f"rollout.engine must be one of {rollout.ENGINES}, got {name!r}.")
+    return name
 
 
 def _prompt_format(r) -> tuple[str, str | None]:
@@ -319,6 +328,8 @@ def _train(config, group: int) -> TrainSpec:
     _require(t.micro_batch_size >= 1 and rows % t.micro_batch_size == 0,
              f"train.micro_batch_size ({t.micro_batch_size}) must divide the {rows} sequences of a mini-batch.")
     _require(t.ppo_epochs >= 1, f"train.ppo_epochs must be at least 1, got {t.ppo_epochs}.")
+    width_step = int(t.get("update_width_step", 0))
+    _require(width_step >= 0, f"train.update_width_step must be ≥ 0 (0 = off), got {width_step}.")
     _require(t.recompute_old_logprobs in ("auto", "always", "never"),
              f"train.recompute_old_logprobs must be 'auto', 'always' or 'never', got {t.recompute_old_logprobs!r}.")
     return TrainSpec(
@@ -327,7 +338,8 @@ def _train(config, group: int) -> TrainSpec:
         total_updates=int(t.steps * t.mini_batches * t.ppo_epochs), log_every=int(t.log_every),
         checkpoint_every=int(t.checkpoint_every), keep_checkpoints=int(t.keep_checkpoints),
         max_consecutive_skips=int(t.max_consecutive_skips),
-        recompute_old_logprobs=t.recompute_old_logprobs, export_hf=bool(t.export_hf))
+        recompute_old_logprobs=t.recompute_old_logprobs, export_hf=bool(t.export_hf),
+        update_width_step=width_step)
 
 
 def resolve_eval(config) -> EvalSpec:
@@ -366,7 +378,7 @@ def resolve_eval(config) -> EvalSpec:
         system_prompt=system_prompt, prefix_in_response=bool(r.prefix_in_response),
         grading_workers=int(g.workers), grading_timeout_s=float(g.timeout_s), seed=int(config.seed),
         answer_format=answer_format, prompt_format=prompt_format,
-        dataset_score=bool(e.get("dataset_score", True)))
+        dataset_score=bool(e.get("dataset_score", True)), engine=_engine(r))
 
 
 def _check_task(config, budgets: tuple[int, ...]) -> None:

@@ -36,7 +36,8 @@ def draw_l1_budgets(key: jax.Array, prompts: int, budgets: tuple[int, ...]) -> n
 def sample(sampling: SamplingSpec, graphdef, params, tokenizer, problems: list, key: jax.Array, *,
            mesh=None, rules=None) -> rollout.RolloutBatch:
     """The rollouts of one step as the spec's prompting mode lays them out. Row r (its index among
-    the step's rows) samples with fold_in(key, r), so sampling.max_batch changes no token."""
+    the step's rows) samples with fold_in(key, r), so neither sampling.max_batch nor
+    sampling.engine changes a token."""
     prompt_budgets, budgets = None, sampling.budgets
     if sampling.mode in L1_MODES:
         key, sub = jax.random.split(key)
@@ -47,7 +48,7 @@ def sample(sampling: SamplingSpec, graphdef, params, tokenizer, problems: list, 
         max_new_tokens=sampling.max_response_len, prefix_in_response=sampling.prefix_in_response,
         hard_budget_cap=sampling.hard_budget_cap, temperature=sampling.temperature, top_p=sampling.top_p,
         top_k=sampling.top_k, key=key, mesh=mesh, rules=rules, system_prompt=sampling.system_prompt,
-        max_batch=sampling.max_batch)
+        max_batch=sampling.max_batch, engine=sampling.engine)
 
 
 def _per_budget(values: np.ndarray, budgets: np.ndarray, name: str) -> dict:
@@ -75,13 +76,14 @@ class Step:
         return np.concatenate([sharding.to_host(x) for x in out])
 
     def _old_logprobs(self, params, arrays: dict) -> np.ndarray:
-        """The sampler's log-probs, recomputed where a loss token was not sampled (or always)."""
+        """The sampling policy's log-probs, recomputed where a loss token was not scored when it was
+        sampled (a pre-filled prefix under the static sampler), or always."""
         mode, old = self.spec.train.recompute_old_logprobs, arrays["old_logp"]
-        needed = (arrays["response_mask"] & ~arrays["sampled_mask"]).any()
+        needed = (arrays["response_mask"] & ~arrays["scored_mask"]).any()
         if mode == "never" or (mode == "auto" and not needed):
             return old
         fresh = self._logprobs(params, arrays["tokens"], arrays["attention_mask"], arrays["prompt_len"])
-        return fresh if mode == "always" else np.where(arrays["sampled_mask"], old, fresh)
+        return fresh if mode == "always" else np.where(arrays["scored_mask"], old, fresh)
 
     def __call__(self, state: trainer.TrainState, records: list, key) -> tuple[trainer.TrainState, dict]:
         s, t = self.spec.sampling, self.spec.train
@@ -121,6 +123,9 @@ class Step:
             format_error_rate=float(1 - format_ok.mean()), response_len=float(lengths.mean()),
             response_len_max=float(lengths.max()), advantage_abs=float(np.abs(adv).mean()),
             generated_tokens_per_s=float(lengths.sum() / max(t1 - t0, 1e-9)),
+            update_padded_fraction=batching.padded_fraction(
+                batching.response_lengths(arrays), t.rows_per_minibatch, t.micro_batch_size,
+                arrays["response_mask"].shape[1], t.update_width_step),
             time_rollout=t1 - t0, time_grading=t2 - t1, time_update=t3 - t2,
             skipped_total=float(state.skipped_total), empty_minibatches=float(empty),
             grading_timeouts=float(multihost.count_status(grades, "timeout")))
@@ -139,12 +144,13 @@ class Step:
         updates, empty = [], 0
         for _ in range(t.ppo_epochs):
             for mb in batching.minibatches(arrays, t.rows_per_minibatch, t.micro_batch_size,
-                                           self.spec.loss.aggregation):
+                                           self.spec.loss.aggregation, width_step=t.update_width_step):
                 if mb is None:
                     empty += 1
                     continue
-                state, m = trainer.update(self.policy.graphdef, state, batching.put(mb, self.mesh, self.rules),
-                                          optimizer=self.optimizer, prompt_len=arrays["prompt_len"],
-                                          temperature=self.spec.sampling.temperature, loss_kwargs=loss_kwargs)
+                pieces = [batching.put(piece, self.mesh, self.rules) for piece in mb]
+                state, m = trainer.update_pieces(self.policy.graphdef, state, pieces, optimizer=self.optimizer,
+                                                 prompt_len=arrays["prompt_len"],
+                                                 temperature=self.spec.sampling.temperature, loss_kwargs=loss_kwargs)
                 updates.append(m)
         return state, jax.device_get(updates), empty

@@ -156,9 +156,53 @@ def _micro_loss(params, graphdef, mb, prompt_len, temperature, chunk, loss_kwarg
     return loss * mb["weight"], metrics
 
 
-@functools.partial(jax.jit, donate_argnums=(1,),
-                   static_argnames=("graphdef", "optimizer", "prompt_len", "temperature", "chunk",
-                                    "loss_kwargs"))
+_UPDATE_STATIC = ("graphdef", "optimizer", "prompt_len", "temperature", "chunk", "loss_kwargs")
+
+
+def _accumulate(graphdef, params, acc: tuple, batch: dict, prompt_len: int, temperature: float,
+                loss_kwargs: tuple, chunk: int) -> tuple:
+    """acc = (grads, loss, metrics) plus batch's U micro-batches (a scan): gradients and losses
+    are summed (each micro-batch's loss carries its weight), metrics summed weighted."""
+    kwargs = dict(loss_kwargs)
+    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+    def step(carry, mb):
+        grads, loss_sum = carry
+        (loss, metrics), g = grad_fn(params, graphdef, mb, prompt_len, temperature, chunk, kwargs)
+        return (jax.tree.map(jnp.add, grads, g), loss_sum + loss), metrics
+
+    grads, loss, metrics = acc
+    (grads, loss), per_micro = jax.lax.scan(step, (grads, loss), batch)
+    weighted = jax.tree.map(lambda m: jnp.sum(m * batch["weight"]), per_micro)  # weighted means
+    metrics = weighted if metrics is None else jax.tree.map(jnp.add, metrics, weighted)
+    return grads, loss, metrics
+
+
+def _apply(state: TrainState, acc: tuple, optimizer) -> tuple[TrainState, dict]:
+    """One AdamW step from accumulated (grads, loss, metrics); a non-finite loss or gradient
+    leaves params and optimizer state unchanged and counts a skip."""
+    grads, loss, metrics = acc
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = TrainState(
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        step=state.step + finite.astype(jnp.int32),
+        skipped=jnp.where(finite, 0, state.skipped + 1),
+        skipped_total=state.skipped_total + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
+    return new_state, metrics
+
+
+def _zero_acc(params) -> tuple:
+    return jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), None
+
+
+@functools.partial(jax.jit, donate_argnums=(1,), static_argnames=_UPDATE_STATIC)
 def update(graphdef, state: TrainState, batch: dict, *, optimizer, prompt_len: int,
            temperature: float, loss_kwargs: tuple, chunk: int = 512):
     """One optimizer update from one mini-batch, accumulated over U micro-batches.
@@ -170,29 +214,35 @@ def update(graphdef, state: TrainState, batch: dict, *, optimizer, prompt_len: i
     A non-finite loss or gradient leaves params and optimizer state unchanged and counts a skip.
     Returns (new state, metrics: float32 scalars).
     """
-    kwargs = dict(loss_kwargs)
-    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+    acc = _accumulate(graphdef, state.params, _zero_acc(state.params), batch, prompt_len, temperature,
+                      loss_kwargs, chunk)
+    return _apply(state, acc, optimizer)
 
-    def accumulate(carry, mb):
-        grads, loss_sum = carry
-        (loss, metrics), g = grad_fn(state.params, graphdef, mb, prompt_len, temperature, chunk, kwargs)
-        return (jax.tree.map(jnp.add, grads, g), loss_sum + loss), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, loss), per_micro = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), batch)
-    metrics = jax.tree.map(lambda m: jnp.sum(m * batch["weight"]), per_micro)  # weighted means
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "temperature", "chunk", "loss_kwargs"))
+def _first_piece(graphdef, params, batch, *, prompt_len, temperature, loss_kwargs, chunk):
+    return _accumulate(graphdef, params, _zero_acc(params), batch, prompt_len, temperature, loss_kwargs, chunk)
 
-    grad_norm = optax.tree_utils.tree_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state),
-        step=state.step + finite.astype(jnp.int32),
-        skipped=jnp.where(finite, 0, state.skipped + 1),
-        skipped_total=state.skipped_total + (~finite).astype(jnp.int32),
-    )
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
-    return new_state, metrics
+
+@functools.partial(jax.jit, donate_argnums=(2,),
+                   static_argnames=("graphdef", "prompt_len", "temperature", "chunk", "loss_kwargs"))
+def _next_piece(graphdef, params, acc, batch, *, prompt_len, temperature, loss_kwargs, chunk):
+    return _accumulate(graphdef, params, acc, batch, prompt_len, temperature, loss_kwargs, chunk)
+
+
+_apply_jit = jax.jit(_apply, donate_argnums=(0,), static_argnames=("optimizer",))
+
+
+def update_pieces(graphdef, state: TrainState, pieces: list, *, optimizer, prompt_len: int,
+                  temperature: float, loss_kwargs: tuple, chunk: int = 512):
+    """One optimizer update from a mini-batch given as pieces of different response widths
+    (batching.minibatches with length grouping): each piece [U_i, b, P + N_i] is accumulated by
+    its own program (one compilation per shape), then one AdamW step. One piece is `update`.
+    The weights of all pieces together sum to 1, so the gradient is the whole mini-batch's."""
+    kw = dict(prompt_len=prompt_len, temperature=temperature, loss_kwargs=loss_kwargs, chunk=chunk)
+    if len(pieces) == 1:
+        return update(graphdef, state, pieces[0], optimizer=optimizer, **kw)
+    acc = _first_piece(graphdef, state.params, pieces[0], **kw)
+    for piece in pieces[1:]:
+        acc = _next_piece(graphdef, state.params, acc, piece, **kw)
+    return _apply_jit(state, acc, optimizer=optimizer)

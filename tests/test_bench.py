@@ -2,6 +2,7 @@
 leaving a table behind, the quick sampler table, and the bench modules' size."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -163,3 +164,19 @@ def test_bench_modules_stay_small():
     folder = os.path.join(ROOT, "hbpo_jax", "bench")
     sizes = {f: sum(1 for _ in open(os.path.join(folder, f))) for f in os.listdir(folder) if f.endswith(".py")}
     assert max(sizes.values()) <= 450, sizes
+
+
+@pytest.mark.slow
+def test_rollout_benchmark_smoke():
+    """launch/bench_rollout.py --smoke: both rollout paths draw the same tokens, the engine's
+    utilization is reported, and the last line has the issue's format."""
+    proc = subprocess.run([sys.executable, "launch/bench_rollout.py", "--smoke"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert "the same tokens on both paths: yes" in proc.stdout
+    assert re.fullmatch(r"rollout: engine \d+ tokens/s, static \d+ tokens/s, speed-up [\d.]+x, utilization \d+%",
+                        lines[-1]), lines[-1]
+    table = {line.split("|")[0].strip(): line for line in lines if line.startswith(("static ", "refill "))}
+    util = {k: float(v.split("|")[-1].strip().rstrip("%")) for k, v in table.items()}
+    assert util["refill"] > util["static"]

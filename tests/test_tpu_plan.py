@@ -129,7 +129,8 @@ def test_projection_arithmetic():
                 "decode": program(1e9, 2e10, 1e9, 1e9)}  # 20 ms once per call, 1 ms per step
     assert programs["train"].bound(chip) == "compute" and programs["logprobs"].bound(chip) == "memory"
     assert programs["train"].peak == 3 and programs["decode"].roofline_s(chip, step=True) == pytest.approx(1e-3)
-    counts = tpu_plan.StepCounts(sampler_calls=4, decode_steps=1000, logprob_calls=10, updates=2, steps=3600)
+    counts = tpu_plan.StepCounts(prefill_calls=4, admit_calls=0, decode_calls=4, decode_steps=4000, logprob_calls=10,
+                                 updates=2, steps=3600)
     p = tpu_plan.project(programs, counts, chip)
     assert p["sampler"] == pytest.approx(4 * (0.1 + 0.02 + 1000 * 1e-3))
     assert p["logprobs"] == pytest.approx(1.0) and p["updates"] == pytest.approx(2.0)
@@ -143,10 +144,14 @@ def test_projection_arithmetic():
 def test_step_counts_of_the_paper_config():
     config = qwen1_5b.get_config()
     run = spec.resolve(config, num_devices=16)
-    counts = tpu_plan.step_counts(run)
-    # 64 prompts x 16 rollouts sampled 256 at a time, one old-log-prob pass (the pre-filled budget
-    # prefix takes the loss) of 16-row micro-batches, 4 mini-batch updates, 629 steps.
-    assert counts == tpu_plan.StepCounts(4, 4095, 64, 4, 629)
+    # The refill engine: 64 prompts prefilled in one call, 1,024 rollouts admitted 16 at a time
+    # into 256 slots, 1,024 x 4,095 decode slot-steps at the cap; the engine scores the pre-filled
+    # prefix, so no old-log-prob pass; 4 mini-batch updates; 629 steps.
+    assert tpu_plan.step_counts(run) == tpu_plan.StepCounts(1, 64, 65, 16380, 0, 4, 629)
+    # The static sampler: 4 calls of 256 rows, and one old-log-prob pass (the prefix takes the loss)
+    # of 16-row micro-batches.
+    config.rollout.engine = "static"
+    assert tpu_plan.step_counts(spec.resolve(config, num_devices=16)) == tpu_plan.StepCounts(4, 0, 4, 16380, 64, 4, 629)
     assert plan.logprob_passes(spec.resolve(tiny.get_config(), num_devices=1)) == 0  # prefix_loss off
     config.loss.kl_coef = 0.01
     assert plan.logprob_passes(spec.resolve(config, num_devices=16)) == 2  # + the reference pass
@@ -156,7 +161,8 @@ SMALL = dict(num_layers=2, hidden_size=64, intermediate_size=128, head_dim=16, n
 
 
 @pytest.mark.slow
-def test_small_model_compiles_for_a_tpu_topology(monkeypatch):
+@pytest.mark.parametrize("engine", ["static", "refill"])
+def test_small_model_compiles_for_a_tpu_topology(monkeypatch, engine):
     pytest.importorskip("libtpu")
     # Only compiling: another process holding libtpu's lock file (a parallel test worker, a
     # launch/memory.py run) must not stop this one.
@@ -165,14 +171,16 @@ def test_small_model_compiles_for_a_tpu_topology(monkeypatch):
     config.model.update(SMALL)
     r = config.rollout
     r.budgets, r.rollouts_per_prompt, r.max_prompt_len, r.max_response_len = (16, 32), 4, 16, 48
-    r.prefix_loss = True  # so that the step has an old-log-prob pass
+    r.prefix_loss = True  # so that the static step has an old-log-prob pass
+    r.engine = engine
     config.objective.l_max = 48
     t = config.train
     t.prompts_per_step, t.mini_batches, t.micro_batch_size = 4, 2, 4
     mesh = plan.topology_mesh(config.mesh, "v5e:2x2")
     assert mesh.devices.size == 4 and mesh.devices.flat[0].platform == "tpu"
     programs = tpu_plan.compile_programs(config, mesh)
-    assert list(programs) == ["train", "logprobs", "prefill", "decode"]
+    sampling = ["prefill", "admit", "decode"] if engine == "refill" else ["prefill", "decode"]
+    assert list(programs) == ["train", "logprobs", *sampling]
     chip = tpu_plan.chip_for("v5e:2x2")
     for p in programs.values():
         assert p.args > 0 and p.outs > 0 and p.peak > 0, p
@@ -182,6 +190,8 @@ def test_small_model_compiles_for_a_tpu_topology(monkeypatch):
     assert decode.step_flops > 0 and decode.step_bytes > 0 and decode.roofline_s(chip, step=True) > 0
     assert hlo.loop_collectives(decode.text)  # the decode loop, found in the HLO
     counts = tpu_plan.step_counts(spec.resolve(config, num_devices=4))
-    assert counts.logprob_calls == 4 and tpu_plan.project(programs, counts, chip)["run_hours"] > 0
+    assert counts.logprob_calls == (4 if engine == "static" else 0)
+    assert tpu_plan.project(programs, counts, chip)["run_hours"] > 0
     lines = tpu_plan.program_table(programs, chip) + tpu_plan.collective_lines(programs["decode"].text)
-    assert len(lines) > 6 and "| sampler decode loop: one decode step |" in "\n".join(lines)
+    name = "engine decode loop" if engine == "refill" else "sampler decode loop"
+    assert len(lines) > 6 and f"| {name}: one decode step |" in "\n".join(lines)

@@ -127,3 +127,39 @@ def test_sharded_update_equals_unsharded():
     # Parameters keep their shardings through the update (no silent gather to one device).
     q = sharded.params["layers"][0]["attn"]["q_proj"].get_value()
     assert q.sharding.spec[0] == "fsdp"
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "sequence-mean-token-mean"])
+def test_length_grouped_pieces_give_the_whole_minibatchs_update(aggregation):
+    """Rows grouped by length into micro-batches cut to their own width (batching.minibatches,
+    width_step > 0) update the weights as the uniform layout does; fewer padded slots."""
+    from hbpo_jax import batching
+    rows, n = 16, 12
+    rng = np.random.default_rng(4)
+    lengths = np.array([1, 12, 2, 3, 11, 2, 4, 1, 9, 2, 3, 1, 12, 2, 5, 3])
+    resp = np.arange(n)[None] < lengths[:, None]
+    attn = np.concatenate([np.ones((rows, P), np.int32), resp.astype(np.int32)], 1)
+    attn[0, :2] = 0
+    arrays = dict(tokens=rng.integers(1, 64, (rows, P + n)).astype(np.int32), attention_mask=attn,
+                  response_mask=resp, old_logp=rng.normal(-4.0, 0.3, (rows, n)).astype(np.float32),
+                  advantages=rng.normal(size=rows).astype(np.float32), prompt_len=P)
+    kw = dict(optimizer=optax.sgd(0.1), prompt_len=P, temperature=1.0,
+              loss_kwargs=tuple(dict(LOSS_KW, aggregation=aggregation).items()))
+    graphdef, params = nnx.split(create_model(CFG, seed=0))
+    results = {}
+    for step in (0, 4):
+        (mb,) = batching.minibatches(arrays, rows, 4, aggregation, width_step=step)
+        assert len(mb) == (1 if step == 0 else 4)
+        pieces = [jax.tree.map(jnp.asarray, p) for p in mb]
+        state = trainer.init_state(jax.tree.map(jnp.copy, params), kw["optimizer"])
+        results[step] = trainer.update_pieces(graphdef, state, pieces, **kw)
+    widths = [p["response_mask"].shape[-1] for p in mb]
+    assert widths == [4, 4, 8, 12] and sum(p["weight"].sum() for p in mb) == pytest.approx(1.0)
+    (s0, m0), (s4, m4) = results[0], results[4]
+    np.testing.assert_allclose(m0["loss"], m4["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s4.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert int(s4.step) == 1
+    full = batching.padded_fraction(lengths, rows, 4, n, 0)
+    grouped = batching.padded_fraction(lengths, rows, 4, n, 4)
+    assert full == pytest.approx(1 - 73 / (16 * 12)) and grouped == pytest.approx(1 - 73 / (4 * (4 + 4 + 8 + 12)))

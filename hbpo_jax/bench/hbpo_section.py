@@ -45,7 +45,8 @@ def _rollout(ctx: JaxContext, emit_row, rows: int, p: int, n: int):
              notes=f"sampler.generate, {rows} rows, no EOS: every row runs {n} tokens; second of two calls")
     counted = np.arange(n)[None] < np.asarray(out.lengths)[:, None]
     batch = types.SimpleNamespace(prompt_ids=ids, prompt_mask=mask, response_ids=np.asarray(out.tokens),
-                                  response_mask=counted, sampled_mask=counted, logprobs=np.asarray(out.logprobs))
+                                  response_mask=counted, sampled_mask=counted, scored_mask=counted,
+                                  logprobs=np.asarray(out.logprobs))
     return batch, dict(prefill=pre, decode=dec, rollout=t_roll, moved=moved, prompt_width=ids.shape[1])
 
 
@@ -80,7 +81,7 @@ def _updates(ctx: JaxContext, emit_row, graphdef, arrays: dict, h: dict) -> floa
     cfg, shape = ctx.cfg, section_shape("hbpo_fraction", ctx.s)
     rows, seq = arrays["tokens"].shape
     per, micro, loss_spec = rows // h["mini_batches"], h["micro"], hbpo_loss()
-    minibatches = [batching.put(mb, ctx.mesh, ctx.rules)
+    minibatches = [batching.put(mb[0], ctx.mesh, ctx.rules)
                    for mb in batching.minibatches(arrays, per, micro, loss_spec.aggregation) if mb is not None]
     optimizer = trainer.make_optimizer(OPTIM, total_updates=1000)
     state = trainer.init_state(ctx.take_params(), optimizer)

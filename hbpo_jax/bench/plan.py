@@ -4,8 +4,8 @@ a pod is spent, and to read the per-device memory XLA plans for it (launch/memor
 
 They are built the way a run builds them: the config resolved into a spec (spec.resolve), the
 update batch in the loop's layout (batching.abstract_minibatch), the log-prob pass as
-step.Step._logprobs calls trainer.compute_logprobs, and the rollout sampler through the public
-Sampler API. The mesh may hold local devices or a TPU topology's (`topology_mesh`): the programs
+step.Step._logprobs calls trainer.compute_logprobs, and the rollouts through the public Sampler
+and RefillEngine APIs. The mesh may hold local devices or a TPU topology's (`topology_mesh`): the programs
 then compile for that TPU on this machine (hbpo_jax.bench.tpu_plan).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hbpo_jax import batching, rollout, sampler, sharding, spec, trainer
+from hbpo_jax import batching, engine, rollout, sampler, sharding, spec, trainer
 from hbpo_jax import config as config_lib
 from hbpo_jax.models import Qwen2
 
@@ -85,10 +85,11 @@ def logprob_passes(run) -> int:
     """Log-prob passes over a step's rollouts, as step.Step runs them: the old log-probs when
     train.recompute_old_logprobs is "always", or "auto" and a pre-filled budget prefix takes the
     loss (prefix_in_response and prefix_loss in a mode that pre-fills one); the reference
-    log-probs when the loss has a KL term."""
+    log-probs when the loss has a KL term. The refill engine scores the prefix as it prefills it,
+    so with it "auto" needs no old-log-prob pass."""
     mode, s = run.train.recompute_old_logprobs, run.sampling
     prefix_takes_loss = s.mode in rollout.PREFIXES and s.prefix_in_response and s.prefix_loss
-    old = mode == "always" or (mode == "auto" and prefix_takes_loss)
+    old = mode == "always" or (mode == "auto" and prefix_takes_loss and s.engine == "static")
     return int(old) + int(run.loss.kl_coef > 0)
 
 
@@ -108,10 +109,28 @@ def lower_sampler(config, mesh, batch: int | None = None):
     run, cfg, rules = _resolve(config, mesh)
     s = run.sampling
     graphdef, params = abstract_params(cfg, mesh, rules)
-    settings = sampler.SamplerSettings(max_new_tokens=s.max_response_len, eos_ids=cfg.eos_token_ids,
-                                       temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-    smp = sampler.Sampler(graphdef, cfg, settings, mesh=mesh, rules=rules)
+    smp = sampler.Sampler(graphdef, cfg, _settings(s, cfg), mesh=mesh, rules=rules)
     return smp.lower(params, batch or s.max_batch or run.train.prompts_per_step * s.group, s.max_prompt_len)
+
+
+PREFIX_TOKENS = 15  # the plan's bound on a budget prefix's tokens (HBPO's sentence is ~11 in Qwen's)
+
+
+def lower_engine(config, mesh):
+    """(store prefill, admit, decode segment) of `config`'s refill engine, lowered: the step's
+    prompts_per_step prompts of max_prompt_len tokens, prefixes of PREFIX_TOKENS, rollout.max_batch
+    slots (0: one per rollout), L_max new tokens."""
+    run, cfg, rules = _resolve(config, mesh)
+    s, rows = run.sampling, run.train.prompts_per_step * run.sampling.group
+    graphdef, params = abstract_params(cfg, mesh, rules)
+    eng = engine.RefillEngine(graphdef, cfg, _settings(s, cfg), slots=min(s.max_batch or rows, rows), mesh=mesh,
+                              rules=rules)
+    return eng, eng.lower(params, run.train.prompts_per_step, s.max_prompt_len, PREFIX_TOKENS, rows)
+
+
+def _settings(s, cfg) -> sampler.SamplerSettings:
+    return sampler.SamplerSettings(max_new_tokens=s.max_response_len, eos_ids=cfg.eos_token_ids,
+                                   temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
 
 
 def memory_table(config, mesh) -> str:

@@ -17,7 +17,7 @@ from importlib import metadata
 from absl import logging
 
 from hbpo_jax import config as config_lib
-from hbpo_jax import sampler, spec
+from hbpo_jax import engine, sampler, spec
 from hbpo_jax.bench import hlo, plan
 
 GiB = 2**30
@@ -139,12 +139,15 @@ def analyse(name: str, shape: str, lower) -> ProgramPlan:
 
 @dataclasses.dataclass(frozen=True)
 class StepCounts:
-    """How often one HBPO step runs each program (step.Step): sampler_calls sampler calls of
-    decode_steps loop iterations each (at the cap: max_response_len - 1, the first token comes
-    from prefill's logits), logprob_calls micro-batches of the log-prob pass(es), updates
-    optimizer updates; steps: train.steps."""
+    """How often one HBPO step runs each program (step.Step), every row at the cap: prefill_calls
+    prefills, admit_calls admits (refill engine; 0 for static), decode_calls decode programs and
+    decode_steps loop iterations in all (static: max_response_len - 1 per call, the first token
+    comes from prefill's logits; refill: rows x (max_response_len - 1) / slots), logprob_calls
+    micro-batches of the log-prob pass(es), updates optimizer updates; steps: train.steps."""
 
-    sampler_calls: int
+    prefill_calls: int
+    admit_calls: int
+    decode_calls: int
     decode_steps: int
     logprob_calls: int
     updates: int
@@ -154,19 +157,25 @@ class StepCounts:
 def step_counts(run: spec.RunSpec) -> StepCounts:
     s, t = run.sampling, run.train
     rows = t.prompts_per_step * s.group
+    per_row = max(s.max_response_len - 1, 0)
+    logprobs, updates = plan.logprob_passes(run) * -(-rows // t.micro_batch_size), t.mini_batches * t.ppo_epochs
+    if s.engine == "refill":
+        slots = min(s.max_batch or rows, rows)
+        admits = -(-rows // engine.RefillEngine.default_admit(slots))
+        return StepCounts(1, admits, admits + 1, -(-rows * per_row // slots), logprobs, updates, t.steps)
     calls = -(-rows // s.max_batch) if s.max_batch else 1
-    return StepCounts(calls, max(s.max_response_len - 1, 0),
-                      plan.logprob_passes(run) * -(-rows // t.micro_batch_size), t.mini_batches * t.ppo_epochs,
-                      t.steps)
+    return StepCounts(calls, 0, calls, calls * per_row, logprobs, updates, t.steps)
 
 
 def project(plans: dict[str, ProgramPlan], counts: StepCounts, chip: Chip) -> dict[str, float]:
-    """Seconds of one step's parts at each program's roofline time: sampler (prefill, the decode
-    program once and decode_steps loop iterations, per call), logprobs, updates, step; and
-    run_hours = counts.steps steps. plans: keyed train / logprobs / prefill / decode."""
+    """Seconds of one step's parts at each program's roofline time: sampler (its prefills, admits,
+    decode programs and decode_steps loop iterations), logprobs, updates, step; and run_hours =
+    counts.steps steps. plans: keyed train / logprobs / prefill / decode (and admit)."""
     t = {k: p.roofline_s(chip) for k, p in plans.items()}
     step = plans["decode"].roofline_s(chip, step=True)
-    out = {"sampler": counts.sampler_calls * (t["prefill"] + t["decode"] + counts.decode_steps * step),
+    sampler_s = (counts.prefill_calls * t["prefill"] + counts.admit_calls * t.get("admit", 0.0)
+                 + counts.decode_calls * t["decode"] + counts.decode_steps * step)
+    out = {"sampler": sampler_s,
            "logprobs": counts.logprob_calls * t["logprobs"], "updates": counts.updates * t["train"]}
     out["step"] = sum(out.values())
     out["run_hours"] = counts.steps * out["step"] / 3600
@@ -189,12 +198,22 @@ def compile_programs(config, mesh) -> dict[str, ProgramPlan]:
     programs["logprobs"] = analyse("log-prob pass (one micro-batch)", f"{t.micro_batch_size} rows x {tokens}",
                                    lambda: plan.lower_logprobs(config, mesh))
     t0 = time.perf_counter()
-    prefill, decode = plan.lower_sampler(config, mesh)
-    lower_s = time.perf_counter() - t0
-    programs["prefill"] = analyse("sampler prefill", f"{rows} rows x {width:,} tokens", lambda: prefill)
-    programs["decode"] = analyse("sampler decode loop", f"{rows} rows, cache of {width + s.max_response_len:,}",
-                                 lambda: decode)
-    programs["prefill"].lower_s = lower_s  # the Sampler lowers both at once: counted once, here
+    if s.engine == "refill":
+        eng, (prefill, admit, decode) = plan.lower_engine(config, mesh)
+        lower_s = time.perf_counter() - t0
+        cache = width + eng.start_width(plan.PREFIX_TOKENS) + s.max_response_len
+        programs["prefill"] = analyse("engine prompt prefill", f"{t.prompts_per_step} prompts x {width:,} tokens",
+                                      lambda: prefill)
+        programs["admit"] = analyse("engine admit", f"{eng.admit_width} rows x {eng.start_width(plan.PREFIX_TOKENS)} "
+                                    f"tokens, prompt KV copied", lambda: admit)
+        programs["decode"] = analyse("engine decode loop", f"{eng.slots} slots, cache of {cache:,}", lambda: decode)
+    else:
+        prefill, decode = plan.lower_sampler(config, mesh)
+        lower_s = time.perf_counter() - t0
+        programs["prefill"] = analyse("sampler prefill", f"{rows} rows x {width:,} tokens", lambda: prefill)
+        programs["decode"] = analyse("sampler decode loop", f"{rows} rows, cache of {width + s.max_response_len:,}",
+                                     lambda: decode)
+    programs["prefill"].lower_s = lower_s  # the sampler's programs are lowered at once: counted once, here
     return programs
 
 
@@ -271,9 +290,11 @@ def projection_lines(programs: dict[str, ProgramPlan], counts: StepCounts, chip:
     return [
         "Projection (a roofline FLOOR, not a measurement: every program at max(flops / peak, bytes / HBM "
         "bandwidth) at the chip's peak, XLA's counts; no communication time, no host work, no grading):",
-        f"  sampler:   {counts.sampler_calls} calls x (prefill {ms['prefill']:.1f} ms + decode outside its loop "
-        f"{ms['decode']:.1f} ms + {counts.decode_steps:,} decode steps x {step_ms:.3f} ms) = {p['sampler']:.1f} s "
-        "(every call at the cap; the loop exits earlier when all rows have ended)",
+        f"  sampler:   {counts.prefill_calls} x prefill {ms['prefill']:.1f} ms + {counts.admit_calls} x admit "
+        f"{ms.get('admit', 0.0):.1f} ms + {counts.decode_calls} x decode outside its loop {ms['decode']:.1f} ms + "
+        f"{counts.decode_steps:,} decode steps x {step_ms:.3f} ms = {p['sampler']:.1f} s (every row at the cap; "
+        "shorter rows end earlier: the refill engine's steps follow the mean length, the static sampler's each "
+        "call's longest row)",
         f"  log-probs: {counts.logprob_calls} micro-batch calls x {ms['logprobs']:.1f} ms = {p['logprobs']:.1f} s",
         f"  updates:   {counts.updates} x {ms['train']:.1f} ms = {p['updates']:.1f} s",
         f"  one HBPO step: {p['step']:.1f} s; {counts.steps} steps (train.steps): {p['run_hours']:.2f} h",

@@ -33,8 +33,8 @@ def _update_batch(ctx: JaxContext, batch: int, seq: int, prompt: int, seed: int 
     arrays = dict(tokens=rng.integers(0, vocab, (batch, seq)).astype(np.int32),
                   attention_mask=np.ones((batch, seq), np.int32), response_mask=np.ones((batch, n), bool),
                   old_logp=(-np.log(vocab) + 0.1 * rng.standard_normal((batch, n))).astype(np.float32),
-                  advantages=rng.choice([-1.0, 1.0], batch).astype(np.float32))
-    mb = next(batching.minibatches(arrays, batch, batch, hbpo_loss().aggregation))
+                  advantages=rng.choice([-1.0, 1.0], batch).astype(np.float32), prompt_len=prompt)
+    (mb,) = next(batching.minibatches(arrays, batch, batch, hbpo_loss().aggregation))
     return batching.put(mb, ctx.mesh, ctx.rules)
 
 

@@ -164,8 +164,10 @@ def score(benchmark: str, mode: ModeSpec | str, records: Sequence[dict], texts: 
 def generate(policy, tokenizer, problems: Sequence[str], mode: ModeSpec, *, samples: int,
              max_new_tokens: int, key: jax.Array, temperature: float = 0.6, top_p: float = 0.95,
              batch_size: int = 256, max_batch: int = 0, prefix_in_response: bool = True,
-             system_prompt: str | None = None, mesh=None, rules=None) -> tuple[list, np.ndarray]:
-    """Samples `samples` responses per problem in `mode`, `batch_size` problems per call.
+             system_prompt: str | None = None, mesh=None, rules=None,
+             engine: str = "static") -> tuple[list, np.ndarray]:
+    """Samples `samples` responses per problem in `mode`, `batch_size` problems per call (with
+    `engine`, rollout.ENGINES).
 
     policy: an nnx model or (graphdef, state). Returns (texts [P * S], lengths int32 [P * S]),
     prompt-major. Every process must call it (the sampler is collective)."""
@@ -176,7 +178,7 @@ def generate(policy, tokenizer, problems: Sequence[str], mode: ModeSpec, *, samp
             policy, tokenizer, list(problems[start:start + batch_size]), mode=mode.mode,
             budgets=mode.budget or None, samples_per_budget=samples, max_new_tokens=max_new_tokens,
             prefix_in_response=prefix_in_response, temperature=temperature, top_p=top_p, key=sub,
-            mesh=mesh, rules=rules, system_prompt=system_prompt, max_batch=max_batch)
+            mesh=mesh, rules=rules, system_prompt=system_prompt, max_batch=max_batch, engine=engine)
         texts += list(batch.texts)
         lengths.append(np.asarray(batch.lengths))
     return texts, np.concatenate(lengths) if lengths else np.zeros(0, np.int32)

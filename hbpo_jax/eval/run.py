@@ -86,7 +86,8 @@ def evaluate(eval_spec, graphdef, params, tokenizer, benchmarks: Sequence, key: 
 
     benchmarks: sets.Benchmark list, prompts already filtered (load_benchmarks).
     Sampling follows the spec: eval_spec.samples per problem at its temperature / top_p,
-    eval_spec.batch_size problems per sampler call and rollout.max_batch rows per chunk, the
+    eval_spec.batch_size problems per sampler call and rollout.max_batch rows decoding at once
+    (rollout.engine), the
     rollout's system prompt and prefix counting, and eval_spec.max_response_len response tokens,
     cut only where prompt + response would not fit the model's `max_positions` (default: the
     model's max_position_embeddings). Benchmark b, mode k samples with fold_in(fold_in(key, b), k),
@@ -107,7 +108,7 @@ def evaluate(eval_spec, graphdef, params, tokenizer, benchmarks: Sequence, key: 
                 key=jax.random.fold_in(jax.random.fold_in(key, b), k), temperature=e.temperature,
                 top_p=e.top_p, batch_size=e.batch_size, max_batch=e.max_batch,
                 prefix_in_response=e.prefix_in_response, system_prompt=e.system_prompt,
-                mesh=mesh, rules=rules)
+                mesh=mesh, rules=rules, engine=e.engine)
             results.append(evaluation.score(bench.name, mode, bench.records, texts, lengths,
                                             samples=e.samples, workers=e.grading_workers,
                                             timeout_s=e.grading_timeout_s, answer_format=e.answer_format,

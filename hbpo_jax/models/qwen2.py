@@ -37,8 +37,9 @@ class KVCache:
 
     keys, values: one [B, S, K, D] array per layer, in the compute dtype.
     valid: bool [B, S], True where a slot holds a real (non-padding) token.
-    index: int32 scalar, the next slot to write; all rows write the same slot, left padding
-      makes that work for prompts of different lengths.
+    index: the next slot to write. An int32 scalar: all rows write the same slot, and left
+      padding makes that work for prompts of different lengths (the static sampler). Or int32 [B]:
+      each row writes its own slot (the refilling engine, whose rows start at different times).
     """
 
     keys: tuple[jax.Array, ...]
@@ -123,7 +124,7 @@ class Attention(nnx.Module):
         """x: [B, T, E]; positions: int32 [B, T]; mask: bool [B, T, S].
 
         kv: None (attend within x) or this layer's cached (keys, values) [B, S, K, D] each, into
-        which the new keys/values are written at slot `index` (int32 scalar).
+        which the new keys/values are written from slot `index` (int32 scalar, or [B] per row).
         Returns ([B, T, E], updated (keys, values) or None).
         """
         dt = x.dtype
@@ -133,14 +134,20 @@ class Attention(nnx.Module):
         q = rotary_embedding(q, positions, self.cfg.rope_theta)
         k = rotary_embedding(k, positions, self.cfg.rope_theta)
         if kv is not None:
-            cache_k, cache_v = kv
-            start = (0, index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            k, v = (_write_slots(c, x.astype(c.dtype), index) for c, x in zip(kv, (k, v)))
             kv = (k, v)
             k, v = k.astype(dt), v.astype(dt)
         out = attention(q, k, v, mask, self.cfg.attention_impl)
         return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt)), kv
+
+
+def _write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """cache [B, S, ...] with new [B, T, ...] written at slots [index, index + T): index is an
+    int32 scalar (every row) or int32 [B] (each row its own). The caller keeps index + T ≤ S
+    (dynamic_update_slice would move the write back to fit)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(cache, new, index)
 
 
 class MLP(nnx.Module):
@@ -216,7 +223,8 @@ class Qwen2(nnx.Module):
         input_ids: int32 [B, T]. attention_mask: [B, T] (1 = token, 0 = padding); default all ones.
         positions: int32 [B, T]; default cumsum(mask) - 1, which is right for left padding.
         cache: None (full causal attention over the T tokens), or a KVCache whose slots
-          [index, index + T) receive these tokens; queries attend to valid slots up to their own.
+          [index, index + T) receive these tokens (per row when cache.index is [B]); queries
+          attend to valid slots up to their own.
         Returns (float32 logits [B, T, V], or final hidden states [B, T, E] in the compute dtype
         when return_hidden, and the updated cache or None).
         """
@@ -232,10 +240,10 @@ class Qwen2(nnx.Module):
             index = None
         else:
             index = cache.index
-            slots = index + jnp.arange(t)
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, index))
+            slots = jnp.atleast_1d(index)[:, None] + jnp.arange(t)  # [B or 1, T]
+            key_valid = _write_slots(cache.valid, token_valid, index)
         key_slots = jnp.arange(key_valid.shape[1])
-        mask = (key_slots[None, None, :] <= slots[None, :, None]) & key_valid[:, None, :]  # [B, T, S]
+        mask = (key_slots[None, None, :] <= jnp.atleast_2d(slots)[:, :, None]) & key_valid[:, None, :]  # [B, T, S]
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
         new_keys, new_values = [], []

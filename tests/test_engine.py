@@ -1,0 +1,167 @@
+"""The refilling engine against the static sampler, the full forward pass and transformers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from hbpo_jax import engine, rollout, sampler
+from hbpo_jax.models import ModelConfig, create_model, load_pretrained
+from hbpo_jax.sharding import make_mesh
+from tests.hf_reference import hf_model
+
+CFG = ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2)
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3], [40, 41, 42, 43]]
+N = 40
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = create_model(CFG, seed=3)
+    m.lm_head[...] = m.lm_head[...] * 15.0  # sharp logits: greedy margins above float noise
+    return nnx.split(m)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """24 rows over the 4 prompts: a random prefix of 0-4 tokens each and limits of 0-39."""
+    rng = np.random.default_rng(0)
+    row_prompt = rng.integers(0, len(PROMPTS), 24)
+    prefixes = [rng.integers(1, 99, rng.integers(0, 5)).tolist() for _ in range(24)]
+    return row_prompt, prefixes, rng.integers(0, N, 24)
+
+
+def _static(model, rows, key, **settings):
+    row_prompt, prefixes, limits = rows
+    ids, mask = sampler.pad_prompts([PROMPTS[p] + x for p, x in zip(row_prompt, prefixes)])
+    out = sampler.generate(model, ids, mask, key=key, limits=limits, max_new_tokens=N, eos_ids=(2,), **settings)
+    return jax.device_get(out), ids, mask
+
+
+def _engine(model, rows, key, *, slots=8, admit=2, mesh=None, **settings):
+    st = sampler.SamplerSettings(max_new_tokens=N, eos_ids=(2,), **settings)
+    eng = engine.RefillEngine(model[0], CFG, st, slots=slots, admit=admit, mesh=mesh)
+    return eng.run(model[1], PROMPTS, *rows, key=key)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_p=0.9)],
+                         ids=["greedy", "t1", "top_p"])
+def test_engine_draws_the_static_samplers_tokens(model, rows, settings):
+    """Same keys -> the same tokens, lengths and stop reasons as the static sampler, although rows
+    enter slots at other times, in another order and next to other rows."""
+    key = jax.random.key(7)
+    ref, _, _ = _static(model, rows, key, **settings)
+    out, stats = _engine(model, rows, key, **settings)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_array_equal(out.stop_reason, ref.stop_reason)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+    assert stats.tokens == ref.lengths.sum() and stats.prompt_prefills == len(PROMPTS)
+    assert stats.slot_steps >= stats.tokens and 0 < stats.utilization <= 1
+
+
+def test_slots_and_admission_order_change_no_token(model, rows):
+    key = jax.random.key(11)
+    a, _ = _engine(model, rows, key, slots=8, admit=2)
+    b, stats = _engine(model, rows, key, slots=3, admit=1)
+    c, _ = engine.RefillEngine(model[0], CFG, sampler.SamplerSettings(max_new_tokens=N, eos_ids=(2,)),
+                               slots=5).run(model[1], PROMPTS, *rows, key=key, order=np.arange(24)[::-1])
+    for other in (b, c):
+        np.testing.assert_array_equal(other.tokens, a.tokens)
+        np.testing.assert_array_equal(other.lengths, a.lengths)
+    # 3 slots, one row per refill: one call fills all three, then one call per further row.
+    assert stats.segments > 1 and stats.admit_calls == 1 + (rows[2] > 0).sum() - 3
+
+
+def test_prefix_logprobs_equal_the_full_forward(model, rows):
+    """The prefix tokens' log-probs come from the admit forward: they equal log_softmax(logits / T)
+    of the whole sequence, so the trainer need not recompute them."""
+    out, _ = _engine(model, rows, jax.random.key(1), temperature=0.8)
+    _, ids, mask = _static(model, rows, jax.random.key(1), temperature=0.8)
+    logp = np.asarray(jax.nn.log_softmax(nnx.merge(*model)(jnp.asarray(ids), attention_mask=jnp.asarray(mask)) / 0.8))
+    width = ids.shape[1]
+    for r, prefix in enumerate(rows[1]):
+        f = len(prefix)
+        want = [logp[r, width - f - 1 + i, t] for i, t in enumerate(prefix)]
+        np.testing.assert_allclose(out.prefix_logprobs[r, :f], want, atol=1e-5)
+        assert (out.prefix_logprobs[r, f:] == 0).all()
+
+
+def test_engine_on_a_mesh_equals_one_device(model, rows):
+    mesh = make_mesh((1, 8, 1))
+    key = jax.random.key(2)
+    one, _ = _engine(model, rows, key, temperature=0.0)
+    eight, _ = _engine(model, rows, key, slots=8, mesh=mesh, temperature=0.0)
+    np.testing.assert_array_equal(eight.tokens, one.tokens)
+    np.testing.assert_array_equal(eight.lengths, one.lengths)
+
+
+def test_compiles_once_per_shape(model, rows):
+    eng = engine.RefillEngine(model[0], CFG, sampler.SamplerSettings(max_new_tokens=N, eos_ids=(2,)), slots=4)
+    eng.run(model[1], PROMPTS, *rows, key=jax.random.key(0))
+    before = dict(engine.TRACE_COUNTS)
+    eng.run(model[1], PROMPTS, *rows, key=jax.random.key(1))
+    assert dict(engine.TRACE_COUNTS) == before
+
+
+def test_bad_input_is_one_clear_error(model, rows):
+    eng = engine.RefillEngine(model[0], CFG, sampler.SamplerSettings(max_new_tokens=N), slots=4)
+    row_prompt, prefixes, limits = rows
+    with pytest.raises(ValueError, match="one prefix and one limit per row"):
+        eng.run(model[1], PROMPTS, row_prompt, prefixes[:-1], limits, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="row_prompt must index"):
+        eng.run(model[1], PROMPTS, row_prompt + 4, prefixes, limits, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="slots ≥ 1"):
+        engine.RefillEngine(model[0], CFG, sampler.SamplerSettings(max_new_tokens=N), slots=0)
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    """Real Qwen2 numerics (random weights, biases and norms): the engine's greedy tokens are
+    transformers' generate(do_sample=False), token for token."""
+    hf = hf_model(seed=5, eos_token_id=None)
+    hf.save_pretrained(tmp_path)
+    graphdef, state = nnx.split(load_pretrained(str(tmp_path)).model)
+    prompts = [[11, 12, 13, 14, 15], [21, 22, 23], [31, 32, 33, 34, 35, 36, 37]]
+    new = 12
+    eng = engine.RefillEngine(graphdef, nnx.merge(graphdef, state).cfg,
+                              sampler.SamplerSettings(max_new_tokens=new, temperature=0.0), slots=2, admit=1)
+    out, _ = eng.run(state, prompts, np.arange(3), [[]] * 3, np.full(3, new), key=jax.random.key(0))
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=new, do_sample=False, pad_token_id=0)
+        assert out.tokens[i].tolist() == ref[0, len(p):].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    from tests.test_rollout import _char_tokenizer
+    cfg = ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, eos_token_ids=(2,))
+    model = create_model(cfg, seed=0)
+    model.lm_head[...] = model.lm_head[...].at[:, 2].add(0.6)  # some rows end early
+    return model, _char_tokenizer()
+
+
+@pytest.mark.parametrize("prefix_in_response", [True, False])
+def test_budget_rollouts_refill_equals_static(tiny_policy, prefix_in_response):
+    """rollout.engine="refill" gives the static path's rollout batch; with the prefix in the
+    response, its log-probs are scored (scored_mask) so no recompute pass is needed."""
+    model, tok = tiny_policy
+    kw = dict(budgets=[56, 64], samples_per_budget=2, max_new_tokens=72, key=jax.random.key(3),
+              prefix_in_response=prefix_in_response)
+    static = rollout.budget_rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], **kw)
+    refill = rollout.budget_rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], engine="refill", max_batch=4, **kw)
+    for field in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "sampled_mask", "lengths",
+                  "stop_reason", "budgets", "prompt_index", "prefix_lengths"):
+        np.testing.assert_array_equal(getattr(refill, field), getattr(static, field), err_msg=field)
+    assert refill.texts == static.texts
+    sampled = static.sampled_mask
+    np.testing.assert_allclose(refill.logprobs[sampled], static.logprobs[sampled], atol=1e-5)
+    prefix = refill.scored_mask & ~refill.sampled_mask
+    assert prefix.any() == prefix_in_response
+    assert (refill.logprobs[prefix] < 0).all() and (static.scored_mask == static.sampled_mask).all()
+    with pytest.raises(ValueError, match="engine must be one of"):
+        rollout.budget_rollouts(model, tok, ["1+1?"], engine="paged", **kw)
