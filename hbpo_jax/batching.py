@@ -51,7 +51,8 @@ def update_arrays(batch, advantages: np.ndarray, *, keep_rows: np.ndarray | None
     attn = np.concatenate([np.asarray(batch.prompt_mask, bool), counted[:, :n]], 1)
     return dict(tokens=tokens.astype(np.int32), attention_mask=attn.astype(np.int32),
                 response_mask=resp_mask, old_logp=np.asarray(batch.logprobs, np.float32)[:, :n],
-                sampled_mask=sampled, scored_mask=np.asarray(batch.scored_mask, bool)[:, :n], advantages=np.asarray(advantages, np.float32),
+                sampled_mask=sampled, scored_mask=np.asarray(batch.scored_mask, bool)[:, :n],
+                advantages=np.asarray(advantages, np.float32),
                 prompt_len=int(np.asarray(batch.prompt_ids).shape[1]))
 
 

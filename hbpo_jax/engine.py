@@ -131,9 +131,9 @@ class RefillEngine:
     (max_new_tokens N, eos, pad, temperature, top-p/k, prompt bucket, cache dtype); slots: S, the
     rows decoding at once (the KV cache is S x C); admit: A, rows per refill call (default
     max(1, S // 16): an ended row's slot waits for about A / 2 more to end before it is refilled,
-    so about A / (2 S) of the slot-steps idle; the first fill admits all S slots in one call). With a mesh the slots are split over the `batch`
-    rule (S must divide by its size) and the cache's kv heads over `kv_heads`, as in the static
-    sampler.
+    so about A / (2 S) of the slot-steps idle; the first fill admits all S slots in one call).
+    With a mesh the slots are split over the `batch` rule (S must divide by its size) and the
+    cache's kv heads over `kv_heads`, as in the static sampler.
 
         eng = RefillEngine(graphdef, cfg, SamplerSettings(max_new_tokens=256, eos_ids=(2,)), slots=64)
         out, stats = eng.run(params, prompts, row_prompt, prefixes, limits, key=key)
@@ -152,7 +152,7 @@ class RefillEngine:
         self._empty = jax.jit(self._empty_fn, static_argnums=(0, 1, 2))
         self._admit = jax.jit(self._admit_fn, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
-        self._retire = jax.jit(self._retire_fn, donate_argnums=(0, 1))  # info: replicated, read on every process
+        self._retire = jax.jit(self._retire_fn, donate_argnums=(0, 1))
 
     @staticmethod
     def default_admit(slots: int) -> int:
@@ -240,18 +240,23 @@ class RefillEngine:
 
     def _admit_batch(self, take, slot_ids, width, rows, prompts, row_prompt, prefixes, limits, offset, keys,
                      f_width) -> AdmitBatch:
-        a, k = width, len(take)
-        pad = lambda x, fill: np.concatenate([np.asarray(x), np.full((a - k,) + np.shape(x)[1:], fill, np.asarray(x).dtype)])  # noqa: E731
+        """The rows `take` entering slots `slot_ids`, padded to `width` (padding goes to slot S,
+        which the scatter drops)."""
+        def pad(x, fill):
+            x = np.asarray(x)
+            return np.concatenate([x, np.full((width - len(take),) + x.shape[1:], fill, x.dtype)])
+
+        k = len(take)
         start = np.full((k, f_width), self.settings.pad_id, np.int32)
         start_len = np.zeros(k, np.int32)
         for i, r in enumerate(take):
             seq = [prompts[row_prompt[r]][-1], *prefixes[r]]
             start[i, :len(seq)], start_len[i] = seq, len(seq)
         plen = np.array([len(prompts[row_prompt[r]]) for r in take], np.int32)
-        return AdmitBatch(slot=pad(np.asarray(slot_ids, np.int32), self.slots), row=pad(np.asarray(take, np.int32), rows),
-                          prompt=pad(row_prompt[take], 0), plen=pad(plen, 1), start=pad(start, self.settings.pad_id),
-                          start_len=pad(start_len, 1), limit=pad(limits[take], 1), offset=pad(offset[take], 0),
-                          keys=pad(keys[take], 0))
+        return AdmitBatch(slot=pad(np.asarray(slot_ids, np.int32), self.slots),
+                          row=pad(np.asarray(take, np.int32), rows), prompt=pad(row_prompt[take], 0),
+                          plen=pad(plen, 1), start=pad(start, self.settings.pad_id), start_len=pad(start_len, 1),
+                          limit=pad(limits[take], 1), offset=pad(offset[take], 0), keys=pad(keys[take], 0))
 
     # ------------------------------------------------------------------ jitted
     def _cache_shardings(self, p_width: int, f_width: int):
@@ -318,7 +323,8 @@ class RefillEngine:
                jnp.zeros((rows + 1,), jnp.int32), jnp.zeros((rows + 1,), jnp.int32),
                jnp.zeros((rows + 1, f_width - 1), jnp.float32))
         state_sh, out_sh = self._state_shardings(rows)
-        return _constrain(cache, self._cache_shardings(p_width, f_width)), _constrain(state, state_sh), _constrain(out, out_sh)
+        cache = _constrain(cache, self._cache_shardings(p_width, f_width))
+        return cache, _constrain(state, state_sh), _constrain(out, out_sh)
 
     def _admit_fn(self, params, cache: KVCache, state: SlotState, store: KVCache, b: AdmitBatch):
         """Copies each new row's prompt KV from the store, runs [last prompt token, prefix] through
@@ -337,8 +343,8 @@ class RefillEngine:
         rows_cache = KVCache(keys=tuple(map(from_store, store.keys)), values=tuple(map(from_store, store.values)),
                              valid=jnp.arange(length)[None, :] < index[:, None], index=index)
         steps = jnp.arange(f)
-        hidden, rows_cache = model.forward(b.start, index[:, None] + steps, (steps < b.start_len[:, None]).astype(jnp.int32),
-                                           rows_cache, return_hidden=True)
+        start_mask = (steps < b.start_len[:, None]).astype(jnp.int32)
+        hidden, rows_cache = model.forward(b.start, index[:, None] + steps, start_mask, rows_cache, return_hidden=True)
         logits = model.logits(hidden)  # [A, F, V]
         prefix_logp = token_logprobs(logits[:, :-1], b.start[:, 1:], st.temperature)
         prefix_logp = jnp.where(steps[None, :-1] < b.start_len[:, None] - 1, prefix_logp, 0.0)

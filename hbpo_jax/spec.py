@@ -40,6 +40,7 @@ class SamplingSpec:
     mode: rollout.MODES name ("budget", "natural", "l1", "l1_max", ...); budgets: the budget
     set (budget mode: K subgroups per prompt; l1 / l1_max: the range N is drawn from per prompt).
     group = rollouts per prompt = len(budgets) x samples_per_budget in budget mode.
+    engine: rollout.ENGINES name ("refill": hbpo_jax.engine; "static": hbpo_jax.sampler).
     """
 
     mode: str
@@ -116,7 +117,9 @@ class OptimSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
-    """rows_per_minibatch = prompts_per_step / mini_batches x group sequences per optimizer update."""
+    """rows_per_minibatch = prompts_per_step / mini_batches x group sequences per optimizer update;
+    update_width_step: 0, or the multiple each length-grouped micro-batch's width is rounded to
+    (batching.micro_layout)."""
 
     steps: int
     prompts_per_step: int

@@ -142,7 +142,8 @@ def main(argv) -> None:
           f"{','.join(f.budgets)}, cap {f.cap}; {int((lengths == f.cap).sum())} {f.long_rows} rows to the cap; "
           f"{f.slots} rows of KV cache")
     print(f"counted lengths: mean {lengths.mean():.1f}, max {lengths.max()}; mean by budget "
-          + ", ".join(f"{b or 'natural'}: {lengths[layout.budgets == b].mean():.0f}" for b in np.unique(layout.budgets)))
+          + ", ".join(f"{b or 'natural'}: {lengths[layout.budgets == b].mean():.0f}"
+                      for b in np.unique(layout.budgets)))
 
     results = {}
     for engine in rollout.ENGINES:
