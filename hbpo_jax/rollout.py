@@ -321,7 +321,6 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
     got = sample_rows(graphdef_state, layout, limits, settings, engine=engine, max_batch=max_batch, key=key,
                       mesh=mesh, rules=rules)
     tokens, logp, sampled_len, reason, prefix_logp = got[:5]
-    full_prompts = [p + x for p, x in zip(layout.prompt_tokens, layout.prefix_tokens)]
 
     # prefix + sampled tokens, right-padded: the text the grader sees, and the counted response.
     width = n + int(pfx.max(initial=0))
@@ -347,6 +346,7 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
         lengths = sampled_len
         sampled_mask = scored_mask = col[:, :n] < sampled_len[:, None]
         logprobs = logp.astype(np.float32)
+        full_prompts = [p + x for p, x in zip(layout.prompt_tokens, layout.prefix_tokens)]
         prompt_ids, prompt_mask = sampler.pad_prompts(full_prompts, pad_id, prompt_bucket)
     response_mask = col[:, :n] < lengths[:, None]
 
