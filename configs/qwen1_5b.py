@@ -53,12 +53,14 @@ def get_config(arg: str | None = None):
     o.b1, o.b2 = 0.9, 0.999
     o.grad_clip = 1.0
 
-    # One TPU host: parameters and AdamW state (~21 GB in float32) sharded (FSDP) over its chips.
+    # FSDP over every chip of a slice: parameters and AdamW state (~21 GB in float32) split as
+    # thinly as the chips allow, their all-gathers on the slice's ICI. One host: its chips.
     config.mesh.shape = (1, -1, 1)
     if arg == "pod":
-        # A slice: data parallel across hosts, FSDP over the 4 chips of each host, so the weight
-        # all-gathers stay inside a host. Adjust with --config.mesh.shape for other host sizes.
-        config.mesh.shape = (-1, 4, 1)
+        # A pod slice (every host runs the same command): the same mesh over all of the slice's
+        # chips. Over several slices (multislice) the shape is per slice and `data` runs across
+        # slices (sharding.make_mesh), so only the gradient all-reduce crosses DCN. The plan
+        # (README, "TPU plan") compares this with (-1, 4, 1), FSDP within a host.
         config.distributed = True
     elif arg:
         raise ValueError(f"configs/qwen1_5b.py takes no argument or 'pod', got {arg!r}.")

@@ -391,8 +391,11 @@ def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerS
       stop at once), so one compilation serves them all.
     refill: max_batch decode slots (0: one per row); each distinct prompt prefilled once, rows
       admitted longest expected first (`expected_lengths`), prefix log-probs scored.
+    Both read the weights in the compute dtype, laid out for decoding (sharding.decode_weights).
     """
     graphdef, state = sampler.split_model(policy)
+    state = sharding.decode_weights(state, mesh, rules or sharding.DEFAULT_RULES,
+                                    sampler.graphdef_cfg(graphdef, state).compute_dtype)
     rows = len(layout.prompt_tokens)
     if engine == "refill":
         prompt_ids: dict = {}

@@ -11,6 +11,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -39,11 +40,25 @@ class MeshError(ValueError):
     """The mesh in the config does not fit the devices; the message names the key."""
 
 
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int, key: str = "mesh.shape") -> tuple[int, ...]:
-    """Replaces one -1 in `shape` by what is left of `num_devices`; checks the product."""
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int, key: str = "mesh.shape", *,
+                       slices: int = 1, axis_names: Sequence[str] = MESH_AXES) -> tuple[int, ...]:
+    """The global mesh shape: `shape` with one -1 replaced by what is left of the devices.
+
+    Over several slices (multislice: chips joined by the data-centre network, DCN) `shape` is the
+    mesh of one slice, laid on num_devices // slices chips, and its `data` axis is repeated across
+    the slices: only data parallelism, whose one gradient all-reduce per step tolerates DCN's
+    bandwidth, crosses a slice boundary; FSDP and tensor collectives stay on the slice's ICI.
+    """
     shape = [int(s) for s in shape]
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise MeshError(f"{key} must hold positive sizes and at most one -1, got {tuple(shape)}.")
+    if slices > 1:
+        if "data" not in axis_names or num_devices % slices:
+            raise MeshError(f"{key}: {num_devices} devices in {slices} slices need a `data` mesh axis and "
+                            f"an equal number of devices per slice.")
+        one = resolve_mesh_shape(shape, num_devices // slices, f"{key} (one of {slices} slices)")
+        data = list(axis_names).index("data")
+        return tuple(n * slices if i == data else n for i, n in enumerate(one))
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
@@ -54,20 +69,35 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int, key: str = "mesh.
     return tuple(shape)
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices `devices` span (1 on CPU, GPU and a single slice)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(shape: Sequence[int] = (1, -1, 1), axis_names: Sequence[str] = MESH_AXES,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over `devices` (default: all, across processes) with one -1 meaning "the rest"."""
+    """A mesh over `devices` (default: all, across processes) with one -1 meaning "the rest".
+
+    Devices of several TPU slices get a hybrid mesh: `shape` per slice, `data` across slices
+    (see resolve_mesh_shape)."""
     devices = list(jax.devices() if devices is None else devices)
     if len(shape) != len(axis_names):
         raise MeshError(f"mesh.shape {tuple(shape)} and mesh.axes {tuple(axis_names)} differ in length.")
-    shape = resolve_mesh_shape(shape, len(devices))
-    try:
-        from jax.experimental import mesh_utils
-        array = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-    except Exception:  # non-TPU topologies mesh_utils cannot map: plain order is fine there
-        array = np.asarray(devices).reshape(shape)
+    slices = num_slices(devices)
+    full = resolve_mesh_shape(shape, len(devices), slices=slices, axis_names=axis_names)
+    from jax.experimental import mesh_utils
+    if slices > 1:
+        data = list(axis_names).index("data")
+        per_slice = tuple(n // slices if i == data else n for i, n in enumerate(full))
+        across = tuple(slices if i == data else 1 for i in range(len(full)))
+        array = mesh_utils.create_hybrid_device_mesh(per_slice, across, devices, allow_split_physical_axes=True)
+    else:
+        try:
+            array = mesh_utils.create_device_mesh(full, devices=devices, allow_split_physical_axes=True)
+        except Exception:  # non-TPU topologies mesh_utils cannot map: plain order is fine there
+            array = np.asarray(devices).reshape(full)
     # Auto axes: classic GSPMD propagation (jax.make_mesh would default to Explicit in new jax).
-    return Mesh(array, tuple(axis_names), axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+    return Mesh(array, tuple(axis_names), axis_types=(jax.sharding.AxisType.Auto,) * len(full))
 
 
 def mesh_from_config(mesh_cfg) -> Mesh:
@@ -143,6 +173,31 @@ def state_specs(state: nnx.State, rules: Rules, mesh: Mesh | None = None) -> dic
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         out[name] = logical_to_spec(var.get_metadata()["logical_axes"], rules, mesh, var.get_value().shape)
     return out
+
+
+def decode_rules(rules: Rules) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The rule table for weights that decode: the mesh axes that split the rows (the `batch`
+    rule's: data, fsdp) are taken off every other logical axis, so each device holds whole weights
+    (split only over `tensor`) and decodes its own rows without an all-gather per token."""
+    table = normalize_rules(rules)
+    batch_axes = set(dict(table).get("batch", ()))
+    return tuple((name, axes if name == "batch" else tuple(a for a in axes if a not in batch_axes))
+                 for name, axes in table)
+
+
+def decode_weights(state: nnx.State, mesh: Mesh | None, rules: Rules, dtype) -> nnx.State:
+    """The policy's parameters as the rollout reads them, made once per rollout: floating arrays
+    cast to `dtype` (the compute dtype; bfloat16 halves what every decode step reads) and laid out
+    by decode_rules. FSDP-sharded weights would otherwise be all-gathered at every decoded token.
+    Works on arrays and on ShapeDtypeStructs (planning). Without a mesh: the cast only."""
+    to = lambda x: jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype  # noqa: E731
+    cast = lambda x: x.astype(to(x))  # noqa: E731
+    if mesh is None:
+        return jax.tree.map(cast, state)
+    shardings = state_shardings(state, mesh, decode_rules(rules))
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, to(x), sharding=s), state, shardings)
+    return jax.jit(lambda st: jax.tree.map(cast, st), out_shardings=shardings)(state)
 
 
 def create_sharded(make_module, mesh: Mesh | None, rules: Rules = DEFAULT_RULES):

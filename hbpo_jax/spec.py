@@ -398,15 +398,17 @@ def _check_task(config, budgets: tuple[int, ...]) -> None:
                  f"task.sft_budget_scales needs one scale in [0, 1] per budget ({n}), got {scales}.")
 
 
-def _check_mesh(config, rows_per_step: int, micro_batch_size: int, num_devices: int | None) -> None:
+def _check_mesh(config, rows_per_step: int, micro_batch_size: int, num_devices: int | None,
+                slices: int | None) -> None:
     m = config.mesh
     _require(len(tuple(m.shape)) == len(tuple(m.axes)),
              f"mesh.shape {tuple(m.shape)} and mesh.axes {tuple(m.axes)} must have the same length.")
     if num_devices is None:
         import jax
-        num_devices = jax.device_count()
+        num_devices, slices = jax.device_count(), sharding.num_slices(jax.devices())
     try:
-        shape = sharding.resolve_mesh_shape(tuple(m.shape), num_devices)
+        shape = sharding.resolve_mesh_shape(tuple(m.shape), num_devices, slices=slices or 1,
+                                            axis_names=tuple(m.axes))
     except sharding.MeshError as e:
         raise ConfigError(str(e)) from None
     batch_axes = dict(sharding.rules_from_config(m)).get("batch", ())
@@ -416,10 +418,11 @@ def _check_mesh(config, rows_per_step: int, micro_batch_size: int, num_devices: 
              f"divisible by the {ways} data-parallel ways of mesh.shape {shape}.")
 
 
-def resolve(config, num_devices: int | None = None) -> RunSpec:
+def resolve(config, num_devices: int | None = None, slices: int = 1) -> RunSpec:
     """Validates `config` and resolves it into a RunSpec (ConfigError naming the key otherwise).
 
-    num_devices: the devices the mesh must cover (default: jax.device_count()).
+    num_devices: the devices the mesh must cover (default: jax.device_count()), in `slices` TPU
+      slices (default: those of jax.devices(); see sharding.resolve_mesh_shape).
     """
     from hbpo_jax import config as config_lib  # the model section's checks
 
@@ -432,7 +435,8 @@ def resolve(config, num_devices: int | None = None) -> RunSpec:
     sampling = _sampling(config, objective)
     train = _train(config, sampling.group)
     _check_task(config, sampling.budgets)
-    _check_mesh(config, train.prompts_per_step * sampling.group, train.micro_batch_size, num_devices)
+    _check_mesh(config, train.prompts_per_step * sampling.group, train.micro_batch_size, num_devices,
+                None if num_devices is None else slices)
     evaluation = resolve_eval(config)
     data_spec = resolve_data(config)
     _check_held_out(data_spec, evaluation)

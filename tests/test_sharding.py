@@ -103,6 +103,48 @@ def test_mesh_shape_resolves(shape, expected):
     assert tuple(sharding.make_mesh(shape).devices.shape) == expected
 
 
+def test_decode_weights_are_whole_per_device_and_in_the_compute_dtype():
+    rules = sharding.DEFAULT_RULES
+    assert dict(sharding.decode_rules(rules))["embed"] == ()  # fsdp taken off
+    assert dict(sharding.decode_rules(rules))["mlp"] == ("tensor",)
+    assert dict(sharding.decode_rules(rules))["batch"] == ("data", "fsdp")
+    mesh = sharding.make_mesh((1, 4, 2))
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    model = create_model(cfg, seed=0, mesh=mesh, rules=rules)
+    state = nnx.state(model)
+    out = sharding.decode_weights(state, mesh, rules, jnp.bfloat16)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(out)):
+        assert b.dtype == jnp.bfloat16 and "fsdp" not in str(b.sharding.spec), b.sharding
+        np.testing.assert_array_equal(np.asarray(b, np.float32), np.asarray(a.astype(jnp.bfloat16), np.float32))
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(out)}
+    assert any("tensor" in s for s in specs)  # tensor parallelism is kept
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    planned = sharding.decode_weights(abstract, mesh, rules, jnp.bfloat16)
+    assert [x.sharding for x in jax.tree.leaves(planned)] == [x.sharding for x in jax.tree.leaves(out)]
+
+
+def test_mesh_shape_over_slices_is_per_slice_with_data_across():
+    # Multislice: the shape describes one slice; `data` is repeated across the slices.
+    assert sharding.resolve_mesh_shape((1, -1, 1), 32, slices=2) == (2, 16, 1)
+    assert sharding.resolve_mesh_shape((-1, 4, 1), 32, slices=2) == (8, 4, 1)
+    with pytest.raises(sharding.MeshError, match="one of 2 slices"):
+        sharding.resolve_mesh_shape((1, 32, 1), 32, slices=2)
+    with pytest.raises(sharding.MeshError, match="`data` mesh axis"):
+        sharding.resolve_mesh_shape((-1, 1), 8, slices=2, axis_names=("fsdp", "tensor"))
+
+
+def test_multislice_mesh_keeps_fsdp_inside_a_slice():
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", num_slices=2).devices
+    assert sharding.num_slices(devices) == 2 and sharding.num_slices(jax.devices()) == 1
+    mesh = sharding.make_mesh((1, -1, 1), devices=devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slice_of == np.arange(2)[:, None, None]).all()  # each data row is one slice
+
+
 @pytest.mark.parametrize("shape,message", [((3, -1, 1), "cannot be completed"), ((2, 2, 1), "needs 4"),
                                            ((-1, -1, 1), "at most one -1"), ((0, 8, 1), "positive")])
 def test_bad_mesh_shapes(shape, message):

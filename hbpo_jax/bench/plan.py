@@ -46,7 +46,7 @@ def abstract_state(cfg, mesh, rules, optimizer):
 
 def _resolve(config, mesh):
     """(RunSpec, ModelConfig, rules) of `config` for `mesh` (ConfigError naming the key)."""
-    run = spec.resolve(config, num_devices=mesh.devices.size)
+    run = spec.resolve(config, num_devices=mesh.devices.size, slices=sharding.num_slices(mesh.devices.flat))
     return run, config_lib.model_config(config), sharding.rules_from_config(config.mesh)
 
 
@@ -93,12 +93,14 @@ def logprob_passes(run) -> int:
     return int(old) + int(run.loss.kl_coef > 0)
 
 
-def topology_mesh(mesh_cfg, topology: str):
+def topology_mesh(mesh_cfg, topology: str, slices: int = 1):
     """The config's mesh (`mesh.shape`, -1 = the rest; `mesh.axes`) laid on the chips of a TPU
-    topology ("v5p:2x2x4", "v5e:4x4", ...; jax.experimental.topologies, needs libtpu): programs
-    lowered on it compile for that TPU here, without one."""
+    topology ("v5p:2x2x4", "v5e:4x4", ...; jax.experimental.topologies, needs libtpu), or of
+    `slices` such slices (multislice: a hybrid mesh, sharding.make_mesh): programs lowered on it
+    compile for that TPU here, without one."""
     from jax.experimental import topologies
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    kwargs = {"num_slices": slices} if slices > 1 else {}
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
     return sharding.make_mesh(tuple(mesh_cfg["shape"]), tuple(mesh_cfg["axes"]), devices=devices)
 
 
@@ -109,6 +111,7 @@ def lower_sampler(config, mesh, batch: int | None = None):
     run, cfg, rules = _resolve(config, mesh)
     s = run.sampling
     graphdef, params = abstract_params(cfg, mesh, rules)
+    params = sharding.decode_weights(params, mesh, rules, cfg.compute_dtype)  # as rollout.sample_rows
     smp = sampler.Sampler(graphdef, cfg, _settings(s, cfg), mesh=mesh, rules=rules)
     return smp.lower(params, batch or s.max_batch or run.train.prompts_per_step * s.group, s.max_prompt_len)
 
@@ -123,6 +126,7 @@ def lower_engine(config, mesh):
     run, cfg, rules = _resolve(config, mesh)
     s, rows = run.sampling, run.train.prompts_per_step * run.sampling.group
     graphdef, params = abstract_params(cfg, mesh, rules)
+    params = sharding.decode_weights(params, mesh, rules, cfg.compute_dtype)  # as rollout.sample_rows
     eng = engine.RefillEngine(graphdef, cfg, _settings(s, cfg), slots=min(s.max_batch or rows, rows), mesh=mesh,
                               rules=rules)
     return eng, eng.lower(params, run.train.prompts_per_step, s.max_prompt_len, PREFIX_TOKENS, rows)

@@ -17,7 +17,7 @@ from importlib import metadata
 from absl import logging
 
 from hbpo_jax import config as config_lib
-from hbpo_jax import engine, sampler, spec
+from hbpo_jax import engine, sampler, sharding, spec
 from hbpo_jax.bench import hlo, plan
 
 GiB = 2**30
@@ -184,19 +184,31 @@ def project(plans: dict[str, ProgramPlan], counts: StepCounts, chip: Chip) -> di
 
 # ----------------------------------------------------------------------------- the report
 
-def compile_programs(config, mesh) -> dict[str, ProgramPlan]:
-    """The four programs of `config` compiled on `mesh` (TPU topology devices or local ones)."""
-    run = spec.resolve(config, num_devices=mesh.devices.size)
+PROGRAMS = ("train", "logprobs", "sampler")
+
+
+def compile_programs(config, mesh, only: tuple[str, ...] = PROGRAMS) -> dict[str, ProgramPlan]:
+    """The programs of `config` compiled on `mesh` (TPU topology devices or local ones): the train
+    step, the log-prob pass and the sampler's (prefill and decode; the engine's admit too), or
+    those of them named in `only` (a subset of PROGRAMS)."""
+    unknown = set(only) - set(PROGRAMS)
+    if unknown:
+        raise ValueError(f"unknown programs {sorted(unknown)}; choose from {PROGRAMS}")
+    run = spec.resolve(config, num_devices=mesh.devices.size, slices=sharding.num_slices(mesh.devices.flat))
     s, t = run.sampling, run.train
     width = sampler.bucket_length(s.max_prompt_len)
     rows = s.max_batch or t.prompts_per_step * s.group
     tokens = f"{width:,} + {s.max_response_len:,} tokens"
     programs = {}
-    programs["train"] = analyse("train step (one mini-batch update)",
-                                f"{t.rows_per_minibatch} rows x {tokens}, micro-batches of {t.micro_batch_size}",
-                                lambda: plan.lower_train_step(config, mesh))
-    programs["logprobs"] = analyse("log-prob pass (one micro-batch)", f"{t.micro_batch_size} rows x {tokens}",
-                                   lambda: plan.lower_logprobs(config, mesh))
+    if "train" in only:
+        programs["train"] = analyse("train step (one mini-batch update)",
+                                    f"{t.rows_per_minibatch} rows x {tokens}, micro-batches of {t.micro_batch_size}",
+                                    lambda: plan.lower_train_step(config, mesh))
+    if "logprobs" in only:
+        programs["logprobs"] = analyse("log-prob pass (one micro-batch)", f"{t.micro_batch_size} rows x {tokens}",
+                                       lambda: plan.lower_logprobs(config, mesh))
+    if "sampler" not in only:
+        return programs
     t0 = time.perf_counter()
     if s.engine == "refill":
         eng, (prefill, admit, decode) = plan.lower_engine(config, mesh)
@@ -301,25 +313,30 @@ def projection_lines(programs: dict[str, ProgramPlan], counts: StepCounts, chip:
     ]
 
 
-def report(config, topology: str) -> str:
-    """The plan of `config` on TPU `topology`, compiled here, as text (markdown tables).
-    ValueError (before anything compiles) for a chip without figures in CHIPS."""
+def report(config, topology: str, slices: int = 1, only: tuple[str, ...] = PROGRAMS) -> str:
+    """The plan of `config` on `slices` slices of TPU `topology`, compiled here, as text (markdown
+    tables); `only`: a subset of PROGRAMS. ValueError (before anything compiles) for a chip
+    without figures in CHIPS or an unknown program."""
     chip_for(topology)
-    mesh = plan.topology_mesh(config.mesh, topology)
-    return format_report(config, topology, mesh, compile_programs(config, mesh))
+    if set(only) - set(PROGRAMS):
+        raise ValueError(f"unknown programs {sorted(set(only) - set(PROGRAMS))}; choose from {PROGRAMS}")
+    mesh = plan.topology_mesh(config.mesh, topology, slices)
+    return format_report(config, topology, mesh, compile_programs(config, mesh, only))
 
 
 def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan]) -> str:
     """The text of `report` from compiled programs (compile_programs on `mesh`)."""
     chip = chip_for(topology)
     cfg = config_lib.model_config(config)
-    run = spec.resolve(config, num_devices=mesh.devices.size)
+    slices = sharding.num_slices(mesh.devices.flat)
+    run = spec.resolve(config, num_devices=mesh.devices.size, slices=slices)
     factors = ", ".join(f"{k} x{p.flops / p.xla_flops if p.xla_flops else 1:.1f} flops / "
                         f"x{p.bytes / p.xla_bytes if p.xla_bytes else 1:.1f} bytes"
                         for k, p in programs.items() if not (p.step_flops or p.step_bytes or p.error))
     lines = [
         f"TPU plan of {config.name} ({cfg.num_params():,} parameters, {cfg.param_dtype}; compute {cfg.dtype}) on "
-        f"{topology}: {mesh.devices.size} chips ({mesh.devices.flat[0].device_kind}), mesh {dict(mesh.shape)}.",
+        f"{topology}{f' x {slices} slices' if slices > 1 else ''}: "
+        f"{mesh.devices.size} chips ({mesh.devices.flat[0].device_kind}), mesh {dict(mesh.shape)}.",
         f"Compiled on this machine's CPU for the TPU topology (libtpu {_libtpu_version()}); nothing ran on a TPU.",
         f"Chip {chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 dense, {chip.hbm_bandwidth / 1e12:.3f} TB/s HBM, "
         f"{chip.hbm_bytes / GiB:.0f} GiB HBM ({chip.source}).", "",
@@ -328,7 +345,10 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan])
         "accessed are XLA's cost_analysis, which counts a while-loop body once whatever its trip count; here each "
         f"loop body is scaled by its trip count read from the HLO ({factors}). The decode loop exits on data: "
         "XLA's count holds one iteration of it, split here (by an HLO walk) into one decode step and the part "
-        "outside the loop; the projection multiplies the step by the number of steps.", "",
-        *collective_lines(programs["decode"].text), "", *largest_collectives(programs), "",
-        *projection_lines(programs, step_counts(run), chip)]
+        "outside the loop; the projection multiplies the step by the number of steps.", ""]
+    if "decode" in programs:
+        lines += [*collective_lines(programs["decode"].text), ""]
+    lines += largest_collectives(programs)
+    if set(programs) >= {"train", "logprobs", "prefill", "decode"}:
+        lines += ["", *projection_lines(programs, step_counts(run), chip)]
     return "\n".join(lines)

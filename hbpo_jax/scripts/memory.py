@@ -9,6 +9,7 @@ collectives, and a roofline projection of the run.
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python launch/memory.py --config=configs/qwen1_5b.py
     pip install -e ".[tpu]"   # libtpu, for --topology
     python launch/memory.py --config=configs/qwen1_5b.py --topology=v5p:2x2x4   # also v5e:4x4, v6e:2x4, v4:2x2x4
+    python launch/memory.py --config=configs/qwen1_5b.py:pod --topology=v5e:4x4 --slices=2 --programs=train
 
 The config's mesh.shape (-1 = the rest) is laid on the topology's chips. A configuration error is
 printed as one sentence (exit status 2) before anything compiles.
@@ -20,21 +21,30 @@ from hbpo_jax.bench import plan
 cli.define_config("configs/qwen1_5b.py", "Config file (get_config).")
 cli.flags.DEFINE_string("topology", "", "A TPU topology to compile for on this machine (e.g. v5p:2x2x4, v5e:4x4, "
                         "v6e:2x4, v4:2x2x4; needs libtpu); empty: XLA's plan on the local devices.")
+cli.flags.DEFINE_integer("slices", 1, "With --topology: that many slices of it (multislice, joined by DCN).")
+cli.flags.DEFINE_list("programs", ["train", "logprobs", "sampler"],
+                      "With --topology: the programs to compile (train, logprobs, sampler); the "
+                      "projection of the run needs all three.")
 
 
 def main(argv):
     del argv
-    config, topology = cli.flags.FLAGS.config, cli.flags.FLAGS.topology
+    flags = cli.flags.FLAGS
+    config, topology = flags.config, flags.topology
     if topology:
         from hbpo_jax.bench import tpu_plan
         try:
             tpu_plan.chip_for(topology)
         except ValueError as e:
             raise ConfigError(f"--topology={topology}: {e}") from None
+        if set(flags.programs) - set(tpu_plan.PROGRAMS) or not flags.programs:
+            raise ConfigError(f"--programs={','.join(flags.programs)}: choose from {','.join(tpu_plan.PROGRAMS)}.")
+        if flags.slices < 1:
+            raise ConfigError(f"--slices must be at least 1, got {flags.slices}.")
         import importlib.util
         if importlib.util.find_spec("libtpu") is None:
             raise ConfigError(f"--topology={topology} compiles with libtpu: pip install -e \".[tpu]\".")
-        print(tpu_plan.report(config, topology))
+        print(tpu_plan.report(config, topology, flags.slices, tuple(flags.programs)))
     else:
         print(plan.memory_table(config, sharding.mesh_from_config(config.mesh)))
 
