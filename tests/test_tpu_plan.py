@@ -195,3 +195,31 @@ def test_small_model_compiles_for_a_tpu_topology(monkeypatch, engine):
     lines = tpu_plan.program_table(programs, chip) + tpu_plan.collective_lines(programs["decode"].text)
     name = "engine decode loop" if engine == "refill" else "sampler decode loop"
     assert len(lines) > 6 and f"| {name}: one decode step |" in "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_pod_mesh_over_two_slices_compiles_the_update():
+    # The :pod layout on a multislice topology: FSDP inside each slice, data across the two.
+    pytest.importorskip("libtpu")
+    config = tiny.get_config()
+    config.model.update(SMALL)
+    r = config.rollout
+    r.budgets, r.rollouts_per_prompt, r.max_prompt_len, r.max_response_len = (16, 32), 4, 16, 48
+    config.objective.l_max = 48
+    t = config.train
+    t.prompts_per_step, t.mini_batches, t.micro_batch_size = 4, 2, 8
+    mesh = plan.topology_mesh(config.mesh, "v5e:2x2", slices=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    programs = tpu_plan.compile_programs(config, mesh, only=("train",))
+    assert list(programs) == ["train"] and programs["train"].peak > 0
+    text = tpu_plan.format_report(config, "v5e:2x2", mesh, programs)
+    assert "v5e:2x2 x 2 slices: 8 chips" in text and "one HBPO step" not in text
+
+
+def test_memory_cli_rejects_unknown_programs_in_one_sentence():
+    import subprocess
+    done = subprocess.run([sys.executable, "launch/memory.py", "--topology=v5e:2x2", "--programs=train,bogus"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--programs=train,bogus: choose from train,logprobs,sampler." in done.stderr
+    assert "Traceback" not in done.stderr
