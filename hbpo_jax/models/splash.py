@@ -22,7 +22,10 @@ The kernel (jax.experimental.pallas.ops.tpu.splash_attention, called, not copied
 - scale: the kernel does not scale the scores, so q is multiplied by D**-0.5 in float32 first;
 - length: T is padded at the end to a multiple of the block (at most 512) with padding-segment
   rows, which causality hides from every real query, and cut off again;
-- on a platform other than TPU the kernel runs in Pallas interpret mode (slow; for tests).
+- on a platform other than TPU the kernel runs in Pallas interpret mode (slow; for tests);
+- precision: the kernel's matmuls take jax's default matmul precision; with
+  jax_default_matmul_precision="highest" (the tests' setting) Mosaic rejects float32 contractions
+  of bfloat16 tiles ("Bad lhs type"), so compile for TPU at the default precision.
 
 The mesh: under jit, an array's type carries the abstract mesh of the arrays it was computed from
 (jax's sharding-in-types, also with Auto axes), so the kernel finds the mesh from q itself and no
