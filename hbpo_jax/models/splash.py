@@ -40,9 +40,9 @@ values; shard_map then reshards at its edges.
 Numerics (tests/test_splash.py, interpret mode on the CPU against the XLA path, a tiny Qwen2 with
 GQA, left padding, a fully padded row, 11 tokens): float32 logits within 2.4e-7 of the XLA path's,
 gradients within 1e-5 of each array's largest entry (the bound tested); bfloat16 logits within
-0.0045 of the bfloat16 XLA path's (tested at 0.01), while either bfloat16 path is up to 0.0078 from float32. The kernel keeps probabilities
-in float32 for the value product where the XLA path rounds them to bfloat16, and rounds the
-scaled q once more.
+0.0045 of the bfloat16 XLA path's (tested at 0.01), while either bfloat16 path is up to 0.0078
+from float32. The kernel keeps probabilities in float32 for the value product where the XLA path
+rounds them to bfloat16, and rounds the scaled q once more.
 
 Cost: XLA's cost_analysis does not see inside the kernel (a custom call), so a compiled program's
 flops leave out the attention the kernel does: 4 T^2 D H per sequence and layer for the full
