@@ -131,7 +131,8 @@ def test_attention_under_a_sharded_mesh(mesh_shape, heads, kv_heads):
     valid = jnp.asarray(np.arange(t)[None, :] >= np.array([0, 5, 19, 3])[:, None])
     put = lambda x, logical: jax.device_put(  # noqa: E731
         x, NamedSharding(mesh, shd.logical_to_spec(logical, shd.DEFAULT_RULES, mesh, x.shape)))
-    q, k, v = put(q, ("batch", None, "heads", None)), put(k, ("batch", None, "kv_heads", None)), put(v, ("batch", None, "kv_heads", None))
+    q = put(q, ("batch", None, "heads", None))
+    k, v = (put(x, ("batch", None, "kv_heads", None)) for x in (k, v))
     valid = put(valid, ("batch", None))
     out = jax.jit(splash.splash_attention)(q, k, v, valid)
     assert out.sharding.spec[0] is not None  # still split over the batch
