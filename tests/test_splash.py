@@ -78,6 +78,7 @@ def test_logits_match_the_xla_path(dtype):
         assert np.abs(spl[real] - ref).max() <= 2 * np.abs(xla[real] - ref).max() + 1e-3
 
 
+@pytest.mark.slow  # ~20 s on the loaded 2-core machine: the backward kernel, interpreted
 def test_gradients_match_the_xla_path():
     state = _state(CFG)
     ids, mask = _inputs()
