@@ -39,10 +39,10 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
     param_dtype: str = "float32"
-    # auto: splash on TPU, cudnn on GPU (16-bit compute), xla elsewhere (models/splash.py).
     # xla: einsum attention on every platform; cudnn/dot_product: jax.nn; splash: the Pallas TPU
-    # kernel without a cache and for a prefill into an empty cache, XLA for decode (interpret
-    # mode off TPU).
+    # kernel without a cache and for a prefill into an empty cache, XLA over a filled cache
+    # (decode), interpret mode off TPU; auto: like splash, with the kernel chosen per platform
+    # (splash on TPU, cudnn on GPU for 16-bit compute, xla elsewhere; models/splash.py).
     attention_impl: str = "auto"
     remat: str = "none"  # rematerialise each decoder layer in the backward pass
 
