@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
         num_kv_heads=2, head_dim=64, rope_theta=1000000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, max_position_embeddings=32768, bos_token_id=None,
         eos_token_ids=(151645, 151643), dtype="bfloat16", param_dtype="float32",
-        attention_impl="xla", remat="full"))
+        attention_impl="auto", remat="full"))  # auto: splash on TPU, cuDNN on GPU
     config.model_path = "/data/models/Qwen2.5-0.5B-Instruct"
     config.data.path = "rg:basic_arithmetic,chain_sum"
     config.data.max_rows = 20_000  # problems generated (an epoch is 2,500 steps: no repeats)

@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
         num_kv_heads=2, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=False, max_position_embeddings=131072, bos_token_id=151646,
         eos_token_ids=(151643,), dtype="bfloat16", param_dtype="float32",
-        attention_impl="xla", remat="full"))
+        attention_impl="auto", remat="full"))  # auto: splash on TPU, cuDNN on GPU
     config.model_path = "/data/models/DeepSeek-R1-Distill-Qwen-1.5B"
     config.data.path = "/data/deepscaler/deepscaler.json"
     config.data.field_map = "deepscaler"

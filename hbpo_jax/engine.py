@@ -305,7 +305,7 @@ class RefillEngine:
         TRACE_COUNTS["prefill"] += 1
         model = nnx.merge(self.graphdef, params)
         cache = KVCache.init(self.cfg, ids.shape[0], ids.shape[1], self._layout.cache_dtype)
-        _, cache = model.forward(ids, None, mask, cache, return_hidden=True)
+        _, cache = model.forward(ids, None, mask, cache, return_hidden=True, empty_cache=True)  # splash on TPU
         return _constrain(cache, self._layout.kv_shardings(*ids.shape))
 
     def _empty_fn(self, p_width: int, f_width: int, rows: int):

@@ -314,7 +314,8 @@ class Sampler:
         TRACE_COUNTS["prefill"] += 1
         model = nnx.merge(self.graphdef, params)
         shardings = self.cache_shardings(cache.valid.shape[0], cache.valid.shape[1] - self.settings.max_new_tokens)
-        hidden, cache = model.forward(prompt_ids, None, prompt_mask, cache, return_hidden=True)
+        # The cache is new (new_cache): the prompt attends only to itself (splash on TPU).
+        hidden, cache = model.forward(prompt_ids, None, prompt_mask, cache, return_hidden=True, empty_cache=True)
         return model.logits(hidden[:, -1]), _constrain(cache, shardings)
 
     def _decode_fn(self, params, cache, logits, prompt_lens, limits, keys, token_offset):

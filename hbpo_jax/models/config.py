@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots")
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 
@@ -39,7 +39,11 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention_impl: str = "xla"  # xla: einsum attention on every platform; cudnn/dot_product: jax.nn
+    # xla: einsum attention on every platform; cudnn/dot_product: jax.nn; splash: the Pallas TPU
+    # kernel without a cache and for a prefill into an empty cache, XLA over a filled cache
+    # (decode), interpret mode off TPU; auto: like splash, with the kernel chosen per platform
+    # (splash on TPU, cudnn on GPU for 16-bit compute, xla elsewhere; models/splash.py).
+    attention_impl: str = "auto"
     remat: str = "none"  # rematerialise each decoder layer in the backward pass
 
     def __post_init__(self):

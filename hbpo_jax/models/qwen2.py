@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hbpo_jax.models import splash
 from hbpo_jax.models.config import ModelConfig
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so fully-masked (padding) rows stay finite
@@ -91,11 +92,21 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
 def attention(q, k, v, mask, impl: str = "xla") -> jax.Array:
     """Grouped-query attention.
 
-    q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool [B, T, S] (True = may attend).
-    Returns [B, T, H, D] in q's dtype. Scores and softmax in float32.
+    q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool [B, T, S] (True = may attend), or
+    splash.TokenSegments: causal attention within the T tokens, which sit in k, v's first T slots
+    (Qwen2.forward without a cache or with an empty one). Returns [B, T, H, D] in q's dtype.
+    Scores and softmax in float32.
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
+    if isinstance(mask, splash.TokenSegments):
+        impl = splash.resolve_impl(impl, q)  # "auto": splash (TPU), cudnn (GPU, 16-bit) or xla
+        k, v = k[:, :t], v[:, :t]
+        if impl == "splash":
+            return splash.splash_attention(q, k, v, mask.valid)
+        mask = splash.dense_mask(mask.valid)
+    elif impl in ("auto", "splash"):
+        impl = "xla"  # attention over a filled cache (decode, the engine's admit) stays on XLA
     if impl in ("dot_product", "cudnn"):
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], implementation="cudnn" if impl == "cudnn" else None)
@@ -217,7 +228,7 @@ class Qwen2(nnx.Module):
         return logits
 
     def forward(self, input_ids, positions=None, attention_mask=None, cache: KVCache | None = None,
-                *, return_hidden: bool = False):
+                *, return_hidden: bool = False, empty_cache: bool = False):
         """The decoder with an optional KV cache.
 
         input_ids: int32 [B, T]. attention_mask: [B, T] (1 = token, 0 = padding); default all ones.
@@ -225,6 +236,9 @@ class Qwen2(nnx.Module):
         cache: None (full causal attention over the T tokens), or a KVCache whose slots
           [index, index + T) receive these tokens (per row when cache.index is [B]); queries
           attend to valid slots up to their own.
+        empty_cache: the caller's promise that `cache` holds nothing yet (KVCache.init: index 0, no
+          valid slot), so the tokens attend only among themselves: with attention_impl "auto" or
+          "splash", the fused kernel of the no-cache forward (models/splash.py) applies.
         Returns (float32 logits [B, T, V], or final hidden states [B, T, E] in the compute dtype
         when return_hidden, and the updated cache or None).
         """
@@ -242,8 +256,11 @@ class Qwen2(nnx.Module):
             index = cache.index
             slots = jnp.atleast_1d(index)[:, None] + jnp.arange(t)  # [B or 1, T]
             key_valid = _write_slots(cache.valid, token_valid, index)
-        key_slots = jnp.arange(key_valid.shape[1])
-        mask = (key_slots[None, None, :] <= jnp.atleast_2d(slots)[:, :, None]) & key_valid[:, None, :]  # [B, T, S]
+        if self.cfg.attention_impl in ("auto", "splash") and (cache is None or empty_cache):
+            mask = splash.TokenSegments(token_valid)  # within the T tokens: a fused kernel (attention())
+        else:
+            key_slots = jnp.arange(key_valid.shape[1])
+            mask = (key_slots[None, None, :] <= jnp.atleast_2d(slots)[:, :, None]) & key_valid[:, None, :]  # [B, T, S]
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
         new_keys, new_values = [], []
