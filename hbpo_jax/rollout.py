@@ -35,7 +35,7 @@ same tokens for the same key (a row's randomness is its own).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -371,7 +371,8 @@ def expected_lengths(budgets: np.ndarray, cap: int) -> np.ndarray:
 class SampledRows(NamedTuple):
     """What an engine drew for a layout's rows (numpy): tokens, logprobs [R, N] (generated tokens
     only), lengths, stop_reason [R]; prefix_logprobs [R, F - 1] (refill engine; None for static);
-    slot_steps: the decode slot-steps paid (rows in a call x loop steps it ran, summed)."""
+    slot_steps: the decode slot-steps paid (rows in a call x loop steps it ran, summed);
+    engine_stats: the refill engine's EngineStats (KV pool bytes, pages), None for static."""
 
     tokens: np.ndarray
     logprobs: np.ndarray
@@ -379,10 +380,12 @@ class SampledRows(NamedTuple):
     stop_reason: np.ndarray
     prefix_logprobs: np.ndarray | None
     slot_steps: int
+    engine_stats: Any = None
 
 
 def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerSettings, *,
-                engine: str = "static", max_batch: int = 0, key, mesh=None, rules=None) -> SampledRows:
+                engine: str = "static", max_batch: int = 0, key, mesh=None, rules=None,
+                kv_tokens: int = 0) -> SampledRows:
     """Samples a layout's rows (prompt + pre-filled prefix, `limits` int [R] new tokens each) with
     `engine` (ENGINES). Row r draws with fold_in(key, r), so both engines give the same tokens.
 
@@ -390,7 +393,8 @@ def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerS
       until its longest row ends; every chunk has the same shape (the last is padded with rows that
       stop at once), so one compilation serves them all.
     refill: max_batch decode slots (0: one per row); each distinct prompt prefilled once, rows
-      admitted longest expected first (`expected_lengths`), prefix log-probs scored.
+      admitted longest expected first (`expected_lengths`), prefix log-probs scored; kv_tokens:
+      its KV page pool in tokens (0: max_batch x the longest row, so no row waits for pages).
     """
     graphdef, state = sampler.split_model(policy)
     rows = len(layout.prompt_tokens)
@@ -399,11 +403,11 @@ def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerS
         row_prompt = np.array([prompt_ids.setdefault(tuple(p), len(prompt_ids)) for p in layout.prompt_tokens],
                               np.int32)
         eng = engine_lib.get_engine(graphdef, state, settings, slots=min(max_batch or rows, rows), mesh=mesh,
-                                    rules=rules)
+                                    rules=rules, kv_tokens=kv_tokens)
         order = np.lexsort((np.arange(rows), -expected_lengths(layout.budgets, settings.max_new_tokens)))
         out, stats = eng.run(state, [list(p) for p in prompt_ids], row_prompt, layout.prefix_tokens, limits,
                              key=key, order=order)
-        return SampledRows(*out, slot_steps=stats.slot_steps)
+        return SampledRows(*out, slot_steps=stats.slot_steps, engine_stats=stats)
     if engine != "static":
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
     full_prompts = [p + x for p, x in zip(layout.prompt_tokens, layout.prefix_tokens)]
