@@ -167,8 +167,9 @@ class RefillEngine:
         if page_size < 1 or kv_tokens < 0 or block_pages < 1:
             raise ValueError(f"need page_size ≥ 1, kv_tokens ≥ 0 and block_pages ≥ 1, got page_size={page_size}, "
                              f"kv_tokens={kv_tokens}, block_pages={block_pages}.")
-        if attention is None:
-            attention = "kernel" if jax.default_backend() == "tpu" and cfg.head_dim % 128 == 0 else "xla"
+        if attention is None:  # the kernel where the slots live on TPUs (a topology's devices included)
+            platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+            attention = "kernel" if platform == "tpu" and cfg.head_dim % 128 == 0 else "xla"
         if attention not in paged.IMPLS:
             raise ValueError(f"attention must be one of {paged.IMPLS}, got {attention!r}.")
         self.page_size, self.kv_tokens, self.attention = int(page_size), int(kv_tokens), attention

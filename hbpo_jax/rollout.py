@@ -282,7 +282,8 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
                     mesh=None, rules=None, system_prompt: str | None = None,
                     prompt_bucket: str | int | None = "pow2", eos_ids: Sequence[int] | None = None,
                     pad_id: int | None = None, max_batch: int = 0,
-                    prompt_budgets: Sequence[int] | None = None, engine: str = "static") -> RolloutBatch:
+                    prompt_budgets: Sequence[int] | None = None, engine: str = "static",
+                    kv_tokens: int = 0) -> RolloutBatch:
     """Builds the prompts (`build_prompts`), samples the rows, and lays out the responses (see
     RolloutBatch for shapes).
 
@@ -296,6 +297,7 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
       engine's slots.
     engine: "static" or "refill" (`sample_rows`). Row r samples with fold_in(key, r), r its index
       among all rows, so neither max_batch nor the engine changes a token.
+    kv_tokens: the refill engine's KV page pool in tokens (0: max_batch x the longest row).
     """
     layout = build_prompts(tokenizer, problems, budgets=budgets, samples_per_budget=samples_per_budget,
                            mode=mode, system_prompt=system_prompt, prompt_budgets=prompt_budgets)
@@ -319,7 +321,7 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
 
     settings = sampler.SamplerSettings(n, tuple(eos_ids), pad_id, temperature, top_p, top_k, prompt_bucket)
     got = sample_rows(graphdef_state, layout, limits, settings, engine=engine, max_batch=max_batch, key=key,
-                      mesh=mesh, rules=rules)
+                      mesh=mesh, rules=rules, kv_tokens=kv_tokens)
     tokens, logp, sampled_len, reason, prefix_logp = got[:5]
 
     # prefix + sampled tokens, right-padded: the text the grader sees, and the counted response.

@@ -124,7 +124,7 @@ def lower_engine(config, mesh):
     s, rows = run.sampling, run.train.prompts_per_step * run.sampling.group
     graphdef, params = abstract_params(cfg, mesh, rules)
     eng = engine.RefillEngine(graphdef, cfg, _settings(s, cfg), slots=min(s.max_batch or rows, rows), mesh=mesh,
-                              rules=rules)
+                              rules=rules, kv_tokens=s.kv_tokens)
     return eng, eng.lower(params, run.train.prompts_per_step, s.max_prompt_len, PREFIX_TOKENS, rows)
 
 
