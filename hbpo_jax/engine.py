@@ -20,7 +20,7 @@ Shapes: S = slots, A = rows admitted per call, R = rows, G = distinct prompts, P
 (bucketed), F = start width (1 + the longest prefix, a multiple of 8), N = max_new_tokens,
 C = Pw + F + N the most tokens a decode slot can hold, V = vocabulary. A row's cache holds its
 prompt at positions [0, plen), its prefix after it, then its generated tokens, in pages of
-`page_size` tokens (PagedKVCache: the pool [L, K, pages, page_size, D], a page table per slot, a
+`page_size` tokens (PagedKVCache: the pool [K, L, pages, page_size, D], a page table per slot, a
 length per slot); decode attention reads each slot's filled pages only (models/paged.py).
 
 Randomness is the static sampler's (hbpo_jax.sampling): a row's i-th generated token draws with
@@ -487,8 +487,8 @@ class RefillEngine:
         page = jnp.take_along_axis(b.pages, jnp.broadcast_to(pos // cache.page_size, (a, length)), axis=1)
         page = jnp.where(pos[None, :] < filled[:, None], page, cache.num_pages)
 
-        def to_pages(pool, layers):  # pool [L, K, P, ps, D]; layers: L x [A, W, K, D]
-            new = jnp.stack(layers).transpose(0, 3, 1, 2, 4).astype(pool.dtype)  # [L, K, A, W, D]
+        def to_pages(pool, layers):  # pool [K, L, P, ps, D]; layers: L x [A, W, K, D]
+            new = jnp.stack(layers).transpose(3, 0, 1, 2, 4).astype(pool.dtype)  # [K, L, A, W, D]
             return pool.at[:, :, page, pos % cache.page_size].set(new, mode="drop")
         put = lambda dst, src: dst.at[b.slot].set(src.astype(dst.dtype), mode="drop")  # noqa: E731
         cache = dataclasses.replace(cache, keys=to_pages(cache.keys, rows_cache.keys),

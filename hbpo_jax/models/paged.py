@@ -3,7 +3,10 @@ only what is filled.
 
 Layout (the Pallas TPU paged-attention kernel's, one array for all layers):
 
-  keys, values: [L, K, P, page_size, D] in the cache dtype — P pages shared by every slot
+  keys, values: [K, L, P, page_size, D] in the cache dtype — P pages per layer shared by every
+                slot. Layer-major inside each kv head, so that [K, L * P, page_size, D] is the
+                same bytes (a free reshape, per device too): the kernel gets every layer's pool
+                and reads layer l's page p as page l * P + p, without a copy of one layer's pool
   table:        int32 [S, pages_per_slot], the pages of each slot's tokens in order (global ids)
   lengths:      int32 [S], tokens filled per slot (= the position the next token is written to)
   active:       bool [S], slots that write and attend in this forward (a slot that is not
@@ -126,7 +129,7 @@ class PagedPlacement:
 class PagedKVCache:
     """The paged cache of S decode slots (see the module docstring for the layout).
 
-    keys, values: [L, K, P, page_size, D]; table: int32 [S, pages_per_slot]; lengths: int32 [S];
+    keys, values: [K, L, P, page_size, D]; table: int32 [S, pages_per_slot]; lengths: int32 [S];
     active: bool [S]. impl ("xla" | "kernel"), block_pages (pages per attention block) and
     placement (None without a mesh) are static.
     """
@@ -147,7 +150,7 @@ class PagedKVCache:
         if impl not in IMPLS:
             raise ValueError(f"paged attention impl must be one of {IMPLS}, got {impl!r}.")
         dtype = dtype or cfg.compute_dtype
-        shape = (cfg.num_layers, cfg.num_kv_heads, int(pages), int(page_size), cfg.head_dim)
+        shape = (cfg.num_kv_heads, cfg.num_layers, int(pages), int(page_size), cfg.head_dim)
         # The table is padded to whole attention blocks (the kernel needs pages_per_slot to be a
         # multiple of its block; the fallback slices whole blocks).
         block_pages = max(1, min(int(block_pages), int(pages_per_slot)))
@@ -174,7 +177,7 @@ class PagedKVCache:
         if pl is None:
             return None
         from jax.sharding import NamedSharding
-        pool = NamedSharding(pl.mesh, pl.spec(None, "kv", "batch", None, None))
+        pool = NamedSharding(pl.mesh, pl.spec("kv", None, "batch", None, None))
         rows = lambda *d: NamedSharding(pl.mesh, pl.spec("batch", *d))  # noqa: E731
         return dataclasses.replace(self, keys=pool, values=pool, table=rows(None), lengths=rows(), active=rows())
 
@@ -201,7 +204,7 @@ class PagedLayer:
             out, keys, values = fn(*args, page_offset=0)
         else:
             pl = c.placement
-            pool = pl.spec(None, "kv", "batch", None, None)
+            pool = pl.spec("kv", None, "batch", None, None)
             rows = pl.spec("batch", None, "kv", None)
             per_shard = c.num_pages // pl.shards
 
@@ -225,12 +228,15 @@ def _write_and_attend(q, k, v, keys, values, table, lengths, active, layer, *, p
     col = jnp.minimum(pos // ps, table.shape[1] - 1)
     page = jnp.take_along_axis(local, col, axis=1)
     page = jnp.where(active[:, None], page, keys.shape[2])  # past the pool: dropped
-    keys = keys.at[layer, :, page, pos % ps].set(k.astype(keys.dtype), mode="drop")
-    values = values.at[layer, :, page, pos % ps].set(v.astype(values.dtype), mode="drop")
+    # keys[:, layer, page, offset] is [K, S, T, D] (the advanced indices are adjacent).
+    keys = keys.at[:, layer, page, pos % ps].set(k.transpose(2, 0, 1, 3).astype(keys.dtype), mode="drop")
+    values = values.at[:, layer, page, pos % ps].set(v.transpose(2, 0, 1, 3).astype(values.dtype), mode="drop")
     # An inactive slot attends over one token (the kernel needs a length ≥ 1; nothing reads it).
     kv_lens = jnp.where(active, lengths + t, 1)
     if impl == "kernel":
-        out = kernel_attention(q, keys[layer], values[layer], local, kv_lens, block_pages)
+        kh, nl, np_, _, d = keys.shape
+        flat = lambda x: x.reshape(kh, nl * np_, ps, d)  # noqa: E731  (the same bytes: no copy)
+        out = kernel_attention(q, flat(keys), flat(values), local + layer * np_, kv_lens, block_pages)
     else:
         out = blocked_attention(q, keys, values, local, kv_lens, pos, block_pages, layer=layer)
     return out, keys, values
@@ -241,7 +247,7 @@ def _write_and_attend(q, k, v, keys, values, table, lengths, active, layer, *, p
 def blocked_attention(q, k_pages, v_pages, table, kv_lens, q_pos, block_pages: int, layer=None) -> jax.Array:
     """Attention over pages, reading blocks of `block_pages` pages up to the longest kv_lens.
 
-    q: [S, T, H, D]; k_pages, v_pages: [K, P, page_size, D], or [L, K, P, page_size, D] with
+    q: [S, T, H, D]; k_pages, v_pages: [K, P, page_size, D], or [K, L, P, page_size, D] with
     `layer` (int32 []) picking one: the block gather reads that layer's pages in place; table: int32 [S, W] (W a multiple of
     block_pages, local page ids); kv_lens: int32 [S] (tokens to read per slot); q_pos: int32
     [S, T] (query t attends to positions ≤ q_pos[s, t] and < kv_lens[s]).
@@ -257,8 +263,7 @@ def blocked_attention(q, k_pages, v_pages, table, kv_lens, q_pos, block_pages: i
     def body(j, carry):
         m, l, acc = carry  # [S, K, G, T], [S, K, G, T], [S, K, G, T, D]
         pages = jax.lax.dynamic_slice_in_dim(table, j * block_pages, block_pages, axis=1)  # [S, bp]
-        # x[layer, :, pages] is [S, bp, K, ps, D] (numpy's rule for split advanced indices).
-        gather = (lambda x: x[:, pages]) if layer is None else (lambda x: jnp.moveaxis(x[layer, :, pages], 2, 0))  # noqa: E731
+        gather = (lambda x: x[:, pages]) if layer is None else (lambda x: x[:, layer, pages])  # noqa: E731
         kb = gather(k_pages).reshape(kh, s, width, d).astype(jnp.float32)  # [K, S, bp*ps, D]
         vb = gather(v_pages).reshape(kh, s, width, d).astype(jnp.float32)
         scores = jnp.einsum("stkgd,kscd->skgtc", qg, kb)
