@@ -228,9 +228,13 @@ def _write_and_attend(q, k, v, keys, values, table, lengths, active, layer, *, p
     col = jnp.minimum(pos // ps, table.shape[1] - 1)
     page = jnp.take_along_axis(local, col, axis=1)
     page = jnp.where(active[:, None], page, keys.shape[2])  # past the pool: dropped
-    # keys[:, layer, page, offset] is [K, S, T, D] (the advanced indices are adjacent).
-    keys = keys.at[:, layer, page, pos % ps].set(k.transpose(2, 0, 1, 3).astype(keys.dtype), mode="drop")
-    values = values.at[:, layer, page, pos % ps].set(v.transpose(2, 0, 1, 3).astype(values.dtype), mode="drop")
+    # Every index but D's is a scatter index (the window is one [D] row): with a [K, D] window
+    # XLA's TPU layout assignment moves K next to D, and then copies the whole pool into the
+    # kernel's row-major layout twice per layer and step.
+    head = jnp.arange(keys.shape[0])[:, None, None]
+    at = (head, layer, page[None], (pos % ps)[None])  # [K, S, T] each
+    keys = keys.at[at].set(k.transpose(2, 0, 1, 3).astype(keys.dtype), mode="drop")
+    values = values.at[at].set(v.transpose(2, 0, 1, 3).astype(values.dtype), mode="drop")
     # An inactive slot attends over one token (the kernel needs a length ≥ 1; nothing reads it).
     kv_lens = jnp.where(active, lengths + t, 1)
     if impl == "kernel":
