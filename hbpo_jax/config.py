@@ -70,6 +70,10 @@ def base_config() -> config_dict.ConfigDict:
         # slots, each refilled from a queue when its row ends, every distinct prompt prefilled
         # once (hbpo_jax.engine). The same tokens for the same seed either way.
         engine="refill",
+        # The refill engine's KV page pool in tokens, all devices together (0: max_batch slots x
+        # the longest row, so no row waits; smaller: KV memory follows live tokens and a row is
+        # admitted when the pages for its whole limit are free; hbpo_jax/models/paged.py).
+        kv_tokens=0,
         # The chat format (rollout.PROMPT_FORMATS): "template" (the model's chat template, with
         # rollout.system_prompt if set) or "r1_zero" (a system prompt asking for reasoning in
         # <think> </think> and a final \boxed{} answer; for instruct models that never think).

@@ -35,7 +35,7 @@ same tokens for the same key (a row's randomness is its own).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -282,7 +282,8 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
                     mesh=None, rules=None, system_prompt: str | None = None,
                     prompt_bucket: str | int | None = "pow2", eos_ids: Sequence[int] | None = None,
                     pad_id: int | None = None, max_batch: int = 0,
-                    prompt_budgets: Sequence[int] | None = None, engine: str = "static") -> RolloutBatch:
+                    prompt_budgets: Sequence[int] | None = None, engine: str = "static",
+                    kv_tokens: int = 0) -> RolloutBatch:
     """Builds the prompts (`build_prompts`), samples the rows, and lays out the responses (see
     RolloutBatch for shapes).
 
@@ -296,6 +297,7 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
       engine's slots.
     engine: "static" or "refill" (`sample_rows`). Row r samples with fold_in(key, r), r its index
       among all rows, so neither max_batch nor the engine changes a token.
+    kv_tokens: the refill engine's KV page pool in tokens (0: max_batch x the longest row).
     """
     layout = build_prompts(tokenizer, problems, budgets=budgets, samples_per_budget=samples_per_budget,
                            mode=mode, system_prompt=system_prompt, prompt_budgets=prompt_budgets)
@@ -319,7 +321,7 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
 
     settings = sampler.SamplerSettings(n, tuple(eos_ids), pad_id, temperature, top_p, top_k, prompt_bucket)
     got = sample_rows(graphdef_state, layout, limits, settings, engine=engine, max_batch=max_batch, key=key,
-                      mesh=mesh, rules=rules)
+                      mesh=mesh, rules=rules, kv_tokens=kv_tokens)
     tokens, logp, sampled_len, reason, prefix_logp = got[:5]
 
     # prefix + sampled tokens, right-padded: the text the grader sees, and the counted response.
@@ -371,7 +373,8 @@ def expected_lengths(budgets: np.ndarray, cap: int) -> np.ndarray:
 class SampledRows(NamedTuple):
     """What an engine drew for a layout's rows (numpy): tokens, logprobs [R, N] (generated tokens
     only), lengths, stop_reason [R]; prefix_logprobs [R, F - 1] (refill engine; None for static);
-    slot_steps: the decode slot-steps paid (rows in a call x loop steps it ran, summed)."""
+    slot_steps: the decode slot-steps paid (rows in a call x loop steps it ran, summed);
+    engine_stats: the refill engine's EngineStats (KV pool bytes, pages), None for static."""
 
     tokens: np.ndarray
     logprobs: np.ndarray
@@ -379,10 +382,12 @@ class SampledRows(NamedTuple):
     stop_reason: np.ndarray
     prefix_logprobs: np.ndarray | None
     slot_steps: int
+    engine_stats: Any = None
 
 
 def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerSettings, *,
-                engine: str = "static", max_batch: int = 0, key, mesh=None, rules=None) -> SampledRows:
+                engine: str = "static", max_batch: int = 0, key, mesh=None, rules=None,
+                kv_tokens: int = 0) -> SampledRows:
     """Samples a layout's rows (prompt + pre-filled prefix, `limits` int [R] new tokens each) with
     `engine` (ENGINES). Row r draws with fold_in(key, r), so both engines give the same tokens.
 
@@ -390,7 +395,8 @@ def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerS
       until its longest row ends; every chunk has the same shape (the last is padded with rows that
       stop at once), so one compilation serves them all.
     refill: max_batch decode slots (0: one per row); each distinct prompt prefilled once, rows
-      admitted longest expected first (`expected_lengths`), prefix log-probs scored.
+      admitted longest expected first (`expected_lengths`), prefix log-probs scored; kv_tokens:
+      its KV page pool in tokens (0: max_batch x the longest row, so no row waits for pages).
     Both read the weights in the compute dtype, laid out for decoding (sharding.decode_weights).
     """
     graphdef, state = sampler.split_model(policy)
@@ -402,11 +408,11 @@ def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerS
         row_prompt = np.array([prompt_ids.setdefault(tuple(p), len(prompt_ids)) for p in layout.prompt_tokens],
                               np.int32)
         eng = engine_lib.get_engine(graphdef, state, settings, slots=min(max_batch or rows, rows), mesh=mesh,
-                                    rules=rules)
+                                    rules=rules, kv_tokens=kv_tokens)
         order = np.lexsort((np.arange(rows), -expected_lengths(layout.budgets, settings.max_new_tokens)))
         out, stats = eng.run(state, [list(p) for p in prompt_ids], row_prompt, layout.prefix_tokens, limits,
                              key=key, order=order)
-        return SampledRows(*out, slot_steps=stats.slot_steps)
+        return SampledRows(*out, slot_steps=stats.slot_steps, engine_stats=stats)
     if engine != "static":
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
     full_prompts = [p + x for p, x in zip(layout.prompt_tokens, layout.prefix_tokens)]

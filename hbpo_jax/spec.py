@@ -59,6 +59,7 @@ class SamplingSpec:
     max_batch: int
     prompt_format: str = "template"
     engine: str = "refill"
+    kv_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +221,8 @@ def _sampling(config, objective: objectives.Objective) -> SamplingSpec:
     _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
     _require(r.top_k >= 0, f"rollout.top_k must be ≥ 0 (0 = off), got {r.top_k}.")
     _require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
+    kv_tokens = int(r.get("kv_tokens", 0) or 0)
+    _require(kv_tokens >= 0, f"rollout.kv_tokens must be ≥ 0 (0 = max_batch x the longest row), got {kv_tokens}.")
     prompt_format, system_prompt = _prompt_format(r)
     return SamplingSpec(
         mode=mode, budgets=budgets, group=group,
@@ -228,7 +231,7 @@ def _sampling(config, objective: objectives.Objective) -> SamplingSpec:
         temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
         prefix_in_response=bool(r.prefix_in_response), prefix_loss=bool(r.prefix_loss),
         hard_budget_cap=bool(r.hard_budget_cap), system_prompt=system_prompt,
-        max_batch=int(r.max_batch), prompt_format=prompt_format, engine=_engine(r))
+        max_batch=int(r.max_batch), prompt_format=prompt_format, engine=_engine(r), kv_tokens=kv_tokens)
 
 
 def _engine(r) -> str:

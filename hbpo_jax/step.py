@@ -48,7 +48,7 @@ def sample(sampling: SamplingSpec, graphdef, params, tokenizer, problems: list, 
         max_new_tokens=sampling.max_response_len, prefix_in_response=sampling.prefix_in_response,
         hard_budget_cap=sampling.hard_budget_cap, temperature=sampling.temperature, top_p=sampling.top_p,
         top_k=sampling.top_k, key=key, mesh=mesh, rules=rules, system_prompt=sampling.system_prompt,
-        max_batch=sampling.max_batch, engine=sampling.engine)
+        max_batch=sampling.max_batch, engine=sampling.engine, kv_tokens=sampling.kv_tokens)
 
 
 def _per_budget(values: np.ndarray, budgets: np.ndarray, name: str) -> dict:

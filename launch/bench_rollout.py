@@ -40,6 +40,7 @@ flags.DEFINE_float("long_fraction", 1 / 16, "Share of rows that run to the cap."
 flags.DEFINE_enum("long_rows", "natural", ["natural", "budget"],
                   "The rows that run to the cap: natural rows (known in advance) or budget rows.")
 flags.DEFINE_integer("slots", 32, "Rows of KV cache: the engine's slots, the static path's rows per call.")
+flags.DEFINE_integer("kv_tokens", 0, "The engine's KV page pool in tokens (0: slots x the longest row).")
 flags.DEFINE_integer("prompt_len", 48, "Longest prompt (tokens); prompts are 1/2 to 1 of it.")
 flags.DEFINE_integer("prefix_len", 10, "Tokens of each budget's pre-filled prefix.")
 flags.DEFINE_integer("hidden", 256, "Model width.")
@@ -78,13 +79,19 @@ def _layout(f, rng) -> tuple[rollout.PromptLayout, np.ndarray]:
     return layout, lengths
 
 
-def _sample(policy, layout, limits, settings, engine: str, slots: int):
+def _sample(policy, layout, limits, settings, engine: str, slots: int, kv_tokens: int = 0):
     """(SampledRows, seconds of the second of two identical calls: the first compiles)."""
     kw = dict(engine=engine, max_batch=slots, key=jax.random.key(1))
+    if engine == "refill":
+        kw["kv_tokens"] = kv_tokens
     rollout.sample_rows(policy, layout, limits, settings, **kw)
     t = time.perf_counter()
     out = rollout.sample_rows(policy, layout, limits, settings, **kw)
     return out, time.perf_counter() - t
+
+
+def _kv_bytes_per_token(cfg) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.compute_dtype).itemsize
 
 
 def _update_arrays(layout, sampled, lengths, cap: int, rng) -> dict:
@@ -147,7 +154,7 @@ def main(argv) -> None:
 
     results = {}
     for engine in rollout.ENGINES:
-        results[engine] = _sample((graphdef, params), layout, limits, settings, engine, f.slots)
+        results[engine] = _sample((graphdef, params), layout, limits, settings, engine, f.slots, f.kv_tokens)
     (static, t_static), (refill, t_refill) = results["static"], results["refill"]
     same = (np.array_equal(static.tokens, refill.tokens) and np.array_equal(static.lengths, refill.lengths)
             and np.array_equal(static.lengths, limits))
@@ -157,6 +164,11 @@ def main(argv) -> None:
         print(f"{name:<8} | {t:>8.2f} | {tokens / t:>9.0f} | {out.slot_steps:>10} | {tokens / out.slot_steps:>10.1%}")
     print(f"ceiling of the speed-up (slot-steps static / engine): {static.slot_steps / refill.slot_steps:.2f}x; "
           f"the same tokens on both paths: {'yes' if same else 'NO'}")
+    es = refill.engine_stats
+    print(f"KV bytes: engine page pool {es.kv_bytes / 2**20:.2f} MiB ({es.pool_pages} pages of "
+          f"{es.kv_bytes // max(es.pool_pages, 1) // _kv_bytes_per_token(cfg)} tokens, peak {es.peak_pages} in use = "
+          f"{es.peak_pages / max(es.pool_pages, 1):.0%}), a contiguous {f.slots} x C cache "
+          f"{es.dense_kv_bytes / 2**20:.2f} MiB (the engine before pages)")
 
     arrays = _update_arrays(layout, refill, lengths, f.cap, rng)
     per = rows // f.mini_batches

@@ -175,6 +175,7 @@ def test_rollout_benchmark_smoke():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert "the same tokens on both paths: yes" in proc.stdout
+    assert re.search(r"KV bytes: engine page pool [\d.]+ MiB \(\d+ pages of 16 tokens, peak \d+ in use", proc.stdout)
     assert re.fullmatch(r"rollout: engine \d+ tokens/s, static \d+ tokens/s, speed-up [\d.]+x, utilization \d+%",
                         lines[-1]), lines[-1]
     table = {line.split("|")[0].strip(): line for line in lines if line.startswith(("static ", "refill "))}

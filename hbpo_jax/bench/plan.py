@@ -128,7 +128,7 @@ def lower_engine(config, mesh):
     graphdef, params = abstract_params(cfg, mesh, rules)
     params = sharding.decode_weights(params, mesh, rules, cfg.compute_dtype)  # as rollout.sample_rows
     eng = engine.RefillEngine(graphdef, cfg, _settings(s, cfg), slots=min(s.max_batch or rows, rows), mesh=mesh,
-                              rules=rules)
+                              rules=rules, kv_tokens=s.kv_tokens)
     return eng, eng.lower(params, run.train.prompts_per_step, s.max_prompt_len, PREFIX_TOKENS, rows)
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hbpo_jax.models import splash
+from hbpo_jax.models import paged, splash
 from hbpo_jax.models.config import ModelConfig
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so fully-masked (padding) rows stay finite
@@ -144,6 +144,9 @@ class Attention(nnx.Module):
         v = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dt)) + self.v_bias[...].astype(dt)
         q = rotary_embedding(q, positions, self.cfg.rope_theta)
         k = rotary_embedding(k, positions, self.cfg.rope_theta)
+        if isinstance(kv, paged.PagedLayer):  # the refilling engine's slots: write, attend what is filled
+            out, kv = kv.attend(q, k, v)
+            return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt)), kv
         if kv is not None:
             k, v = (_write_slots(c, x.astype(c.dtype), index) for c, x in zip(kv, (k, v)))
             kv = (k, v)
@@ -235,7 +238,9 @@ class Qwen2(nnx.Module):
         positions: int32 [B, T]; default cumsum(mask) - 1, which is right for left padding.
         cache: None (full causal attention over the T tokens), or a KVCache whose slots
           [index, index + T) receive these tokens (per row when cache.index is [B]); queries
-          attend to valid slots up to their own.
+          attend to valid slots up to their own. Or a paged.PagedKVCache (the refilling engine):
+          each active slot's tokens are written from its length on, which advances by T (give
+          positions: the default counts from 0).
         empty_cache: the caller's promise that `cache` holds nothing yet (KVCache.init: index 0, no
           valid slot), so the tokens attend only among themselves: with attention_impl "auto" or
           "splash", the fused kernel of the no-cache forward (models/splash.py) applies.
@@ -248,7 +253,8 @@ class Qwen2(nnx.Module):
         token_valid = attention_mask.astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(token_valid, axis=1) - 1, 0)
-        if cache is None:
+        is_paged = isinstance(cache, paged.PagedKVCache)
+        if cache is None or is_paged:  # a paged cache masks by its lengths (models/paged.py)
             slots = jnp.arange(t)
             key_valid = token_valid
             index = None
@@ -265,6 +271,10 @@ class Qwen2(nnx.Module):
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
+            if is_paged:
+                x, kv = _call_layer(layer, x, positions, None, cache.layer(i), None, self.cfg.remat)
+                cache = kv.cache
+                continue
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             x, kv = _call_layer(layer, x, positions, mask, kv, index, self.cfg.remat)
             if kv is not None:
@@ -272,7 +282,9 @@ class Qwen2(nnx.Module):
                 new_values.append(kv[1])
         x = self.final_norm(x)
         new_cache = None
-        if cache is not None:
+        if is_paged:
+            new_cache = dataclasses.replace(cache, lengths=cache.lengths + t * cache.active)
+        elif cache is not None:
             new_cache = KVCache(tuple(new_keys), tuple(new_values), key_valid, index + t)
         if return_hidden:
             return x, new_cache
