@@ -337,10 +337,10 @@ class RefillEngine:
         length = cache.max_len
         p_width = store.max_len
 
-        def from_store(layer):  # [G, Pw, K, D] -> the new rows' [A, C, K, D]
-            return jnp.pad(layer[b.prompt], ((0, 0), (0, length - p_width), (0, 0), (0, 0)))
+        def from_store(kv):  # [L, G, Pw, K, D] -> the new rows' [L, A, C, K, D]
+            return jnp.pad(kv[:, b.prompt], ((0, 0), (0, 0), (0, length - p_width), (0, 0), (0, 0)))
         index = b.plen - 1  # the start sequence re-writes the last prompt token's slot
-        rows_cache = KVCache(keys=tuple(map(from_store, store.keys)), values=tuple(map(from_store, store.values)),
+        rows_cache = KVCache(keys=from_store(store.keys), values=from_store(store.values),
                              valid=jnp.arange(length)[None, :] < index[:, None], index=index)
         steps = jnp.arange(f)
         start_mask = (steps < b.start_len[:, None]).astype(jnp.int32)
@@ -355,8 +355,8 @@ class RefillEngine:
         reason = jnp.where(hit_eos, STOP_EOS, jnp.where(b.limit <= 1, STOP_LIMIT, 0))
 
         put = lambda dst, src: dst.at[b.slot].set(src.astype(dst.dtype), mode="drop")  # noqa: E731
-        cache = KVCache(keys=tuple(map(put, cache.keys, rows_cache.keys)),
-                        values=tuple(map(put, cache.values, rows_cache.values)),
+        put_kv = lambda dst, src: dst.at[:, b.slot].set(src.astype(dst.dtype), mode="drop")  # noqa: E731  [L, S, ...]
+        cache = KVCache(keys=put_kv(cache.keys, rows_cache.keys), values=put_kv(cache.values, rows_cache.values),
                         valid=put(cache.valid, rows_cache.valid), index=put(cache.index, index + b.start_len))
         new = SlotState(tok=tok, gen=jnp.ones((a,), jnp.int32), done=reason > 0, reason=reason, limit=b.limit,
                         offset=b.offset, keys=b.keys, row=b.row,
