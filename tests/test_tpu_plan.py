@@ -207,7 +207,9 @@ def test_small_model_compiles_for_a_tpu_topology(monkeypatch, engine):
     for p in programs.values():
         assert p.args > 0 and p.outs > 0 and p.peak > 0, p
         assert p.flops + p.step_flops > 0 and p.bytes > 0 and p.roofline_s(chip) > 0 and p.compile_s > 0, p
-    assert programs["train"].flops == pytest.approx(2 * programs["train"].xla_flops, rel=0.05)  # 2 micro-batches
+    # 2 micro-batches of forward + backward (3 forwards; no remat) of the log-prob pass's rows: the
+    # micro-batch loop and the layer scan inside it each counted times their trips.
+    assert programs["train"].flops == pytest.approx(6 * programs["logprobs"].flops, rel=0.1)
     decode = programs["decode"]
     assert decode.step_flops > 0 and decode.step_bytes > 0 and decode.roofline_s(chip, step=True) > 0
     assert hlo.loop_collectives(decode.text)  # the decode loop, found in the HLO
