@@ -46,6 +46,41 @@ def define_config(default: str, help_text: str) -> None:
     config_flags.DEFINE_config_file("config", find_config(default), help_text)
 
 
+# JAX's persistent compilation cache (see use_compilation_cache).
+CACHE_FOLDER = "jax_cache"
+DEFAULT_MIN_COMPILE_SECS = 1.0  # JAX's own default: quicker programs are not worth a file
+
+
+def define_compilation_cache(default_text: str) -> None:
+    """--compilation_cache: a folder for JAX's persistent compilation cache ("" = the launcher's
+    default, `default_text`; "off" = none)."""
+    flags.DEFINE_string("compilation_cache", "", "JAX's persistent compilation cache: compiled programs "
+                        f"are kept here and a rerun loads them instead of compiling (default: {default_text}; "
+                        "'off': none). JAX_COMPILATION_CACHE_DIR, when set, wins.")
+
+
+def use_compilation_cache(directory: str | None) -> str | None:
+    """Points JAX's persistent compilation cache at `directory` (local or gs://), so a resumed or
+    repeated run loads its compiled programs (minutes each for a large model on a TPU) instead of
+    compiling them again. A cache the user has already chosen wins: JAX_COMPILATION_CACHE_DIR, or
+    jax_compilation_cache_dir set before this call (e.g. by tests/conftest.py). Programs that
+    compile in under DEFAULT_MIN_COMPILE_SECS are not stored, unless
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise. Call it before the first compile
+    (JAX reads the setting once). directory None, "" or "off": nothing is set.
+    Returns the cache folder in use, or None."""
+    import jax
+    chosen = jax.config.jax_compilation_cache_dir
+    if chosen:
+        return chosen
+    if not directory or directory == "off":
+        return None
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", DEFAULT_MIN_COMPILE_SECS)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    logging.info("JAX compilation cache: %s", directory)
+    return directory
+
+
 def run(main: Callable[[list], None]) -> None:
     """absl's app.run with INFO logging (Orbax's INFO lines excepted: checkpoint.quiet_orbax_logs);
     a ConfigError, a DataError (a malformed dataset) or a missing file ends the program with its
@@ -74,4 +109,5 @@ def _resolve_config_argument() -> None:
             sys.argv[i + 1] = find_config(sys.argv[i + 1])
 
 
-__all__ = ["PACKAGED_CONFIGS", "REPO_ROOT", "define_config", "find_config", "flags", "run"]
+__all__ = ["CACHE_FOLDER", "PACKAGED_CONFIGS", "REPO_ROOT", "define_compilation_cache", "define_config", "find_config",
+           "flags", "run", "use_compilation_cache"]

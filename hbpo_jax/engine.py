@@ -463,10 +463,10 @@ class RefillEngine:
         p_width = store.max_len
         length = p_width + f  # the start sequence ends before plen - 1 + F ≤ Pw + F
 
-        def from_store(layer):  # [G, Pw, K, D] -> the new rows' [A, C, K, D]
-            return jnp.pad(layer[b.prompt], ((0, 0), (0, length - p_width), (0, 0), (0, 0)))
+        def from_store(kv):  # [L, G, Pw, K, D] -> the new rows' [L, A, C, K, D]
+            return jnp.pad(kv[:, b.prompt], ((0, 0), (0, 0), (0, length - p_width), (0, 0), (0, 0)))
         index = b.plen - 1  # the start sequence re-writes the last prompt token's slot
-        rows_cache = KVCache(keys=tuple(map(from_store, store.keys)), values=tuple(map(from_store, store.values)),
+        rows_cache = KVCache(keys=from_store(store.keys), values=from_store(store.values),
                              valid=jnp.arange(length)[None, :] < index[:, None], index=index)
         steps = jnp.arange(f)
         start_mask = (steps < b.start_len[:, None]).astype(jnp.int32)
@@ -487,8 +487,8 @@ class RefillEngine:
         page = jnp.take_along_axis(b.pages, jnp.broadcast_to(pos // cache.page_size, (a, length)), axis=1)
         page = jnp.where(pos[None, :] < filled[:, None], page, cache.num_pages)
 
-        def to_pages(pool, layers):  # pool [K, L, P, ps, D]; layers: L x [A, W, K, D]
-            new = jnp.stack(layers).transpose(3, 0, 1, 2, 4).astype(pool.dtype)  # [K, L, A, W, D]
+        def to_pages(pool, layers):  # pool [K, L, P, ps, D]; layers [L, A, W, K, D]
+            new = layers.transpose(3, 0, 1, 2, 4).astype(pool.dtype)  # [K, L, A, W, D]
             return pool.at[:, :, page, pos % cache.page_size].set(new, mode="drop")
         put = lambda dst, src: dst.at[b.slot].set(src.astype(dst.dtype), mode="drop")  # noqa: E731
         cache = dataclasses.replace(cache, keys=to_pages(cache.keys, rows_cache.keys),

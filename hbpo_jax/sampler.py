@@ -184,21 +184,20 @@ class Sampler:
         return int(prompt_width) + self.settings.max_new_tokens
 
     def cache_shardings(self, batch: int, prompt_width: int) -> KVCache | None:
-        """NamedShardings of the cache [B, P + N, K, D] per layer (None without a mesh)."""
+        """NamedShardings of the cache [L, B, P + N, K, D] (None without a mesh)."""
         return self.kv_shardings(batch, self.cache_length(prompt_width))
 
     def kv_shardings(self, batch: int, length: int, per_row_index: bool = False) -> KVCache | None:
-        """NamedShardings of a KVCache [B, length, K, D] per layer: rows over the `batch` rule, kv
+        """NamedShardings of a KVCache [L, B, length, K, D]: rows over the `batch` rule, kv
         heads over `kv_heads`; its index replicated, or split as the rows (per_row_index, an int
         [B] index). None without a mesh."""
         if self.mesh is None:
             return None
-        kv_shape = (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
-        kv = self._sharding(("batch", "cache_seq", "kv_heads", "head_dim"), kv_shape)
+        kv_shape = (self.cfg.num_layers, batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
+        kv = self._sharding(("layers", "batch", "cache_seq", "kv_heads", "head_dim"), kv_shape)
         valid = self._sharding(("batch", "cache_seq"), (batch, length))
         index = self.row_sharding((batch,)) if per_row_index else self.replicated()
-        layers = self.cfg.num_layers
-        return KVCache(keys=(kv,) * layers, values=(kv,) * layers, valid=valid, index=index)
+        return KVCache(keys=kv, values=kv, valid=valid, index=index)
 
     def new_cache(self, batch: int, prompt_width: int) -> KVCache:
         """A zeroed cache for `batch` rows of prompts `prompt_width` wide, created on device (sharded

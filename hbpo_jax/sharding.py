@@ -29,6 +29,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # the stacked decoder layers' leading axis: every device holds all L of its shard
     ("cache_seq", None),
     ("seq", None),
 )

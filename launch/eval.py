@@ -7,8 +7,10 @@ every response): hbpo_jax.eval.run.
 --checkpoint: a Hugging Face folder, a params checkpoint (config.json + params/), a training
 checkpoint step folder (<workdir>/checkpoints/<step>) or a run's workdir (its newest step).
 Writes results.json, results.md, accuracy_vs_tokens.png and responses.jsonl to --out
-(default: <workdir or the checkpoint's parent>/eval). A configuration error or a missing file is
-printed as one sentence (exit status 2).
+(default: <workdir or the checkpoint's parent>/eval). Compiled programs are cached in
+<workdir>/jax_cache with --workdir, else ~/.cache/hbpo-jax/jax_cache (--compilation_cache; 'off'
+for none; JAX_COMPILATION_CACHE_DIR wins). A configuration error or a missing file is printed as
+one sentence (exit status 2).
 """
 # The program lives in hbpo_jax/scripts/eval.py (also `hbpo-eval`, `python -m hbpo_jax.scripts.eval`).
 from hbpo_jax.scripts.eval import run

@@ -173,7 +173,7 @@ def test_orbax_params_restore_onto_a_mesh(tmp_path):
     checkpoint.hf_to_orbax(str(tmp_path / "hf"), str(tmp_path / "orbax"))
     mesh = sharding.make_mesh((1, 2, 4))
     model = checkpoint.restore_params(str(tmp_path / "orbax"), mesh=mesh)
-    q = model.layers[0].attn.q_proj.get_value()
-    assert tuple(q.sharding.spec)[:2] == ("fsdp", "tensor")
+    q = model.layers.attn.q_proj.get_value()  # [L, E, H, D]: every layer's, stacked
+    assert tuple(q.sharding.spec)[:3] == (None, "fsdp", "tensor")
     plain = load_pretrained(str(tmp_path / "hf")).model
-    np.testing.assert_array_equal(np.asarray(q), np.asarray(plain.layers[0].attn.q_proj.get_value()))
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(plain.layers.attn.q_proj.get_value()))

@@ -15,15 +15,16 @@ CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_laye
                   num_kv_heads=2, head_dim=8)
 
 EXPECTED = {  # the DEFAULT_RULES table applied by hand, on a fsdp=2 x tensor=4 mesh
+    # (decoder parameters are stacked [L, ...]; the layer axis is never sharded)
     "embed": P("tensor", "fsdp"),
-    "layers/0/attn/q_proj": P("fsdp", "tensor", None),
-    "layers/0/attn/q_bias": P("tensor", None),
-    "layers/0/attn/k_proj": P("fsdp", None, None),
-    "layers/0/attn/k_bias": P(None, None),
-    "layers/0/attn/o_proj": P("tensor", None, "fsdp"),
-    "layers/0/mlp/gate_proj": P("fsdp", "tensor"),
-    "layers/0/mlp/down_proj": P("tensor", "fsdp"),
-    "layers/0/input_norm/scale": P(None),
+    "layers/attn/q_proj": P(None, "fsdp", "tensor", None),
+    "layers/attn/q_bias": P(None, "tensor", None),
+    "layers/attn/k_proj": P(None, "fsdp", None, None),
+    "layers/attn/k_bias": P(None, None, None),
+    "layers/attn/o_proj": P(None, "tensor", None, "fsdp"),
+    "layers/mlp/gate_proj": P(None, "fsdp", "tensor"),
+    "layers/mlp/down_proj": P(None, "tensor", "fsdp"),
+    "layers/input_norm/scale": P(None, None),
     "final_norm/scale": P(None),
     "lm_head": P("fsdp", "tensor"),
 }
@@ -59,9 +60,9 @@ def test_parameters_follow_the_rule_table(mesh):
     specs = sharding.state_specs(nnx.state(model, nnx.Param), sharding.DEFAULT_RULES, mesh)
     for name, array in params.items():
         assert _normalise(array.sharding.spec) == _normalise(specs[name]), name
-    # Nothing is fully materialised on one device: the MLP kernel is split 8 ways.
-    gate = params["layers/1/mlp/gate_proj"]
-    assert gate.addressable_shards[0].data.shape == (32, 24)
+    # Nothing is fully materialised on one device: the MLP kernels of both layers are split 8 ways.
+    gate = params["layers/mlp/gate_proj"]
+    assert gate.addressable_shards[0].data.shape == (2, 32, 24)
 
 
 @pytest.mark.slow  # > 10 s on the 2-core machine
@@ -82,7 +83,7 @@ def test_load_pretrained_places_shards(mesh, tmp_path):
     sharded = load_pretrained(str(tmp_path), mesh=mesh).model
     plain = load_pretrained(str(tmp_path)).model
     params = _flat(sharded)
-    assert _normalise(params["layers/0/attn/k_proj"].sharding.spec) == ("fsdp", "tensor")
+    assert _normalise(params["layers/attn/k_proj"].sharding.spec) == (None, "fsdp", "tensor")
     for name, array in _flat(plain).items():
         np.testing.assert_array_equal(np.asarray(params[name]), np.asarray(array))
 

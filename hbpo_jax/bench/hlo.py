@@ -419,21 +419,25 @@ def _collective(module: Module, instr: Instr) -> Collective | None:
                       groups.group(1) if groups else "")
 
 
-def collectives_in(module: Module, comp: str) -> list[Collective]:
-    """The collectives in `comp` and every computation it calls (fusions, nested loops)."""
+def collectives_in(module: Module, comp: str, *, trips: bool = False) -> list[Collective]:
+    """The collectives in `comp` and every computation it calls (fusions, nested loops): each
+    instruction once, or (trips) a nested loop's times its known trip count (the layer scan
+    inside a decode step runs its body once per decoder layer)."""
+    if not trips:
+        return [x for c in module.reachable(comp) for x in map(lambda i: _collective(module, i), module.comps[c]) if x]
     out = []
-    for c in module.reachable(comp):
-        out += [x for x in (_collective(module, i) for i in module.comps[c]) if x is not None]
+    for i in module.comps.get(comp, []):
+        out += [x for x in [_collective(module, i)] if x is not None]
+        inner = [x for n in i.called for x in collectives_in(module, n, trips=True)]
+        out += inner * ((module.trip_count(i) or 1) if i.opcode == "while" else 1)
     return out
 
 
 def loop_collectives(text: str) -> dict[str, list[Collective]]:
-    """{while loop name: the collectives of its body and condition, run once per iteration} for
-    every while loop of the entry computation of HLO text (the sampler's decode program has one:
-    the decode loop)."""
+    """{while loop name: the collectives of its body and condition, run once per iteration (a
+    nested loop's times its trips)} for every while loop of the entry of HLO text (the decode loop)."""
     module = Module(text)
-    return {loop.name: collectives_in(module, loop.attr("body")) + collectives_in(module, loop.attr("condition"))
-            for loop, _ in module.loops()}
+    return {loop.name: [x for n in loop.called for x in collectives_in(module, n, trips=True)] for loop, _ in module.loops()}
 
 
 def group_collectives(items: list[Collective]) -> list[tuple[Collective, int]]:

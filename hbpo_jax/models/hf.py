@@ -39,7 +39,9 @@ class Pretrained(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- name mapping
-# Each entry: HF name, our parameter path, HF shape, and converters HF layout <-> ours.
+# Each entry: HF name, our parameter path, HF shape, converters HF layout <-> ours, and for a
+# decoder layer's tensor its layer: our decoder parameters are stacked [L, ...] (qwen2.stack_layers),
+# so HF's model.layers.{i}.X is row i of the one array at path ("layers", ...).
 
 class _Entry(NamedTuple):
     hf_name: str
@@ -47,6 +49,7 @@ class _Entry(NamedTuple):
     hf_shape: tuple[int, ...]
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    layer: int | None = None
 
 
 def _layout(cfg: ModelConfig) -> list[_Entry]:
@@ -64,8 +67,8 @@ def _layout(cfg: ModelConfig) -> list[_Entry]:
     out_proj = (lambda a: a.T.reshape(h, d, e), lambda a: a.reshape(h * d, e).T)  # HF [e, h*d]
     entries = [_Entry("model.embed_tokens.weight", ("embed",), (v, e), *same)]
     for i in range(cfg.num_layers):
-        p, hp = ("layers", i), f"model.layers.{i}."
-        entries += [
+        p, hp = ("layers",), f"model.layers.{i}."
+        entries += [entry._replace(layer=i) for entry in [
             _Entry(hp + "input_layernorm.weight", p + ("input_norm", "scale"), (e,), *same),
             _Entry(hp + "self_attn.q_proj.weight", p + ("attn", "q_proj"), (h * d, e), *in_proj(h)),
             _Entry(hp + "self_attn.q_proj.bias", p + ("attn", "q_bias"), (h * d,), *bias(h)),
@@ -78,11 +81,20 @@ def _layout(cfg: ModelConfig) -> list[_Entry]:
             _Entry(hp + "mlp.gate_proj.weight", p + ("mlp", "gate_proj"), (m, e), *transpose),
             _Entry(hp + "mlp.up_proj.weight", p + ("mlp", "up_proj"), (m, e), *transpose),
             _Entry(hp + "mlp.down_proj.weight", p + ("mlp", "down_proj"), (e, m), *transpose),
-        ]
+        ]]
     entries.append(_Entry("model.norm.weight", ("final_norm", "scale"), (e,), *same))
     if not cfg.tie_word_embeddings:
         entries.append(_Entry("lm_head.weight", ("lm_head",), (v, e), *transpose))
     return entries
+
+
+def _by_path(layout: list[_Entry]) -> dict[tuple, list[_Entry]]:
+    """The layout grouped per parameter: one entry, or a stacked parameter's L entries in layer
+    order."""
+    groups: dict[tuple, list[_Entry]] = {}
+    for entry in layout:
+        groups.setdefault(entry.path, []).append(entry)
+    return groups
 
 
 def _get(tree, path):
@@ -181,16 +193,22 @@ def load_pretrained(path: str, *, dtype: str = "float32", compute_dtype: str | N
     shardings = (sharding_lib.state_shardings(abstract, mesh, rules) if mesh is not None else None)
     param_dtype = np.dtype(DTYPES[cfg.param_dtype])
     values: dict = {}
-    for entry in layout:
-        raw = tensor(entry)
+    for param_path, entries in _by_path(layout).items():
+        converted = [entry.to_ours(tensor(entry)) for entry in entries]  # lazy memmap views for plain transposes
+        stacked = entries[0].layer is not None
         if mesh is None:
-            array = jax.device_put(_cast(entry.to_ours(raw), param_dtype))
+            array = jax.device_put(np.stack([_cast(a, param_dtype) for a in converted]) if stacked
+                                   else _cast(converted[0], param_dtype))
         else:
-            sh = _get(shardings, entry.path).get_value()
-            converted = entry.to_ours(raw)  # a lazy memmap view for plain transposes
-            array = jax.make_array_from_callback(
-                converted.shape, sh, lambda idx, a=converted: _cast(a[idx], param_dtype))
-        _set(values, entry.path, array)
+            sh = _get(shardings, param_path).get_value()
+            if stacked:  # idx[0] picks layers, the rest the shard of each
+                shape = (len(converted),) + converted[0].shape
+                read = lambda idx, c=converted: np.stack([_cast(a[idx[1:]], param_dtype) for a in c[idx[0]]])  # noqa: E731
+            else:
+                shape = converted[0].shape
+                read = lambda idx, a=converted[0]: _cast(a[idx], param_dtype)  # noqa: E731
+            array = jax.make_array_from_callback(shape, sh, read)
+        _set(values, param_path, array)
     nnx.replace_by_pure_dict(abstract, values)
     model = nnx.merge(graphdef, abstract)
     return Pretrained(model, cfg, load_tokenizer(path) if with_tokenizer else None)
@@ -257,6 +275,8 @@ def _save_pretrained(model: Qwen2, path: str, *, tokenizer, dtype, max_shard_byt
 
     def fetch(entry):
         array = _get(state, entry.path).get_value()
+        if entry.layer is not None:
+            array = array[entry.layer]  # on device: only this layer crosses to the host
         if not array.is_fully_addressable:
             from jax.experimental import multihost_utils
             array = multihost_utils.process_allgather(array, tiled=True)

@@ -1,14 +1,17 @@
 """Qwen2 decoder in Flax NNX, numerically equal to transformers' Qwen2ForCausalLM.
 
 Every parameter carries `logical_axes` metadata (see hbpo_jax/sharding.py for the rule table that
-maps them to mesh axes). Shapes use B = batch, T = query tokens, S = key slots (T without a cache,
-the cache length with one), E = hidden, H = heads, K = kv heads, G = H // K, D = head dim,
-M = MLP width, V = vocabulary.
+maps them to mesh axes). Shapes use L = decoder layers, B = batch, T = query tokens, S = key slots
+(T without a cache, the cache length with one), E = hidden, H = heads, K = kv heads, G = H // K,
+D = head dim, M = MLP width, V = vocabulary.
+
+The decoder layers are one DecoderLayer whose parameters are stacked on a leading [L] axis
+(logical axis "layers", never sharded), run by one jax.lax.scan: XLA compiles the layer once, not
+L times, so a 28-layer model compiles about as fast as a one-layer one.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,25 +39,26 @@ _ones = jax.nn.initializers.ones
 class KVCache:
     """Preallocated keys and values of every layer.
 
-    keys, values: one [B, S, K, D] array per layer, in the compute dtype.
+    keys, values: [L, B, S, K, D] each, in the compute dtype (keys[i]: layer i's [B, S, K, D]),
+      stacked so the layer scan carries them and writes each step's slots in place.
     valid: bool [B, S], True where a slot holds a real (non-padding) token.
     index: the next slot to write. An int32 scalar: all rows write the same slot, and left
       padding makes that work for prompts of different lengths (the static sampler). Or int32 [B]:
       each row writes its own slot (the refilling engine, whose rows start at different times).
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     valid: jax.Array
     index: jax.Array
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or cfg.compute_dtype
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         return cls(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
             valid=jnp.zeros((batch, max_len), bool),
             index=jnp.zeros((), jnp.int32),
         )
@@ -134,9 +138,11 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, mask, kv=None, index=None):
         """x: [B, T, E]; positions: int32 [B, T]; mask: bool [B, T, S].
 
-        kv: None (attend within x) or this layer's cached (keys, values) [B, S, K, D] each, into
-        which the new keys/values are written from slot `index` (int32 scalar, or [B] per row).
-        Returns ([B, T, E], updated (keys, values) or None).
+        kv: None (attend within x), or (keys, values, layer): the stacked cache [L, B, S, K, D]
+        each and this layer's int32 scalar index into it. The new keys/values are written into
+        layer `layer` from slot `index` (int32 scalar, or [B] per row), in place, and the queries
+        attend over that layer's slots.
+        Returns ([B, T, E], the updated (keys, values, layer) or None).
         """
         dt = x.dtype
         q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt)) + self.q_bias[...].astype(dt)
@@ -148,9 +154,10 @@ class Attention(nnx.Module):
             out, kv = kv.attend(q, k, v)
             return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt)), kv
         if kv is not None:
-            k, v = (_write_slots(c, x.astype(c.dtype), index) for c, x in zip(kv, (k, v)))
-            kv = (k, v)
-            k, v = k.astype(dt), v.astype(dt)
+            keys, values, layer = kv
+            keys, values = (_write_layer_slots(c, x.astype(c.dtype), layer, index) for c, x in ((keys, k), (values, v)))
+            kv = (keys, values, layer)
+            k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False).astype(dt) for c in (keys, values))
         out = attention(q, k, v, mask, self.cfg.attention_impl)
         return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt)), kv
 
@@ -162,6 +169,18 @@ def _write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Arra
     if jnp.ndim(index) == 0:
         return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
     return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(cache, new, index)
+
+
+def _write_layer_slots(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    """The stacked cache [L, B, S, ...] with new [B, T, ...] written into layer `layer` (int32
+    scalar) at slots [index, index + T) (int32 scalar, or [B] per row): a dynamic_update_slice
+    (a scatter per row) that touches only the T new slots, so inside the layer scan, whose carry
+    holds the cache, XLA updates the buffer in place."""
+    rest = (0,) * (cache.ndim - 3)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, index) + rest)
+    one_row = lambda c, x, i: jax.lax.dynamic_update_slice(c, x[None], (layer, i) + rest)  # noqa: E731  c: [L, S, ...]
+    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache, new, index)
 
 
 class MLP(nnx.Module):
@@ -192,21 +211,52 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_norm(x)), kv
 
 
-def _call_layer(layer, x, positions, mask, kv, index, remat: str = "none"):
-    """One decoder layer; with remat, its activations are recomputed in the backward pass.
+def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+    """L equal-shaped layers as one DecoderLayer whose parameters are [L, ...]: each parameter's
+    logical axes gain a leading "layers"."""
+    graphdef, first = nnx.split(layers[0])
+    states = [first] + [nnx.split(layer)[1] for layer in layers[1:]]
 
-    The layer is split into pure arrays for jax.checkpoint (not nnx.remat), so this composes with
-    any outer jax transform (jit, scan, grad, eval_shape) of a merged model."""
-    if remat == "none":
-        return layer(x, positions, mask, kv, index)
-    graphdef, state = nnx.split(layer)
-    policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    def stack(*variables):
+        first = variables[0]
+        return first.replace(jnp.stack([v.get_value() for v in variables]),
+                             logical_axes=("layers",) + tuple(first.get_metadata()["logical_axes"]))
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
-    @functools.partial(jax.checkpoint, policy=policy)
-    def run(state, x, positions, mask, kv, index):
-        return nnx.merge(graphdef, state)(x, positions, mask, kv, index)
 
-    return run(state, x, positions, mask, kv, index)
+_CHECKPOINT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def scan_layers(layers: DecoderLayer, x, positions, mask, kv=None, index=None, remat: str = "none"):
+    """Runs the stacked decoder layers (stack_layers) in order under one jax.lax.scan.
+
+    x: [B, T, E]; positions, mask: as DecoderLayer takes them; kv: None, or the stacked
+    (keys, values) [L, B, S, K, D] each, carried through the scan (so each layer's writes land in
+    place) with slot `index`, or a paged.PagedKVCache (carried likewise; mask and index unused). remat "full" / "dots": the scanned body is a jax.checkpoint (every
+    activation recomputed in the backward pass / matmul outputs saved), so only each layer's input
+    [B, T, E] is kept across layers. The layers are split into pure arrays (not nnx.scan), so this
+    composes with any outer jax transform (jit, grad, eval_shape) of a merged model.
+    Returns (x [B, T, E], the updated (keys, values), PagedKVCache or None).
+    """
+    graphdef, stacked = nnx.split(layers)
+
+    def body(carry, xs):
+        x, kv = carry
+        params, i = xs
+        layer = nnx.merge(graphdef, params)
+        if isinstance(kv, paged.PagedKVCache):  # the engine's pages: layer i writes and reads its own
+            x, written = layer(x, positions, None, kv.layer(i), None)
+            return (x, written.cache), None
+        x, kv = layer(x, positions, mask, None if kv is None else (*kv, i), index)
+        return (x, None if kv is None else kv[:2]), None
+
+    if remat != "none":
+        # prevent_cse=False: the scan's loop already keeps XLA from merging the recomputation
+        # into the forward pass (JAX's advice for checkpoint inside scan).
+        body = jax.checkpoint(body, policy=_CHECKPOINT_POLICIES[remat], prevent_cse=False)
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, jnp.arange(num_layers, dtype=jnp.int32)))
+    return x, kv
 
 
 # ----------------------------------------------------------------------------- the model
@@ -218,7 +268,8 @@ class Qwen2(nnx.Module):
         self.cfg = cfg
         self.embed = _param(rngs, _normal, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                             cfg.weight_dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        # Built one by one (the same random draws as a list of layers), then stacked [L, ...].
+        self.layers = stack_layers([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.weight_dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, _normal, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
@@ -269,23 +320,14 @@ class Qwen2(nnx.Module):
             mask = (key_slots[None, None, :] <= jnp.atleast_2d(slots)[:, :, None]) & key_valid[:, None, :]  # [B, T, S]
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            if is_paged:
-                x, kv = _call_layer(layer, x, positions, None, cache.layer(i), None, self.cfg.remat)
-                cache = kv.cache
-                continue
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = _call_layer(layer, x, positions, mask, kv, index, self.cfg.remat)
-            if kv is not None:
-                new_keys.append(kv[0])
-                new_values.append(kv[1])
-        x = self.final_norm(x)
-        new_cache = None
         if is_paged:
+            x, cache = scan_layers(self.layers, x, positions, None, cache, None, self.cfg.remat)
             new_cache = dataclasses.replace(cache, lengths=cache.lengths + t * cache.active)
-        elif cache is not None:
-            new_cache = KVCache(tuple(new_keys), tuple(new_values), key_valid, index + t)
+        else:
+            kv = None if cache is None else (cache.keys, cache.values)
+            x, kv = scan_layers(self.layers, x, positions, mask, kv, index, self.cfg.remat)
+            new_cache = None if cache is None else KVCache(kv[0], kv[1], key_valid, index + t)
+        x = self.final_norm(x)
         if return_hidden:
             return x, new_cache
         return self.logits(x), new_cache

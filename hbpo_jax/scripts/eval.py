@@ -9,9 +9,13 @@ every response): hbpo_jax.eval.run.
 --checkpoint: a Hugging Face folder, a params checkpoint (config.json + params/), a training
 checkpoint step folder (<workdir>/checkpoints/<step>) or a run's workdir (its newest step).
 Writes results.json, results.md, accuracy_vs_tokens.png and responses.jsonl to --out
-(default: <workdir or the checkpoint's parent>/eval). A configuration error or a missing file is
-printed as one sentence (exit status 2).
+(default: <workdir or the checkpoint's parent>/eval). Compiled programs are kept in JAX's
+persistent compilation cache, <workdir>/jax_cache with --workdir (shared with the training run),
+else ~/.cache/hbpo-jax/jax_cache (--compilation_cache; JAX_COMPILATION_CACHE_DIR wins). A
+configuration error or a missing file is printed as one sentence (exit status 2).
 """
+import os
+
 from hbpo_jax import cli
 from hbpo_jax.eval import run as eval_run
 
@@ -21,11 +25,22 @@ cli.flags.DEFINE_string("checkpoint", None, "HF folder, params checkpoint, train
 cli.flags.DEFINE_string("workdir", None, "The run's workdir (tokenizer, warm-start config), when not "
                         "found next to --checkpoint.")
 cli.flags.DEFINE_string("out", None, "Output folder (default: <workdir or checkpoint parent>/eval).")
+cli.define_compilation_cache(f"<workdir>/{cli.CACHE_FOLDER} with --workdir, else ~/.cache/hbpo-jax/{cli.CACHE_FOLDER}")
+
+
+def default_cache(workdir: str | None) -> str:
+    """The compilation cache eval uses by default: the run's (<workdir>/jax_cache), else the
+    user's cache folder ($XDG_CACHE_HOME or ~/.cache, /hbpo-jax/jax_cache)."""
+    if workdir:
+        return os.path.join(workdir, cli.CACHE_FOLDER)
+    user = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(user, "hbpo-jax", cli.CACHE_FOLDER)
 
 
 def main(argv):
     del argv
     f = cli.flags.FLAGS
+    cli.use_compilation_cache(f.compilation_cache or default_cache(f.workdir))
     result = eval_run.run(f.config, f.checkpoint, f.out, workdir=f.workdir)
     print(result["table"])
     print(f"results: {result['out_dir']}")

@@ -4,8 +4,10 @@
     python launch/train.py --config=configs/qwen1_5b.py --workdir=/runs/hbpo \
         --config.model_path=/models/DeepSeek-R1-Distill-Qwen-1.5B --config.data.path=/data/deepscaler.json
 
-Re-running the same command resumes from the newest checkpoint in --workdir. A configuration
-error is printed as one sentence (exit status 2) before anything loads.
+Re-running the same command resumes from the newest checkpoint in --workdir, and loads the
+compiled programs from JAX's persistent compilation cache in <workdir>/jax_cache (--compilation_cache;
+JAX_COMPILATION_CACHE_DIR wins) instead of compiling them again. A configuration error is printed
+as one sentence (exit status 2) before anything loads.
 """
 import os
 
@@ -13,12 +15,14 @@ from hbpo_jax import cli, loop
 
 cli.define_config("configs/tiny.py", "Training config file (get_config).")
 cli.flags.DEFINE_string("workdir", None, "Checkpoints, event files and results (default: runs/<config name>).")
+cli.define_compilation_cache(f"<workdir>/{cli.CACHE_FOLDER}")
 
 
 def main(argv):
     del argv
     config = cli.flags.FLAGS.config
     workdir = cli.flags.FLAGS.workdir or os.path.join("runs", config.name)
+    cli.use_compilation_cache(cli.flags.FLAGS.compilation_cache or os.path.join(workdir, cli.CACHE_FOLDER))
     summary = loop.run(config, workdir)
     if summary.get("table"):
         print(summary["table"])
