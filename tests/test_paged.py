@@ -35,7 +35,8 @@ def test_blocked_attention_equals_dense(t, block):
     want = paged.dense_attention_reference(q, kp, vp, table, kv_lens, q_pos)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
     # The stacked layout with a layer index reads the same pages.
-    stack = lambda x: jnp.stack([jnp.zeros_like(x), x], axis=1)  # noqa: E731  ([K, L, P, ps, D])
+    # (three layers, so that L differs from K = 2)
+    stack = lambda x: jnp.stack([jnp.zeros_like(x), x, jnp.zeros_like(x)], axis=1)  # noqa: E731  ([K, L, P, ps, D])
     got1 = paged.blocked_attention(q, stack(kp), stack(vp), table, kv_lens, q_pos, block, layer=jnp.int32(1))
     np.testing.assert_array_equal(np.asarray(got1), np.asarray(got))
 

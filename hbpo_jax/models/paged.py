@@ -258,7 +258,7 @@ def blocked_attention(q, k_pages, v_pages, table, kv_lens, q_pos, block_pages: i
     Returns [S, T, H, D] in q's dtype; scores, softmax and accumulation in float32.
     """
     s, t, h, d = q.shape
-    kh, _, ps, _ = k_pages.shape[-4:]
+    kh, ps = k_pages.shape[0], k_pages.shape[-2]
     g = h // kh
     width = block_pages * ps
     qg = q.reshape(s, t, kh, g, d).astype(jnp.float32) * (d ** -0.5)
