@@ -117,3 +117,23 @@ def test_a_row_larger_than_the_pool_is_one_clear_error(model, rows):  # noqa: F8
         engine.RefillEngine(model[0], CFG, sampler.SamplerSettings(max_new_tokens=N), slots=4, page_size=0)
     with pytest.raises(ValueError, match="attention must be one of"):
         engine.RefillEngine(model[0], CFG, sampler.SamplerSettings(max_new_tokens=N), slots=4, attention="flash")
+
+
+@pytest.mark.slow
+def test_kernel_compiles_for_a_tpu_topology(monkeypatch):
+    pytest.importorskip("libtpu")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: share libtpu's lock
+    import functools
+    import jax
+    from jax.experimental import topologies
+    device = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+    one = jax.sharding.SingleDeviceSharding(device)
+    s, h, k, d, pool, ps, width = 8, 4, 2, 128, 64, 16, 8
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one)  # noqa: E731
+    args = (spec((s, 1, h, d), jnp.bfloat16), spec((k, pool, ps, d), jnp.bfloat16),
+            spec((k, pool, ps, d), jnp.bfloat16), spec((s, width), jnp.int32), spec((s,), jnp.int32))
+    # At the default matmul precision, as a run has it (tests/conftest.py asks for "highest", in
+    # whose fp32 contract Mosaic rejects a bfloat16 operand).
+    with jax.default_matmul_precision("default"):
+        compiled = jax.jit(functools.partial(paged.kernel_attention, block_pages=4)).lower(*args).compile()
+    assert "tpu_custom_call" in compiled.as_text()
