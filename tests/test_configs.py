@@ -105,9 +105,10 @@ def test_qwen1_5b_train_step_and_sampler_lower_on_8_devices():
     step = planning.lower_train_step(config, mesh)
     text = step.as_text()
     assert "while" in text or "scan" in text  # micro-batches accumulate in a loop
-    # The parameters enter sharded: each 1536x8960 MLP kernel is split 2 x 4 ways.
-    kernel = re.search(r"tensor<1536x8960xf32> \{.{0,160}", text).group(0)
-    assert '[{"fsdp"}, {"tensor"}]' in kernel or "devices=[2,4" in kernel, kernel  # Shardy or GSPMD
+    # The parameters enter sharded: the stacked [28, 1536, 8960] MLP kernels are split 2 x 4 ways
+    # (the layer axis is not split).
+    kernel = re.search(r"tensor<28x1536x8960xf32> \{.{0,160}", text).group(0)
+    assert '[{}, {"fsdp"}, {"tensor"}]' in kernel or "devices=[1,2,4" in kernel, kernel  # Shardy or GSPMD
     prefill, decode = planning.lower_sampler(config, mesh, batch=16)
     assert "while" in decode.as_text()
 
