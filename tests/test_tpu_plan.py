@@ -137,6 +137,84 @@ def test_hlo_shapes_and_convolution_flops():
     assert hlo.dot_flops(module, module.by_name["c"]) == 2 * (4 * 2 * 2) * 64 * 16 * 16
 
 
+# A layer loop's body as the layer scan compiles for decode: a fusion reads one layer of stacked
+# weights [4, 128, 128] through a nested fusion's dynamic-slice, an in-place scatter writes one
+# token into a [4, 64, 128] pool, a paged-attention kernel is handed the whole pool, and a splash
+# kernel runs over a 2 x 2 block grid.
+KERNELS = """HloModule k
+
+%slice_layer (w: bf16[4,128,128], i: s32[]) -> bf16[128,128] {
+  %w = bf16[4,128,128]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = bf16[1,128,128]{2,1,0} dynamic-slice(%w, %i, %z, %z), dynamic_slice_sizes={1,128,128}
+  ROOT %b = bf16[128,128]{1,0} bitcast(%ds)
+}
+
+%matmul (x: bf16[8,128], w: bf16[4,128,128], i: s32[]) -> bf16[8,128] {
+  %x = bf16[8,128]{1,0} parameter(0)
+  %w = bf16[4,128,128]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %layer = bf16[128,128]{1,0} fusion(%w, %i), kind=kLoop, calls=%slice_layer
+  ROOT %y = bf16[8,128]{1,0} dot(%x, %layer), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%write (pool: bf16[4,64,128], idx: s32[1,2], upd: bf16[1,128]) -> bf16[4,64,128] {
+  %pool = bf16[4,64,128]{2,1,0} parameter(0)
+  %idx = s32[1,2]{1,0} parameter(1)
+  %upd = bf16[1,128]{1,0} parameter(2)
+  ROOT %sc = bf16[4,64,128]{2,1,0} scatter(%pool, %idx, %upd), update_window_dims={1}, inserted_window_dims={0,1}, scatter_dims_to_operand_dims={0,1}, index_vector_dim=1, to_apply=%add
+}
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %sum = bf16[] add(%a, %b)
+}
+
+ENTRY %main (x: bf16[8,128], w: bf16[4,128,128], pool: bf16[4,64,128], idx: s32[1,2], upd: bf16[1,128], i: s32[], lens: s32[2], table: s32[6], q: f32[2,4,1,128], kp: bf16[1,32,8,128], sq: bf16[1,2,256,64], sk: bf16[1,1,256,64], grid: s8[1,2,2]) -> bf16[8,128] {
+  %x = bf16[8,128]{1,0} parameter(0)
+  %w = bf16[4,128,128]{2,1,0} parameter(1)
+  %pool = bf16[4,64,128]{2,1,0} parameter(2)
+  %idx = s32[1,2]{1,0} parameter(3)
+  %upd = bf16[1,128]{1,0} parameter(4)
+  %i = s32[] parameter(5)
+  %lens = s32[2]{0} parameter(6)
+  %table = s32[6]{0} parameter(7)
+  %q = f32[2,4,1,128]{3,2,1,0} parameter(8)
+  %kp = bf16[1,32,8,128]{3,2,1,0} parameter(9)
+  %sq = bf16[1,2,256,64]{3,2,1,0} parameter(10)
+  %sk = bf16[1,1,256,64]{3,2,1,0} parameter(11)
+  %grid = s8[1,2,2]{2,1,0} parameter(12)
+  %y = bf16[8,128]{1,0} fusion(%x, %w, %i), kind=kOutput, calls=%matmul
+  %new = bf16[4,64,128]{2,1,0} fusion(%pool, %idx, %upd), kind=kLoop, calls=%write
+  %pa = f32[2,4,1,128]{3,2,1,0} custom-call(%lens, %table, %q, %kp, %kp), custom_call_target="tpu_custom_call"
+  %sa = bf16[1,2,256,64]{3,2,1,0} custom-call(%grid, %sq, %sk, %sk), custom_call_target="tpu_custom_call"
+  ROOT %out = bf16[8,128]{1,0} copy(%y)
+}
+""".replace("%pa = ", "%paged_attention.1 = ").replace("%sa = ", "%splash_mha_fwd_no_residuals.1 = ")
+
+
+def test_walk_counts_what_is_read_and_what_kernels_do():
+    module = hlo.Module(KERNELS)
+    y, new = module.by_name["y"], module.by_name["new"]
+    # One layer's weights (not the stack), x and the layer index, the output.
+    assert hlo._fusion_bytes(module, y) == 128 * 128 * 2 + 8 * 128 * 2 + 4 + 8 * 128 * 2
+    # The scatter writes its update in place: the update read and written, the indices read.
+    assert hlo._fusion_bytes(module, new) == 2 * 128 * 2 + 2 * 4
+    flops, nbytes = hlo.kernel_cost(module, module.by_name["paged_attention.1"])
+    # The table's 6 pages x 8 tokens x 1 kv head x 128 x bfloat16, keys and values; not the pool.
+    assert nbytes == 2 * 4 * 128 * 4 + 2 * 4 + 6 * 4 + 2 * 4 * 128 * 4 + 2 * 6 * 8 * 128 * 2
+    assert flops == 2 * 2 * 4 * 6 * 8 * 128  # 4 heads, 48 tokens over both slots
+    flops, _ = hlo.kernel_cost(module, module.by_name["splash_mha_fwd_no_residuals.1"])
+    assert flops == 2 * 2 * (2 * 256) * 256 * 64 * 0.75  # 3 of the 2 x 2 causal blocks
+    cost = hlo.loop_cost(module)
+    assert cost.kernels[0][0] == pytest.approx(2 * 2 * 4 * 48 * 128 + 2 * 2 * 512 * 256 * 64 * 0.75)
+    # XLA counts no kernel: its figures scale what it sees, the kernels are added as counted.
+    (once_flops, _), _ = cost.scale((4 * (cost.once[0] - cost.kernels[0][0]), 1.0))
+    assert once_flops == pytest.approx(4 * (cost.once[0] - cost.kernels[0][0]) + cost.kernels[0][0])
+
+
 def test_projection_arithmetic():
     chip = tpu_plan.Chip("x", peak_flops=100e12, hbm_bandwidth=1e12, hbm_bytes=16 * 2**30, source="")
 
@@ -219,6 +297,8 @@ def test_small_model_compiles_for_a_tpu_topology(monkeypatch, engine):
     lines = tpu_plan.program_table(programs, chip) + tpu_plan.collective_lines(programs["decode"].text)
     name = "engine decode loop" if engine == "refill" else "sampler decode loop"
     assert len(lines) > 6 and f"| {name}: one decode step |" in "\n".join(lines)
+    text = tpu_plan.format_report(config, "v5e:2x2", mesh, programs)
+    assert "One decode step moves" in text and "one HBPO step" in text
 
 
 @pytest.mark.slow

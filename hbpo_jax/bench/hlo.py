@@ -279,34 +279,107 @@ def _valid_pairs(size: int, window: int, out: int, stride: int, pad_low: int, lh
     return total
 
 
-def _fusion_bytes(module: Module, instr: Instr) -> float:
-    """Memory traffic of one fusion: operands (only the slices read, where a parameter is read
-    only through slices) plus the output (only the update of an in-place dynamic-update-slice)."""
-    comp = module.comps.get(instr.attr("calls"), [])
-    params = {i.number: i for i in comp if i.opcode == "parameter"}
+_IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}  # in-place update ops: their update operand
+
+
+def _users(comp: list) -> dict[str, list[Instr]]:
     users: dict[str, list[Instr]] = {}
     for i in comp:
         for o in i.operands:
             users.setdefault(o, []).append(i)
+    return users
+
+
+def _value_reads(module: Module, comp: list, users: dict, name: str) -> float | None:
+    """Bytes a fused computation reads of its value `name` when that is less than all of it:
+    the slices taken where every use is a (dynamic-)slice, looking through bitcasts and into
+    nested fusions; nothing for the operand that an in-place update writes into. None: all of it."""
+    if any(i.root and i.name == name for i in comp):  # passed on whole to the fusion's user
+        return None
+    total = 0.0
+    for u in users.get(name, []):
+        if u.opcode == "bitcast":
+            part = _value_reads(module, comp, users, u.name)
+        elif u.opcode in _SLICES and u.operands[0] == name:
+            part = shape_bytes(u.shape)
+        elif u.opcode in _IN_PLACE and u.operands[0] == name and name not in u.operands[1:]:
+            part = 0.0
+        elif u.opcode == "fusion":
+            inner = module.comps.get(u.attr("calls"), [])
+            params = {i.number: i.name for i in inner if i.opcode == "parameter"}
+            inner_users = _users(inner)
+            parts = [_value_reads(module, inner, inner_users, params[k]) if k in params else None
+                     for k, o in enumerate(u.operands) if o == name]
+            part = None if None in parts else sum(parts)
+        else:
+            part = None
+        if part is None:
+            return None
+        total += part
+    return total
+
+
+def _fusion_bytes(module: Module, instr: Instr) -> float:
+    """Memory traffic of one fusion: operands (only the slices read, where a parameter is read
+    only through slices, nested fusions included) plus the output (only the update of an in-place
+    dynamic-update-slice or scatter)."""
+    comp = module.comps.get(instr.attr("calls"), [])
+    params = {i.number: i for i in comp if i.opcode == "parameter"}
+    users = _users(comp)
     root = next((i for i in comp if i.root), None)
     outs = [module.by_name.get(o) for o in root.operands] if root is not None and root.opcode == "tuple" else [root]
-    in_place = {o.operands[0] for o in outs if o is not None and o.opcode == "dynamic-update-slice"}
     total = 0.0
     for o in outs:
         if o is None:
             continue
-        total += shape_bytes(module.by_name[o.operands[1]].shape) if o.opcode == "dynamic-update-slice" \
-            else shape_bytes(o.shape)
+        written = _IN_PLACE.get(o.opcode)
+        total += shape_bytes(module.by_name[o.operands[written]].shape) if written else shape_bytes(o.shape)
     for idx, name in enumerate(instr.operands):
         p = params.get(idx)
-        uses = users.get(p.name, []) if p is not None else []
-        if p is not None and p.name in in_place:
-            continue
-        if uses and all(u.opcode in _SLICES and u.operands[0] == p.name for u in uses):
-            total += sum(shape_bytes(u.shape) for u in uses)
-        else:
-            total += shape_bytes(module.by_name[name].shape) if name in module.by_name else 0.0
+        part = _value_reads(module, comp, users, p.name) if p is not None and users.get(p.name) else None
+        total += part if part is not None else shape_bytes(module.by_name[name].shape) if name in module.by_name else 0.0
     return total
+
+
+def is_kernel(instr: Instr) -> bool:
+    """A Pallas TPU kernel: a custom call XLA cannot see into (its cost_analysis counts nothing)."""
+    return instr.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in instr.attrs
+
+
+# Matmuls per (query, key) pair of splash attention's kernels: forward s = qk, o = pv; dkv
+# recomputes s and forms dp, dv, dk (+ dq when fused, its outputs then (dq, dk, dv)); dq: s, dp, dq.
+_SPLASH_MATMULS = {"fwd": 2, "dkv": 4, "dq": 3}
+
+
+def kernel_cost(module: Module, instr: Instr) -> tuple[float, float]:
+    """(flops, bytes) of a Pallas kernel (is_kernel), by what the kernel is.
+
+    jax's paged attention (operands: lengths [S], page table [S x W], ..., q [S, H, 1, D],
+    k_pages, v_pages [K, P, page, D]): the pool is an operand whole (every layer's pages), but the
+    kernel reads only the pages its table lists up to each slot's length; counted at the most it
+    can read (every slot's table full, as at the length cap): table entries x a page of every kv
+    head, keys and values. Splash attention (q [B, H, T, D], k [B, K, S, D], and an [1, nq, nk]
+    block grid): operands and outputs, and the matmuls of the causal blocks it computes, those on
+    and below the diagonal (hbpo_jax.models.splash builds only causal masks). Any other kernel:
+    operands and outputs, no flops."""
+    shapes = [module.by_name[o].shape for o in instr.operands if o in module.by_name]
+    out = shape_bytes(instr.shape)
+    if instr.name.startswith("paged_attention"):
+        (_, table), (_, q), (_, pool) = (array_shapes(shapes[i])[0] for i in (1, -3, -1))
+        page = shape_bytes(shapes[-1], tiled=False) / pool[1]  # one page index, every kv head
+        tokens = math.prod(table) * pool[2]  # every slot's table full
+        flops = 2 * 2 * q[0] * q[1] * (tokens / q[0]) * q[-1]  # per slot: its own tokens
+        return flops, out + sum(map(shape_bytes, shapes[:-2])) + 2 * math.prod(table) * page
+    nbytes = out + sum(map(shape_bytes, shapes))
+    phase = re.match(r"splash_\w+?_(fwd|dkv|dq)", instr.name)
+    if not phase:
+        return 0.0, nbytes
+    arrays = [dims for _, dims in (array_shapes(sh)[0] for sh in shapes if array_shapes(sh))]
+    q, k = [d for d in arrays if len(d) == 4][:2]
+    grid = next((d for d in arrays if len(d) == 3 and d[0] == 1 and d[1] == d[2]), None)
+    causal = (grid[1] + 1) / (2 * grid[1]) if grid else 0.5
+    matmuls = _SPLASH_MATMULS[phase.group(1)] + (phase.group(1) == "dkv" and len(array_shapes(instr.shape)) >= 3)
+    return 2.0 * matmuls * math.prod(q[:3]) * k[2] * q[3] * causal, nbytes
 
 
 def _comp_flops(module: Module, comp: str, memo: dict) -> float:
@@ -323,8 +396,9 @@ def _traffic(module: Module, instr: Instr) -> float:
     dynamic-update-slice (its update, read and written) and an async '-start' (the buffer it
     fills, read and written: its result tuple repeats the operands); '-done' moves nothing."""
     operands = sum(shape_bytes(module.by_name[o].shape) for o in instr.operands if o in module.by_name)
-    if instr.opcode == "dynamic-update-slice" and len(instr.operands) > 1:
-        return 2 * shape_bytes(module.by_name[instr.operands[1]].shape)
+    written = _IN_PLACE.get(instr.opcode)
+    if written and len(instr.operands) > written:
+        return 2 * shape_bytes(module.by_name[instr.operands[written]].shape)
     if instr.opcode.endswith("-start"):
         return 2 * max(shape_bytes(instr.shape) - operands, 0.0)
     if instr.opcode.endswith("-done"):
@@ -333,10 +407,11 @@ def _traffic(module: Module, instr: Instr) -> float:
 
 
 def walk_cost(module: Module, comp: str | None = None, *, trips: bool = True,
-              skip_data_loops: bool = False) -> tuple[float, float]:
+              skip_data_loops: bool = False, kernels_only: bool = False) -> tuple[float, float]:
     """(flops, bytes) of a computation (default: the entry), each loop body counted times its
     trip count (trips=True; a data-dependent exit counts once) or once (trips=False: how XLA's
-    cost_analysis counts). skip_data_loops: leave out the data-dependent loops of `comp` itself."""
+    cost_analysis counts). skip_data_loops: leave out the data-dependent loops of `comp` itself;
+    kernels_only: count only the Pallas kernels (kernel_cost)."""
     flops, traffic, memo = 0.0, 0.0, {}
     for i in module.comps.get(comp or module.entry, []):
         if i.opcode == "while":
@@ -344,12 +419,17 @@ def walk_cost(module: Module, comp: str | None = None, *, trips: bool = True,
             if known is None and skip_data_loops:
                 continue
             n = (known or 1) if trips else 1
-            f, b = walk_cost(module, i.attr("body"), trips=trips)
+            f, b = walk_cost(module, i.attr("body"), trips=trips, kernels_only=kernels_only)
             flops, traffic = flops + n * f, traffic + n * b
+        elif is_kernel(i):
+            f, b = kernel_cost(module, i)
+            flops, traffic = flops + f, traffic + b
         elif i.opcode in ("call", "conditional", "async-start") or (i.opcode == "custom-call" and i.called):
             for c in i.called:
-                f, b = walk_cost(module, c, trips=trips)
+                f, b = walk_cost(module, c, trips=trips, kernels_only=kernels_only)
                 flops, traffic = flops + f, traffic + b
+        elif kernels_only:
+            continue
         elif i.opcode == "fusion":
             flops += _comp_flops(module, i.attr("calls"), memo)
             traffic += _fusion_bytes(module, i)
@@ -364,26 +444,36 @@ class LoopCost:
     """A program's (flops, bytes) split by its loops, in the walk's units: `once`: everything a
     call runs once, loops of known trip count times that count; `per_iteration`: one iteration
     of the entry's data-dependent loops (the decode loop); `as_xla`: each loop body once, as
-    cost_analysis counts. `scaled(xla)` converts a part into XLA's units."""
+    cost_analysis counts. `kernels` holds the Pallas kernels' share of each (same order), which
+    XLA's count leaves out. `scale(xla)` converts the parts into XLA's units."""
 
     once: tuple[float, float]
     per_iteration: tuple[float, float]
     as_xla: tuple[float, float]
+    kernels: tuple[tuple[float, float], ...] = ((0.0, 0.0),) * 3
 
     def scale(self, xla: tuple[float, float]) -> tuple[tuple[float, float], tuple[float, float]]:
-        """(once, per_iteration) in XLA's units: XLA's (flops, bytes) x part / as_xla, each;
-        where the walk finds nothing to compare (no dot: flops 0), all of XLA's figure is `once`."""
-        ratio = [x / a if a > 0 else None for x, a in zip(xla, self.as_xla)]
-        once = tuple(o * r if r is not None else x for o, r, x in zip(self.once, ratio, xla))
-        return once, tuple(i * r if r is not None else 0.0 for i, r in zip(self.per_iteration, ratio))
+        """(once, per_iteration) in XLA's units: what XLA sees (the walk's part without kernels)
+        times XLA's (flops, bytes) / the walk's as_xla without kernels, plus the kernels as the
+        walk counts them. Where the walk finds nothing to compare (no dot: flops 0), all of XLA's
+        figure is `once`."""
+        (k_once, k_iter, k_xla) = self.kernels
+        ratio = [x / (a - k) if a - k > 0 else None for x, a, k in zip(xla, self.as_xla, k_xla)]
+        once = tuple((o - k) * r + k if r is not None else x + k
+                     for o, k, r, x in zip(self.once, k_once, ratio, xla))
+        return once, tuple((i - k) * r + k if r is not None else k
+                           for i, k, r in zip(self.per_iteration, k_iter, ratio))
 
 
 def loop_cost(module: Module) -> LoopCost:
     """The LoopCost of a parsed module (hlo.Module)."""
-    per_iteration = [walk_cost(module, loop.attr("body")) for loop, n in module.loops() if n is None]
-    return LoopCost(walk_cost(module, skip_data_loops=True),
-                    tuple(map(sum, zip(*per_iteration))) if per_iteration else (0.0, 0.0),
-                    walk_cost(module, trips=False))
+    def parts(kernels_only: bool):
+        per_iteration = [walk_cost(module, loop.attr("body"), kernels_only=kernels_only)
+                         for loop, n in module.loops() if n is None]
+        return (walk_cost(module, skip_data_loops=True, kernels_only=kernels_only),
+                tuple(map(sum, zip(*per_iteration))) if per_iteration else (0.0, 0.0),
+                walk_cost(module, trips=False, kernels_only=kernels_only))
+    return LoopCost(*parts(False), kernels=parts(True))
 
 
 # ----------------------------------------------------------------------------- collectives

@@ -345,9 +345,15 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan])
         "accessed are XLA's cost_analysis, which counts a while-loop body once whatever its trip count; here each "
         f"loop body is scaled by its trip count read from the HLO ({factors}). The decode loop exits on data: "
         "XLA's count holds one iteration of it, split here (by an HLO walk) into one decode step and the part "
-        "outside the loop; the projection multiplies the step by the number of steps.", ""]
-    if "decode" in programs:
-        lines += [*collective_lines(programs["decode"].text), ""]
+        "outside the loop; the projection multiplies the step by the number of steps. XLA counts nothing for a "
+        "Pallas kernel (splash attention, paged attention): their flops and bytes are the walk's "
+        "(hlo.kernel_cost: splash's causal blocks; paged attention's reads with every slot at the cap).", ""]
+    if "decode" in programs and not programs["decode"].error:
+        d = programs["decode"]
+        lines += [f"One decode step moves {d.step_bytes / 1e9:.2f} GB per chip; the decode program's arguments "
+                  f"(the weights as laid out for decode, the KV cache full at the cap, the slots' state) are "
+                  f"{d.args / 1e9:.2f} GB: the step reads {d.step_bytes / d.args:.0%} of them.",
+                  *collective_lines(d.text), ""]
     lines += largest_collectives(programs)
     if set(programs) >= {"train", "logprobs", "prefill", "decode"}:
         lines += ["", *projection_lines(programs, step_counts(run), chip)]
