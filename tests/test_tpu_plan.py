@@ -260,13 +260,7 @@ def test_step_counts_of_the_paper_config():
 SMALL = dict(num_layers=2, hidden_size=64, intermediate_size=128, head_dim=16, num_heads=4, num_kv_heads=2)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["static", "refill"])
-def test_small_model_compiles_for_a_tpu_topology(monkeypatch, engine):
-    pytest.importorskip("libtpu")
-    # Only compiling: another process holding libtpu's lock file (a parallel test worker, a
-    # launch/memory.py run) must not stop this one.
-    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+def _small_config(engine: str = "refill"):
     config = tiny.get_config()
     config.model.update(SMALL)
     r = config.rollout
@@ -276,11 +270,20 @@ def test_small_model_compiles_for_a_tpu_topology(monkeypatch, engine):
     config.objective.l_max = 48
     t = config.train
     t.prompts_per_step, t.mini_batches, t.micro_batch_size = 4, 2, 4
+    return config
+
+
+@pytest.mark.slow
+def test_small_model_compiles_for_a_tpu_topology(monkeypatch):
+    pytest.importorskip("libtpu")
+    # Only compiling: another process holding libtpu's lock file (a parallel test worker, a
+    # launch/memory.py run) must not stop this one.
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    config = _small_config("refill")
     mesh = plan.topology_mesh(config.mesh, "v5e:2x2")
     assert mesh.devices.size == 4 and mesh.devices.flat[0].platform == "tpu"
     programs = tpu_plan.compile_programs(config, mesh)
-    sampling = ["prefill", "admit", "decode"] if engine == "refill" else ["prefill", "decode"]
-    assert list(programs) == ["train", "logprobs", *sampling]
+    assert list(programs) == ["train", "logprobs", "prefill", "admit", "decode"]
     chip = tpu_plan.chip_for("v5e:2x2")
     for p in programs.values():
         assert p.args > 0 and p.outs > 0 and p.peak > 0, p
@@ -291,27 +294,27 @@ def test_small_model_compiles_for_a_tpu_topology(monkeypatch, engine):
     decode = programs["decode"]
     assert decode.step_flops > 0 and decode.step_bytes > 0 and decode.roofline_s(chip, step=True) > 0
     assert hlo.loop_collectives(decode.text)  # the decode loop, found in the HLO
-    counts = tpu_plan.step_counts(spec.resolve(config, num_devices=4))
-    assert counts.logprob_calls == (4 if engine == "static" else 0)
-    assert tpu_plan.project(programs, counts, chip)["run_hours"] > 0
-    lines = tpu_plan.program_table(programs, chip) + tpu_plan.collective_lines(programs["decode"].text)
-    name = "engine decode loop" if engine == "refill" else "sampler decode loop"
-    assert len(lines) > 6 and f"| {name}: one decode step |" in "\n".join(lines)
+    assert tpu_plan.step_counts(spec.resolve(config, num_devices=4)).logprob_calls == 0
+    assert tpu_plan.project(programs, tpu_plan.step_counts(spec.resolve(config, num_devices=4)), chip)["run_hours"] > 0
+    lines = tpu_plan.program_table(programs, chip) + tpu_plan.collective_lines(decode.text)
+    assert len(lines) > 6 and "| engine decode loop: one decode step |" in "\n".join(lines)
     text = tpu_plan.format_report(config, "v5e:2x2", mesh, programs)
     assert "One decode step moves" in text and "one HBPO step" in text
+    # The static sampler's programs (the update and the log-prob pass are the same as above).
+    static = _small_config("static")
+    sampling = tpu_plan.compile_programs(static, mesh, only=("sampler",))
+    assert list(sampling) == ["prefill", "decode"] and sampling["decode"].step_bytes > 0
+    assert "| sampler decode loop: one decode step |" in "\n".join(tpu_plan.program_table(sampling, chip))
+    assert tpu_plan.step_counts(spec.resolve(static, num_devices=4)).logprob_calls == 4
 
 
 @pytest.mark.slow
 def test_pod_mesh_over_two_slices_compiles_the_update():
     # The :pod layout on a multislice topology: FSDP inside each slice, data across the two.
     pytest.importorskip("libtpu")
-    config = tiny.get_config()
-    config.model.update(SMALL)
-    r = config.rollout
-    r.budgets, r.rollouts_per_prompt, r.max_prompt_len, r.max_response_len = (16, 32), 4, 16, 48
-    config.objective.l_max = 48
-    t = config.train
-    t.prompts_per_step, t.mini_batches, t.micro_batch_size = 4, 2, 8
+    config = _small_config()
+    config.rollout.prefix_loss = False
+    config.train.micro_batch_size = 8
     mesh = plan.topology_mesh(config.mesh, "v5e:2x2", slices=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     programs = tpu_plan.compile_programs(config, mesh, only=("train",))

@@ -14,6 +14,7 @@ import dataclasses
 import time
 from importlib import metadata
 
+import jax
 from absl import logging
 
 from hbpo_jax import config as config_lib
@@ -118,7 +119,11 @@ def analyse(name: str, shape: str, lower) -> ProgramPlan:
     t0 = time.perf_counter()
     lowered = lower()
     t1, cpu = time.perf_counter(), time.process_time()
+    cache = jax.config.jax_enable_compilation_cache
     try:
+        # A program for a topology this process has no client for can be neither loaded from nor
+        # usefully stored in a persistent compilation cache (jax warns on each read).
+        jax.config.update("jax_enable_compilation_cache", False)
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 (jax raises XlaRuntimeError / JaxRuntimeError)
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -127,6 +132,8 @@ def analyse(name: str, shape: str, lower) -> ProgramPlan:
         logging.warning("%s: %s", name, error)
         return ProgramPlan(name, shape, 0, 0, 0, 0, 0.0, 0.0, t1 - t0, time.perf_counter() - t1,
                            compile_cpu_s=time.process_time() - cpu, error=error)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
     t2, cpu = time.perf_counter(), time.process_time() - cpu
     logging.info("%s: lowered in %.1f s, compiled in %.1f s (%.1f s CPU)", name, t1 - t0, t2 - t1, cpu)
     m, cost = compiled.memory_analysis(), _cost(compiled)
