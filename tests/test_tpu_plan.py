@@ -239,6 +239,11 @@ def test_projection_arithmetic():
                                                error="RESOURCE_EXHAUSTED: Ran out of memory on HBM")
     assert "did not compile: RESOURCE_EXHAUSTED" in tpu_plan.program_table(programs, chip)[4]
     assert tpu_plan.projection_lines(programs, counts, chip)[0].startswith("No projection: sampler prefill")
+    programs["prefill"] = program(10e12, 1e9)
+    halved = tpu_plan.StepCounts(4, 0, 4, 2000, 10, 2, 3600)
+    lines = tpu_plan.projection_lines(programs, counts, chip, (500, halved))
+    assert lines[-1].startswith("  with every row ending at its budget (mean 500 tokens")
+    assert lines[-1].endswith(f"3600 steps: {tpu_plan.project(programs, halved, chip)['run_hours']:.2f} h")
 
 
 def test_step_counts_of_the_paper_config():
@@ -248,6 +253,8 @@ def test_step_counts_of_the_paper_config():
     # into 256 slots, 1,024 x 4,095 decode slot-steps at the cap; the engine scores the pre-filled
     # prefix, so no old-log-prob pass; 4 mini-batch updates; 629 steps.
     assert tpu_plan.step_counts(run) == tpu_plan.StepCounts(1, 64, 65, 16380, 0, 4, 629)
+    # Rows that end at their budgets' mean (1,536 tokens) take 1,024 x 1,535 / 256 steps.
+    assert tpu_plan.step_counts(run, 1536).decode_steps == 6140
     # The static sampler: 4 calls of 256 rows, and one old-log-prob pass (the prefix takes the loss)
     # of 16-row micro-batches.
     config.rollout.engine = "static"

@@ -161,10 +161,13 @@ class StepCounts:
     steps: int
 
 
-def step_counts(run: spec.RunSpec) -> StepCounts:
+def step_counts(run: spec.RunSpec, response_len: int | None = None) -> StepCounts:
+    """The StepCounts of `run`, every row at the cap, or (refill engine) `response_len` tokens
+    per row: the engine's decode steps follow the rows' lengths, the static sampler's a call's
+    longest row (the cap)."""
     s, t = run.sampling, run.train
     rows = t.prompts_per_step * s.group
-    per_row = max(s.max_response_len - 1, 0)
+    per_row = max((response_len if response_len and s.engine == "refill" else s.max_response_len) - 1, 0)
     logprobs, updates = plan.logprob_passes(run) * -(-rows // t.micro_batch_size), t.mini_batches * t.ppo_epochs
     if s.engine == "refill":
         slots = min(s.max_batch or rows, rows)
@@ -299,11 +302,22 @@ def largest_collectives(programs: dict[str, ProgramPlan], top: int = 3) -> list[
     return lines
 
 
-def projection_lines(programs: dict[str, ProgramPlan], counts: StepCounts, chip: Chip) -> list[str]:
+def projection_lines(programs: dict[str, ProgramPlan], counts: StepCounts, chip: Chip,
+                     at_budgets: tuple[int, StepCounts] | None = None) -> list[str]:
+    """The projection's text; at_budgets: (mean response tokens, their StepCounts) for a second
+    line with every row ending at its budget."""
     failed = [p.name for p in programs.values() if p.error]
     if failed:
         return [f"No projection: {', '.join(failed)} did not fit this slice at the config's shapes."]
     p = project(programs, counts, chip)
+    budget_line = []
+    if at_budgets:
+        tokens, counts_b = at_budgets
+        b = project(programs, counts_b, chip)
+        budget_line = [f"  with every row ending at its budget (mean {tokens:,} tokens; the engine's decode steps "
+                       f"follow the rows, each step still reads the KV at the cap): {counts_b.decode_steps:,} decode "
+                       f"steps, sampler {b['sampler']:.1f} s; one HBPO step: {b['step']:.1f} s; "
+                       f"{counts_b.steps} steps: {b['run_hours']:.2f} h"]
     ms = {k: v.roofline_s(chip) * 1e3 for k, v in programs.items()}
     step_ms = programs["decode"].roofline_s(chip, step=True) * 1e3
     return [
@@ -317,6 +331,7 @@ def projection_lines(programs: dict[str, ProgramPlan], counts: StepCounts, chip:
         f"  log-probs: {counts.logprob_calls} micro-batch calls x {ms['logprobs']:.1f} ms = {p['logprobs']:.1f} s",
         f"  updates:   {counts.updates} x {ms['train']:.1f} ms = {p['updates']:.1f} s",
         f"  one HBPO step: {p['step']:.1f} s; {counts.steps} steps (train.steps): {p['run_hours']:.2f} h",
+        *budget_line,
     ]
 
 
@@ -363,5 +378,8 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan])
                   *collective_lines(d.text), ""]
     lines += largest_collectives(programs)
     if set(programs) >= {"train", "logprobs", "prefill", "decode"}:
-        lines += ["", *projection_lines(programs, step_counts(run), chip)]
+        s = run.sampling
+        mean = round(sum(s.budgets) / len(s.budgets)) if s.mode == "budget" and s.engine == "refill" else 0
+        lines += ["", *projection_lines(programs, step_counts(run), chip,
+                                        (mean, step_counts(run, mean)) if mean else None)]
     return "\n".join(lines)
