@@ -208,6 +208,9 @@ def test_walk_counts_what_is_read_and_what_kernels_do():
     assert flops == 2 * 2 * 4 * 6 * 8 * 128  # 4 heads, 48 tokens over both slots
     flops, _ = hlo.kernel_cost(module, module.by_name["splash_mha_fwd_no_residuals.1"])
     assert flops == 2 * 2 * (2 * 256) * 256 * 64 * 0.75  # 3 of the 2 x 2 causal blocks
+    # One sequence per chip: the kernel's batch dimension is gone; the same count.
+    one = hlo.Module(KERNELS.replace("bf16[1,2,256,64]", "bf16[2,256,64]").replace("bf16[1,1,256,64]", "bf16[1,256,64]"))
+    assert hlo.kernel_cost(one, one.by_name["splash_mha_fwd_no_residuals.1"])[0] == flops
     cost = hlo.loop_cost(module)
     assert cost.kernels[0][0] == pytest.approx(2 * 2 * 4 * 48 * 128 + 2 * 2 * 512 * 256 * 64 * 0.75)
     # XLA counts no kernel: its figures scale what it sees, the kernels are added as counted.

@@ -374,12 +374,15 @@ def kernel_cost(module: Module, instr: Instr) -> tuple[float, float]:
     phase = re.match(r"splash_\w+?_(fwd|dkv|dq)", instr.name)
     if not phase:
         return 0.0, nbytes
-    arrays = [dims for _, dims in (array_shapes(sh)[0] for sh in shapes if array_shapes(sh))]
-    q, k = [d for d in arrays if len(d) == 4][:2]
-    grid = next((d for d in arrays if len(d) == 3 and d[0] == 1 and d[1] == d[2]), None)
-    causal = (grid[1] + 1) / (2 * grid[1]) if grid else 0.5
+    arrays = [a for sh in shapes for a in array_shapes(sh)[:1]]
+    floats = [dims for dtype, dims in arrays if dtype in ("bf16", "f16", "f32") and len(dims) >= 3]
+    grid = next((dims[-1] for dtype, dims in arrays if dtype == "s8" and len(dims) >= 2 and dims[-1] == dims[-2]), 0)
+    if len(floats) < 2:  # not the layout this count knows: its bytes only
+        return 0.0, nbytes
+    q, k = floats[:2]  # q [(B,) H, T, D], k [(B,) K, S, D]: the batch is vmapped, absent when 1
+    causal = (grid + 1) / (2 * grid) if grid else 0.5
     matmuls = _SPLASH_MATMULS[phase.group(1)] + (phase.group(1) == "dkv" and len(array_shapes(instr.shape)) >= 3)
-    return 2.0 * matmuls * math.prod(q[:3]) * k[2] * q[3] * causal, nbytes
+    return 2.0 * matmuls * math.prod(q[:-1]) * k[-2] * q[-1] * causal, nbytes
 
 
 def _comp_flops(module: Module, comp: str, memo: dict) -> float:
