@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hbpo_jax import pages
 from hbpo_jax import sharding as shd
 from hbpo_jax.models import paged
 from hbpo_jax.models.qwen2 import KVCache
@@ -227,7 +228,7 @@ class RefillEngine:
         stats = EngineStats(slots=self.slots, rows=rows, prompt_prefills=len(prompts))
 
         num_pages = self.pool_pages(p_width, f_width)
-        pool = paged.PagePool(num_pages, self._shards)
+        pool = pages.PagePool(num_pages, self._shards)
         # A row's pages hold its whole limit: the prompt but its last token, then the start
         # sequence, then limit - 1 fed-back tokens (the last token is never written).
         need_pages = [paged.pages_for(max(len(prompts[row_prompt[r]]) + len(prefixes[r]) + int(limits[r]) - 1, 1),
@@ -307,7 +308,7 @@ class RefillEngine:
     def _shard_of(self, slot: int) -> int:
         return slot // (self.slots // self._shards)
 
-    def _slot_with_pages(self, pool: paged.PagePool, free: list[int], need: int):
+    def _slot_with_pages(self, pool: pages.PagePool, free: list[int], need: int):
         """A free slot whose device has `need` free pages (the device with most free pages
         first), or None."""
         best = None
