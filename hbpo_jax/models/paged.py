@@ -66,6 +66,15 @@ class PagedPlacement:
     batch_axes: tuple[str, ...]
     kv_axes: tuple[str, ...]
 
+    @classmethod
+    def of_specs(cls, mesh: Mesh, batch: P, kv: P) -> "PagedPlacement":
+        """The placement whose slots (and pages) are split as the first dimension of `batch` and
+        whose kv heads as the first dimension of `kv` (PartitionSpecs)."""
+        def axes(spec):
+            a = spec[0] if len(spec) else None
+            return () if a is None else (a,) if isinstance(a, str) else tuple(a)
+        return cls(mesh, axes(batch), axes(kv))
+
     @property
     def shards(self) -> int:
         return int(np.prod([self.mesh.shape[a] for a in self.batch_axes], dtype=np.int64))
