@@ -98,9 +98,8 @@ class RefillEngine:
         if attention not in paged.IMPLS:
             raise ValueError(f"attention must be one of {paged.IMPLS}, got {attention!r}.")
         self.page_size, self.kv_tokens, self.grow, self.attention = int(page_size), int(kv_tokens), int(grow), attention
-        self.block_pages = int(block_pages)
         self.graphdef, self.cfg, self.settings = graphdef, cfg, settings
-        self.slots = int(slots)
+        self.slots, self.block_pages = int(slots), int(block_pages)
         self.admit_width = min(int(admit) or self.default_admit(self.slots), self.slots)
         # The static sampler of these settings lends its placement rules (cache and row shardings).
         self._layout = Sampler(graphdef, cfg, settings, mesh=mesh, rules=rules)
@@ -153,8 +152,6 @@ class RefillEngine:
         if order is None:
             order = np.lexsort((np.arange(rows), -limits))
         queue = collections.deque(int(r) for r in order if limits[r] > 0)
-        stats = EngineStats(slots=self.slots, rows=rows, prompt_prefills=len(prompts))
-
         num_pages = self.pool_pages(p_width, f_width)
         per_shard = num_pages // self._shards
         # A row fills its prompt but the last token, then the start sequence (that token and the
@@ -168,8 +165,9 @@ class RefillEngine:
         room = pages.room(self.grow, self.settings.max_new_tokens, ps, per_shard, self.slots // self._shards, most)
         first = need if room is None else [min(need[r], paged.pages_for(filled[r] + room, ps)) for r in range(rows)]
         per_token = pages.kv_bytes_per_token(self.cfg, self._layout.cache_dtype)
-        stats.pool_pages, stats.kv_bytes = num_pages, num_pages * ps * per_token
-        stats.dense_kv_bytes = self.slots * self.max_len(p_width, f_width) * per_token
+        stats = EngineStats(slots=self.slots, rows=rows, prompt_prefills=len(prompts), pool_pages=num_pages,
+                            kv_bytes=num_pages * ps * per_token,
+                            dense_kv_bytes=self.slots * self.max_len(p_width, f_width) * per_token)
 
         store = self._prefill(params, *map(self._host_value, right_padded(prompts, p_width, st.pad_id)))
         cache, state, out = self._empty(p_width, f_width, rows, num_pages)
@@ -229,8 +227,7 @@ class RefillEngine:
         return EngineOutput(tokens, logp, lengths.astype(np.int32), reason, prefix_logp), stats
 
     def _page_placement(self):
-        """PagedPlacement of the pool: pages over the mesh axes of the slots, kv heads over the
-        `kv_heads` rule (None without a mesh)."""
+        """The pool's PagedPlacement: pages split as the slots, kv heads by `kv_heads` (None: no mesh)."""
         lay = self._layout
         if lay.mesh is None:
             return None
