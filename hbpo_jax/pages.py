@@ -10,6 +10,8 @@ slot and a filled length per slot. This module is the host side of that pool:
              the grant policy (`grow`): running rows are topped up to `room` tokens ahead of their
              length, and a row that is out of pages preempts the latest-admitted row of its shard
   pool_pages, kv_bytes_per_token: the pool's size in pages and its bytes
+  room       the regime: whole limits at admission when the pool holds every slot's largest need
+             (the default pool always does), else pages on demand, `room` tokens ahead
 
 Pages on demand: a row is admitted with the pages for what it has filled (prompt + prefix) plus
 `room` tokens, not its whole limit; the engine's decode loop returns to the host before a running
