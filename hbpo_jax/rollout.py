@@ -396,7 +396,7 @@ def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerS
       stop at once), so one compilation serves them all.
     refill: max_batch decode slots (0: one per row); each distinct prompt prefilled once, rows
       admitted longest expected first (`expected_lengths`), prefix log-probs scored; kv_tokens:
-      its KV page pool in tokens (0: max_batch x the longest row, so no row waits for pages).
+      its KV page pool in tokens (0: max_batch x the longest row; less: pages on demand, preemption).
     Both read the weights in the compute dtype, laid out for decoding (sharding.decode_weights).
     """
     graphdef, state = sampler.split_model(policy)

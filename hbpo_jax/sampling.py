@@ -298,4 +298,13 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 1.0, t
         tokens, x_tok, total = _draw(x, m, None, u)
     return tokens, x_tok - m - jnp.log(total)
 
-__all__ = ["BLOCK", "TOP_P_CANDIDATES", "keys_for_rows", "row_keys", "sample_logits", "token_keys"]
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
+    """log_softmax(logits / T) at `tokens` (T = 0 -> 1, as the sampler reports greedy tokens).
+    logits: float32 [..., V]; tokens: int [...] -> float32 [...]."""
+    x = logits / (temperature or 1.0)
+    logp = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+__all__ = ["BLOCK", "TOP_P_CANDIDATES", "keys_for_rows", "row_keys", "sample_logits", "token_keys", "token_logprobs"]

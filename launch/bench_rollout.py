@@ -16,7 +16,9 @@ and the same tokens (a row's randomness is its own; the run checks it).
 Both paths hold --slots rows of KV cache: the static path samples chunks of --slots rows, each
 until its longest row ends; the engine keeps --slots decode slots busy. Printed: tokens/s,
 decode slot-steps, utilization = generated tokens / slot-steps, and the speed-up's ceiling (the
-ratio of slot-steps: what equal per-step costs would give). The update: one optimizer step per
+ratio of slot-steps: what equal per-step costs would give); the engine's KV pages: the pool, the
+most in use at once, and with a pool smaller than slots x the longest row (--kv_tokens) the pages
+granted on demand, the rows preempted and the tokens they had drawn (recomputed). The update: one optimizer step per
 mini-batch over the same rows, every micro-batch at the step's width vs grouped by length
 (batching.minibatches width_step), with the padded share of the response slots each pays for.
 """
@@ -40,7 +42,8 @@ flags.DEFINE_float("long_fraction", 1 / 16, "Share of rows that run to the cap."
 flags.DEFINE_enum("long_rows", "natural", ["natural", "budget"],
                   "The rows that run to the cap: natural rows (known in advance) or budget rows.")
 flags.DEFINE_integer("slots", 32, "Rows of KV cache: the engine's slots, the static path's rows per call.")
-flags.DEFINE_integer("kv_tokens", 0, "The engine's KV page pool in tokens (0: slots x the longest row).")
+flags.DEFINE_integer("kv_tokens", 0, "The engine's KV page pool in tokens (0: slots x the longest row; smaller: "
+                     "pages on demand, with preemption when the pool runs dry).")
 flags.DEFINE_integer("prompt_len", 48, "Longest prompt (tokens); prompts are 1/2 to 1 of it.")
 flags.DEFINE_integer("prefix_len", 10, "Tokens of each budget's pre-filled prefix.")
 flags.DEFINE_integer("hidden", 256, "Model width.")
@@ -165,10 +168,14 @@ def main(argv) -> None:
     print(f"ceiling of the speed-up (slot-steps static / engine): {static.slot_steps / refill.slot_steps:.2f}x; "
           f"the same tokens on both paths: {'yes' if same else 'NO'}")
     es = refill.engine_stats
+    print(f"\n{'engine KV pages':<15} | {'pool':>5} | {'peak in use':>12} | {'granted':>7} | {'preemptions':>11} | "
+          f"{'recomputed tokens':>17}")
+    print(f"{'on demand' if es.page_grants else 'whole limits':<15} | {es.pool_pages:>5} | {es.peak_pages:>5} = "
+          f"{es.peak_pages / max(es.pool_pages, 1):>4.0%} | {es.page_grants:>7} | {es.preemptions:>11} | "
+          f"{es.recomputed:>17}")
     print(f"KV bytes: engine page pool {es.kv_bytes / 2**20:.2f} MiB ({es.pool_pages} pages of "
-          f"{es.kv_bytes // max(es.pool_pages, 1) // _kv_bytes_per_token(cfg)} tokens, peak {es.peak_pages} in use = "
-          f"{es.peak_pages / max(es.pool_pages, 1):.0%}), a contiguous {f.slots} x C cache "
-          f"{es.dense_kv_bytes / 2**20:.2f} MiB (the engine before pages)")
+          f"{es.kv_bytes // max(es.pool_pages, 1) // _kv_bytes_per_token(cfg)} tokens), a contiguous {f.slots} x C "
+          f"cache {es.dense_kv_bytes / 2**20:.2f} MiB (the engine before pages)")
 
     arrays = _update_arrays(layout, refill, lengths, f.cap, rng)
     per = rows // f.mini_batches

@@ -175,7 +175,9 @@ def test_rollout_benchmark_smoke():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert "the same tokens on both paths: yes" in proc.stdout
-    assert re.search(r"KV bytes: engine page pool [\d.]+ MiB \(\d+ pages of 16 tokens, peak \d+ in use", proc.stdout)
+    assert re.search(r"KV bytes: engine page pool [\d.]+ MiB \(\d+ pages of 16 tokens\)", proc.stdout)
+    # The default pool holds every slot's whole limit: nothing granted later, nothing preempted.
+    assert re.search(r"\nwhole limits +\| +\d+ \| +\d+ = +\d+% \| +0 \| +0 \| +0\n", proc.stdout), proc.stdout
     assert re.fullmatch(r"rollout: engine \d+ tokens/s, static \d+ tokens/s, speed-up [\d.]+x, utilization \d+%",
                         lines[-1]), lines[-1]
     table = {line.split("|")[0].strip(): line for line in lines if line.startswith(("static ", "refill "))}

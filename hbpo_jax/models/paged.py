@@ -17,7 +17,7 @@ Token t of slot s lives at page table[s, t // page_size], offset t % page_size. 
 K = kv heads, D = head dim, S = slots, H = query heads, T = query tokens per slot.
 
 With a mesh, the pages are split over the same mesh axes as the slots (`batch` rule): slot s
-only holds pages of its own shard (the host allocator, `PagePool`, hands them out per shard),
+only holds pages of its own shard (the host's allocator, hbpo_jax.pages, hands them out per shard),
 so each device keeps the KV of its own slots, and the write and the attention run under
 shard_map with the table translated to local page ids. The kv-head axis is split over the
 `kv_heads` rule.
@@ -50,50 +50,6 @@ IMPLS = ("xla", "kernel")
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
-# ----------------------------------------------------------------------------- the host allocator
-
-class PagePool:
-    """A host-side free list of pages, per shard. Shard d owns pages [d * per_shard, (d + 1) *
-    per_shard); a slot takes pages from its own shard only.
-
-        pool = PagePool(pages=64, shards=2)
-        got = pool.alloc(shard=1, n=5)   # 5 page ids of shard 1, or None when too few are free
-        pool.free(got)
-    """
-
-    def __init__(self, pages: int, shards: int = 1):
-        if pages < 1 or shards < 1 or pages % shards:
-            raise ValueError(f"need pages ≥ 1 divisible by shards ≥ 1, got pages={pages}, shards={shards}.")
-        self.pages, self.shards, self.per_shard = int(pages), int(shards), int(pages) // int(shards)
-        # Popped from the end: low page ids first (easier to read in tests and dumps).
-        self._free = [list(range((d + 1) * self.per_shard - 1, d * self.per_shard - 1, -1)) for d in range(shards)]
-        self._used: set[int] = set()
-
-    def num_free(self, shard: int) -> int:
-        return len(self._free[shard])
-
-    @property
-    def num_used(self) -> int:
-        return len(self._used)
-
-    def alloc(self, shard: int, n: int) -> list[int] | None:
-        """n page ids from `shard` (None, and nothing taken, when fewer are free)."""
-        if n > len(self._free[shard]):
-            return None
-        got = [self._free[shard].pop() for _ in range(n)]
-        self._used.update(got)
-        return got
-
-    def free(self, pages) -> None:
-        """Returns pages; a page that is not handed out is an error (a double free)."""
-        for p in pages:
-            p = int(p)
-            if p not in self._used:
-                raise ValueError(f"page {p} is freed but was not handed out.")
-            self._used.remove(p)
-            self._free[p // self.per_shard].append(p)
-
-
 def pages_for(tokens: int, page_size: int) -> int:
     """Pages holding `tokens` tokens."""
     return -(-int(tokens) // int(page_size))
@@ -109,6 +65,15 @@ class PagedPlacement:
     mesh: Mesh
     batch_axes: tuple[str, ...]
     kv_axes: tuple[str, ...]
+
+    @classmethod
+    def of_specs(cls, mesh: Mesh, batch: P, kv: P) -> "PagedPlacement":
+        """The placement whose slots (and pages) are split as the first dimension of `batch` and
+        whose kv heads as the first dimension of `kv` (PartitionSpecs)."""
+        def axes(spec):
+            a = spec[0] if len(spec) else None
+            return () if a is None else (a,) if isinstance(a, str) else tuple(a)
+        return cls(mesh, axes(batch), axes(kv))
 
     @property
     def shards(self) -> int:
@@ -319,5 +284,5 @@ def dense_attention_reference(q, k_pages, v_pages, table, kv_lens, q_pos) -> jax
     return out.reshape(s, t, h, d)
 
 
-__all__ = ["IMPLS", "PagePool", "PagedKVCache", "PagedLayer", "PagedPlacement", "blocked_attention",
+__all__ = ["IMPLS", "PagedKVCache", "PagedLayer", "PagedPlacement", "blocked_attention",
            "dense_attention_reference", "kernel_attention", "pages_for"]
