@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from hbpo_jax import spec
-from hbpo_jax.bench import hlo, plan, tpu_plan
+from hbpo_jax.bench import hlo, hlo_cost, plan, tpu_plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,10 +87,10 @@ def test_hlo_loops_collectives_and_cost():
     assert gather.groups == "{{0,1,2,3}}"
     assert reduce.opcode == "all-reduce" and reduce.result_bytes == 8 * 128 * 2
     dot = 2 * 8 * 128 * 128
-    flops_once, _ = hlo.walk_cost(module, trips=False)
-    flops, _ = hlo.walk_cost(module)
+    flops_once, _ = hlo_cost.walk_cost(module, trips=False)
+    flops, _ = hlo_cost.walk_cost(module)
     assert (flops_once, flops) == (2 * dot, 17 * dot)  # the data-dependent loop counts once
-    cost = hlo.loop_cost(module)
+    cost = hlo_cost.loop_cost(module)
     assert (cost.once[0], cost.per_iteration[0], cost.as_xla[0]) == (16 * dot, dot, 2 * dot)
     # XLA's figures (here 10% above the walk's) split in the same proportions.
     (once_flops, _), (step_flops, _) = cost.scale((2.2 * dot, 0.0))
@@ -134,7 +134,7 @@ def test_hlo_shapes_and_convolution_flops():
             "pad=0_0x0_0x1_1 lhs_dilate=4x2x1 rhs_reversal=0x0x1}, dim_labels=0b1f2_0o12i->01bf2\n"
             "}\n")
     module = hlo.Module(text)
-    assert hlo.dot_flops(module, module.by_name["c"]) == 2 * (4 * 2 * 2) * 64 * 16 * 16
+    assert hlo_cost.dot_flops(module, module.by_name["c"]) == 2 * (4 * 2 * 2) * 64 * 16 * 16
 
 
 # A layer loop's body as the layer scan compiles for decode: a fusion reads one layer of stacked
@@ -199,19 +199,19 @@ def test_walk_counts_what_is_read_and_what_kernels_do():
     module = hlo.Module(KERNELS)
     y, new = module.by_name["y"], module.by_name["new"]
     # One layer's weights (not the stack), x and the layer index, the output.
-    assert hlo._fusion_bytes(module, y) == 128 * 128 * 2 + 8 * 128 * 2 + 4 + 8 * 128 * 2
+    assert hlo_cost._fusion_bytes(module, y) == 128 * 128 * 2 + 8 * 128 * 2 + 4 + 8 * 128 * 2
     # The scatter writes its update in place: the update read and written, the indices read.
-    assert hlo._fusion_bytes(module, new) == 2 * 128 * 2 + 2 * 4
-    flops, nbytes = hlo.kernel_cost(module, module.by_name["paged_attention.1"])
+    assert hlo_cost._fusion_bytes(module, new) == 2 * 128 * 2 + 2 * 4
+    flops, nbytes = hlo_cost.kernel_cost(module, module.by_name["paged_attention.1"])
     # The table's 6 pages x 8 tokens x 1 kv head x 128 x bfloat16, keys and values; not the pool.
     assert nbytes == 2 * 4 * 128 * 4 + 2 * 4 + 6 * 4 + 2 * 4 * 128 * 4 + 2 * 6 * 8 * 128 * 2
     assert flops == 2 * 2 * 4 * 6 * 8 * 128  # 4 heads, 48 tokens over both slots
-    flops, _ = hlo.kernel_cost(module, module.by_name["splash_mha_fwd_no_residuals.1"])
+    flops, _ = hlo_cost.kernel_cost(module, module.by_name["splash_mha_fwd_no_residuals.1"])
     assert flops == 2 * 2 * (2 * 256) * 256 * 64 * 0.75  # 3 of the 2 x 2 causal blocks
     # One sequence per chip: the kernel's batch dimension is gone; the same count.
     one = hlo.Module(KERNELS.replace("bf16[1,2,256,64]", "bf16[2,256,64]").replace("bf16[1,1,256,64]", "bf16[1,256,64]"))
-    assert hlo.kernel_cost(one, one.by_name["splash_mha_fwd_no_residuals.1"])[0] == flops
-    cost = hlo.loop_cost(module)
+    assert hlo_cost.kernel_cost(one, one.by_name["splash_mha_fwd_no_residuals.1"])[0] == flops
+    cost = hlo_cost.loop_cost(module)
     assert cost.kernels[0][0] == pytest.approx(2 * 2 * 4 * 48 * 128 + 2 * 2 * 512 * 256 * 64 * 0.75)
     # XLA counts no kernel: its figures scale what it sees, the kernels are added as counted.
     (once_flops, _), _ = cost.scale((4 * (cost.once[0] - cost.kernels[0][0]), 1.0))

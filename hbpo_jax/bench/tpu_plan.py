@@ -19,7 +19,7 @@ from absl import logging
 
 from hbpo_jax import config as config_lib
 from hbpo_jax import engine, sampler, sharding, spec
-from hbpo_jax.bench import hlo, plan
+from hbpo_jax.bench import hlo, hlo_cost, plan
 
 GiB = 2**30
 
@@ -69,7 +69,7 @@ class ProgramPlan:
     xla_flops / xla_bytes: cost_analysis(), which counts each while-loop body once; seconds:
     lower_s, compile_s (wall clock), compile_cpu_s (this process's CPU time: compiling is mostly
     one thread, so this is what a machine of its own would take); text: the optimised HLO;
-    error: why it did not compile (XLA's out-of-HBM message), "" when it did. From these (hlo.loop_cost): flops / bytes of one
+    error: why it did not compile (XLA's out-of-HBM message), "" when it did. From these (hlo_cost.loop_cost): flops / bytes of one
     call with every loop of known trip count times that count, and step_flops / step_bytes of one
     iteration of a loop whose exit depends on data (the decode loop; 0 elsewhere), left out of
     flops / bytes."""
@@ -89,7 +89,7 @@ class ProgramPlan:
     error: str = ""
 
     def __post_init__(self):
-        cost = hlo.loop_cost(hlo.Module(self.text))
+        cost = hlo_cost.loop_cost(hlo.Module(self.text))
         (self.flops, self.bytes), (self.step_flops, self.step_bytes) = cost.scale((self.xla_flops, self.xla_bytes))
 
     @property
@@ -369,7 +369,7 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan])
         "XLA's count holds one iteration of it, split here (by an HLO walk) into one decode step and the part "
         "outside the loop; the projection multiplies the step by the number of steps. XLA counts nothing for a "
         "Pallas kernel (splash attention, paged attention): their flops and bytes are the walk's "
-        "(hlo.kernel_cost: splash's causal blocks; paged attention's reads with every slot at the cap).", ""]
+        "(hlo_cost.kernel_cost: splash's causal blocks; paged attention's reads with every slot at the cap).", ""]
     if "decode" in programs and not programs["decode"].error:
         d = programs["decode"]
         lines += [f"One decode step moves {d.step_bytes / 1e9:.2f} GB per chip; the decode program's arguments "
