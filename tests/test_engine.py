@@ -54,6 +54,7 @@ BEFORE_PAGES_ON_DEMAND = {"greedy": (504, 60, 8, 9), "t1": (506, 60, 8, 10), "to
 
 @pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_p=0.9)],
                          ids=["greedy", "t1", "top_p"])
+@pytest.mark.slow
 def test_engine_draws_the_static_samplers_tokens(model, rows, settings, request):
     """Same keys -> the same tokens, lengths and stop reasons as the static sampler, although rows
     enter slots at other times, in another order and next to other rows."""
@@ -82,6 +83,7 @@ def test_slots_change_no_token(model, rows):
     assert stats.segments > 1 and stats.admit_calls == 1 + (rows[2] > 0).sum() - 3
 
 
+@pytest.mark.slow
 def test_prefix_logprobs_equal_the_full_forward(model, rows):
     """The prefix tokens' log-probs come from the admit forward: they equal log_softmax(logits / T)
     of the whole sequence, so the trainer need not recompute them."""
@@ -96,6 +98,7 @@ def test_prefix_logprobs_equal_the_full_forward(model, rows):
         assert (out.prefix_logprobs[r, f:] == 0).all()
 
 
+@pytest.mark.slow
 def test_engine_on_a_mesh_equals_one_device(model, rows):
     """8 slots over 4 devices (kv heads over 2 more), each device a pool of 8 pages of 8 tokens for
     its 2 slots (a row needs up to 7): pages on demand, preempted on their own device, and the
@@ -150,6 +153,7 @@ def tiny_policy():
     return model, _char_tokenizer()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix_in_response", [True, False])
 def test_budget_rollouts_refill_equals_static(tiny_policy, prefix_in_response):
     """rollout.engine="refill" gives the static path's rollout batch; with the prefix in the

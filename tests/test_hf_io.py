@@ -150,6 +150,7 @@ def test_pickle_weights_are_refused(tmp_path):
         load_pretrained(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_convert_script_round_trips(tmp_path):
     import subprocess
     import sys

@@ -63,6 +63,7 @@ def test_kernel_in_interpret_mode_equals_the_fallback():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_preempted_rows_draw_the_same_tokens_again(model, rows):  # noqa: F811
     """A pool of 12 pages of 8 tokens for 5 slots (rows need up to 7): rows get pages on demand,
     the latest-admitted row is preempted when the pool runs dry and recomputed later, and every

@@ -112,6 +112,7 @@ def _unrolled_logits(model, ids):
     return model.logits(model.final_norm(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 def test_scanned_layers_equal_a_layer_loop_in_loss_and_gradients(remat):
     """The layer scan (with each remat policy checkpointing the scanned body) gives the loss and

@@ -129,6 +129,7 @@ def test_sharded_update_equals_unsharded():
     assert q.sharding.spec[1] == "fsdp"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregation", ["token-mean", "sequence-mean-token-mean"])
 def test_length_grouped_pieces_give_the_whole_minibatchs_update(aggregation):
     """Rows grouped by length into micro-batches cut to their own width (batching.minibatches,
