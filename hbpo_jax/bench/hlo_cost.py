@@ -181,7 +181,7 @@ def kernel_cost(module: Module, instr: Instr) -> tuple[float, float]:
         (_, table), (_, q), (_, pool) = (array_shapes(shapes[i])[0] for i in (1, -3, -1))
         page = shape_bytes(shapes[-1], tiled=False) / pool[1]  # one page index, every kv head
         tokens = math.prod(table) * pool[2]  # every slot's table full
-        flops = 2 * 2 * q[0] * q[1] * (tokens / q[0]) * q[-1]  # per slot: its own tokens
+        flops = 2 * 2 * q[1] * tokens * q[-1]  # each slot's heads over its own tokens: q.k and p.v
         return flops, out + sum(map(shape_bytes, shapes[:-2])) + 2 * math.prod(table) * page
     nbytes = out + sum(map(shape_bytes, shapes))
     phase = re.match(r"splash_\w+?_(fwd|dkv|dq)", instr.name)
