@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from hbpo_jax.pages import PageBook
+from hbpo_jax.sampler import bucket_length
 from hbpo_jax.sampling import keys_for_rows
 
 
@@ -159,7 +160,7 @@ def admit_batch(rows: Rows, take, slot_ids, width: int, book: PageBook, pad_id: 
 def right_padded(prompts, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """The distinct prompts right-padded for the prompt store: (ids, mask) int32 [G', width], G'
     rounded up to a multiple of 8 (fewer compiled shapes)."""
-    g = -(-len(prompts) // 8) * 8
+    g = bucket_length(len(prompts), 8)
     ids = np.full((g, width), pad_id, np.int32)
     mask = np.zeros((g, width), np.int32)
     for i, p in enumerate(prompts):
