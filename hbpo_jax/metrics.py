@@ -25,6 +25,22 @@ import jax
 from hbpo_jax import files
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter class. tensorboardX imports torch whenever it is installed
+    (the test extra installs it), only to accept torch tensors, and that import takes ~4 s of
+    every run's start; we log floats, so torch is hidden from it unless something already
+    imported it."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Writes scalars to `<workdir>/tensorboard` (event files) and `<workdir>/metrics.jsonl` (one
     JSON object per call: {"step": ..., name: value, ...}), and shows progress on the console.
@@ -45,7 +61,7 @@ class MetricsWriter:
         self._workdir, self._sync_secs, self._synced = workdir, sync_secs, time.time()
         self._stage = None  # the local folder standing in for a remote workdir
         if self.enabled:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _summary_writer()
             local = workdir
             if not files.is_local(workdir):
                 self._stage = local = tempfile.mkdtemp(prefix="hbpo-jax-metrics-")

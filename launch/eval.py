@@ -13,7 +13,8 @@ for none; JAX_COMPILATION_CACHE_DIR wins). A configuration error or a missing fi
 one sentence (exit status 2).
 """
 # The program lives in hbpo_jax/scripts/eval.py (also `hbpo-eval`, `python -m hbpo_jax.scripts.eval`).
-from hbpo_jax.scripts.eval import run
-
 if __name__ == "__main__":
+    from hbpo_jax import host
+    host.use_huge_pages()  # before jax loads: glibc reads its tunables at start (hbpo_jax/host.py)
+    from hbpo_jax.scripts.eval import run
     run()

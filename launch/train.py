@@ -9,7 +9,8 @@ none; JAX_COMPILATION_CACHE_DIR wins). A configuration error is printed as one s
 status 2) before anything loads.
 """
 # The program lives in hbpo_jax/scripts/train.py (also `hbpo-train`, `python -m hbpo_jax.scripts.train`).
-from hbpo_jax.scripts.train import run
-
 if __name__ == "__main__":
+    from hbpo_jax import host
+    host.use_huge_pages()  # before jax loads: glibc reads its tunables at start (hbpo_jax/host.py)
+    from hbpo_jax.scripts.train import run
     run()

@@ -24,6 +24,8 @@ import tempfile
 import filelock
 import pytest
 
+from hbpo_jax import host
+
 # The tests compile hundreds of small programs and run each only a few times, so LLVM's
 # optimisation passes cost more than they save: at level 0 test_trainer + test_qwen2 take a quarter
 # less CPU time, with the same results. Every test subprocess gets the same flags (`xla_flags`).
@@ -44,6 +46,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Huge pages for malloc in every test process started from here (the xdist workers, which start
+# after this file loads, and each training or evaluation subprocess): hbpo_jax/host.py.
+os.environ.setdefault("GLIBC_TUNABLES", host.HUGE_PAGES)
 # One persistent compilation cache for the session (or the one the caller names), inherited by
 # every training / evaluation subprocess: each compiles the same tiny programs, so all but the
 # first load them from disk. Programs compiling in under 0.5 s are not worth a file.

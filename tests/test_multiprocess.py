@@ -1,6 +1,6 @@
 """The training loop on two processes (jax.distributed, 4 CPU devices each, one 8-device mesh)
 equals one process with 8 devices, its checkpoints restore across process counts, and a SIGTERM
-to one process stops both at the same checkpoint.
+to one process stops both at the same checkpoint, from which the run resumes exactly.
 
 Tolerance: both runs execute the same XLA programs on the same global arrays; only the
 cross-process collectives differ (gloo instead of in-process), which may sum in another order.
@@ -23,7 +23,7 @@ from conftest import xla_flags
 # mesh (2, 2, 2): the `data` axis spans the two processes, as on a pod slice (qwen1_5b.py:pod).
 MESH = "--config.mesh.shape=(2,2,2)"
 RTOL, ATOL = 1e-4, 1e-5
-STEPS = 5  # of the reference run; the SIGTERM lands after step 2
+STEPS = 4  # of the reference run; the SIGTERM lands after step 2
 
 
 def _command(tiny_run, workdir, steps, *extra):
@@ -44,8 +44,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _one_process(tiny_run, workdir, steps, timeout=400):
-    done = subprocess.run(_command(tiny_run, workdir, steps), cwd=tiny_run.root, env=_env(8), capture_output=True,
+def _one_process(tiny_run, workdir, steps, *extra, timeout=400):
+    done = subprocess.run(_command(tiny_run, workdir, steps, *extra), cwd=tiny_run.root, env=_env(8), capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
@@ -100,46 +100,23 @@ def _max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_run, tmp_path_factory):
-    """The workdir of an uninterrupted 2-process run of STEPS steps, every checkpoint kept: the
-    reference both tests compare with."""
-    workdir = tmp_path_factory.mktemp("straight")
+def one(tiny_run, tmp_path_factory):
+    """The workdir of an uninterrupted 1-process (8-device) run of STEPS steps, every checkpoint
+    kept: the reference the 2-process runs are compared with."""
+    workdir = tmp_path_factory.mktemp("one")
     t0 = time.time()
-    _two_processes(tiny_run, workdir, STEPS, f"--config.train.keep_checkpoints={STEPS}")
-    print(f"2 processes, {STEPS} steps: {time.time() - t0:.0f}s")
+    _one_process(tiny_run, workdir, STEPS, f"--config.train.keep_checkpoints={STEPS}")
+    print(f"1 process, {STEPS} steps: {time.time() - t0:.0f}s")
     return workdir
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_run, straight, tmp_path):
-    one, two_to_one = tmp_path / "one", tmp_path / "two_to_one"
-    t0 = time.time()
-    _one_process(tiny_run, one, 2)
-    print(f"1 process, 2 steps: {time.time() - t0:.0f}s")
-    reference, m1 = tiny_run.metrics(straight), tiny_run.metrics(one)
-    print(f"1 vs 2 processes, steps 1-2: max |difference| {_max_diff(m1, reference):.3g}")
-    _assert_close(m1, reference, [1, 2])
-    assert all(m1[s]["loss"] != 0 and m1[s]["grad_norm"] > 0 for s in (1, 2))  # real updates happened
-
-    # Step 3 from the other side's step-2 checkpoint: two processes -> one, one -> two (resharded).
-    tiny_run.warm(two_to_one)
-    shutil.copytree(straight / "checkpoints" / "2", two_to_one / "checkpoints" / "2")
-    t0 = time.time()
-    assert "resumed from step 2" in _one_process(tiny_run, two_to_one, 3)
-    assert "resumed from step 2" in _two_processes(tiny_run, one, 3)
-    print(f"resumed runs: {time.time() - t0:.0f}s")
-    for resumed in (two_to_one, one):
-        _assert_close(tiny_run.metrics(resumed), reference, [3])
-
-
-@pytest.mark.slow
-def test_sigterm_to_one_host_stops_both_at_the_same_checkpoint_and_resumes_exactly(tiny_run, straight, tmp_path):
-    """SIGTERM reaches process 1 only, after step 2 (a maintenance notice on one host of a pod):
-    both processes checkpoint the same step and exit 0 within a bounded time; the resumed run's
-    metrics equal an uninterrupted run's."""
-    stopped = tiny_run.warm(tmp_path / "stopped")
-    procs = _start_two(tiny_run, stopped, STEPS, "--config.train.checkpoint_every=100")
-    metrics = stopped / "metrics.jsonl"
+@pytest.fixture(scope="module")
+def stopped(tiny_run, tmp_path_factory):
+    """A 2-process run of STEPS steps whose process 1 alone got SIGTERM after step 2 (a maintenance
+    notice on one host of a pod). Returns (workdir, [the step of each checkpoint], both stderrs)."""
+    workdir = tiny_run.warm(tmp_path_factory.mktemp("stopped"))
+    procs = _start_two(tiny_run, workdir, STEPS, "--config.train.checkpoint_every=100")
+    metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 400
     while time.time() < deadline and procs[1].poll() is None:
         if metrics.exists() and any('"step": 2,' in line and "loss" in line
@@ -154,13 +131,41 @@ def test_sigterm_to_one_host_stops_both_at_the_same_checkpoint_and_resumes_exact
         raise AssertionError("the run ended before it could be signalled")
     errs = _finish(procs, 180)
     print(f"both processes exited {time.time() - t0:.0f}s after the SIGTERM")
-    saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir() if p.name.isdigit())
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    return workdir, saved, errs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_both_at_the_same_checkpoint_and_two_processes_equal_one(tiny_run, stopped, one):
+    """Both processes checkpoint the same step and exit 0 within a bounded time, and the steps
+    they ran equal one process's."""
+    workdir, saved, errs = stopped
     assert len(saved) == 1 and 2 <= saved[0] < STEPS, saved  # checkpoint_every=100: only the stop's
-    assert max(tiny_run.metrics(stopped)) == saved[0]
     for err in errs:  # both decided to stop at that step
         assert f"checkpoints step {saved[0]} and stops" in err or "checkpointing and stopping" in err, err[-2000:]
+    assert "process 1 of 2, 4 local of 8 devices" in errs[1]
+    two, reference = tiny_run.metrics(workdir), tiny_run.metrics(one)
+    assert sorted(two) == list(range(1, saved[0] + 1))
+    print(f"1 vs 2 processes, steps 1-{saved[0]}: max |difference| {_max_diff(two, reference):.3g}")
+    _assert_close(two, reference, two)
+    assert all(two[s]["loss"] != 0 and two[s]["grad_norm"] > 0 for s in two)  # real updates happened
 
-    assert f"resumed from step {saved[0]}" in _two_processes(tiny_run, stopped, STEPS)
-    resumed = tiny_run.metrics(stopped)
+
+@pytest.mark.slow
+def test_checkpoints_cross_process_counts_and_the_stopped_run_resumes_exactly(tiny_run, stopped, one, tmp_path):
+    """The stopped 2-process run's checkpoint, resumed by one process, and the 1-process run's
+    step-2 checkpoint, resumed (resharded) by two processes, continue as the uninterrupted run."""
+    workdir, saved, _ = stopped
+    two_to_one = tmp_path / "two_to_one"
+    shutil.copytree(workdir, two_to_one)
+    one_to_two = tiny_run.warm(tmp_path / "one_to_two")
+    shutil.copytree(one / "checkpoints" / "2", one_to_two / "checkpoints" / "2")
+    t0 = time.time()
+    assert f"resumed from step {saved[0]}" in _one_process(tiny_run, two_to_one, STEPS)
+    assert "resumed from step 2" in _two_processes(tiny_run, one_to_two, 3)
+    print(f"resumed runs: {time.time() - t0:.0f}s")
+    reference = tiny_run.metrics(one)
+    resumed = tiny_run.metrics(two_to_one)
     assert sorted(resumed) == list(range(1, STEPS + 1))
-    _assert_close(resumed, tiny_run.metrics(straight), resumed)
+    _assert_close(resumed, reference, range(saved[0] + 1, STEPS + 1))
+    _assert_close(tiny_run.metrics(one_to_two), reference, [3])

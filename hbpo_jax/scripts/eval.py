@@ -16,7 +16,7 @@ configuration error or a missing file is printed as one sentence (exit status 2)
 """
 import os
 
-from hbpo_jax import cli
+from hbpo_jax import cli, host
 from hbpo_jax.eval import run as eval_run
 
 cli.define_config("configs/tiny.py", "Config file (get_config); its eval section.")
@@ -48,6 +48,7 @@ def main(argv):
 
 def run() -> None:
     """The program (`hbpo-eval`, `python -m hbpo_jax.scripts.eval`, `python launch/eval.py`)."""
+    host.use_huge_pages()  # the console script and `python -m` (launch/ calls it before imports)
     cli.run(main)
 
 

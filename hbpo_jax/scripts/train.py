@@ -11,7 +11,7 @@ as one sentence (exit status 2) before anything loads.
 """
 import os
 
-from hbpo_jax import cli, loop
+from hbpo_jax import cli, host, loop
 
 cli.define_config("configs/tiny.py", "Training config file (get_config).")
 cli.flags.DEFINE_string("workdir", None, "Checkpoints, event files and results (default: runs/<config name>).")
@@ -31,6 +31,7 @@ def main(argv):
 
 def run() -> None:
     """The program (`hbpo-train`, `python -m hbpo_jax.scripts.train`, `python launch/train.py`)."""
+    host.use_huge_pages()  # the console script and `python -m` (launch/ calls it before imports)
     cli.run(main)
 
 
