@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
         num_kv_heads=2, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, max_position_embeddings=512, bos_token_id=None,
         eos_token_ids=(), dtype="float32", param_dtype="float32", attention_impl="xla",
-        remat="none"))
+        remat="none", scan_layers=False))  # 3 layers: a loop runs faster on a CPU than a scan
     config.data.path = ""  # empty: the synthetic task
     # Task (hbpo_jax/tasks/arithmetic.py): 1-4 operations on single-digit numbers. SFT: many small
     # steps at a moderate lr, because operand copying is learnt late (docs/tuning.md, warm start).

@@ -58,7 +58,7 @@ def base_config() -> config_dict.ConfigDict:
         sft_budget_prior=0.0, sft_budget_scales=()))
 
     c.rollout = config_dict.ConfigDict(dict(
-        # Prompting of training rollouts (rollout.MODES); None: the objective's (HBPO: "budget").
+        # Prompting of training rollouts (prompting.MODES); None: the objective's (HBPO: "budget").
         mode=_unset(str), budgets=(512, 1024, 2048, 2560), rollouts_per_prompt=16,
         max_prompt_len=1024, max_response_len=4096, temperature=1.0, top_p=1.0, top_k=0,
         # prefix_in_response: the pre-filled budget text counts in the length n (HBPO's code);
@@ -74,7 +74,7 @@ def base_config() -> config_dict.ConfigDict:
         # the longest row, so no row waits; smaller: KV memory follows live tokens and a row is
         # admitted when the pages for its whole limit are free; hbpo_jax/models/paged.py).
         kv_tokens=0,
-        # The chat format (rollout.PROMPT_FORMATS): "template" (the model's chat template, with
+        # The chat format (prompting.PROMPT_FORMATS): "template" (the model's chat template, with
         # rollout.system_prompt if set) or "r1_zero" (a system prompt asking for reasoning in
         # <think> </think> and a final \boxed{} answer; for instruct models that never think).
         prompt_format="template"))
@@ -112,7 +112,7 @@ def base_config() -> config_dict.ConfigDict:
     c.grading = config_dict.ConfigDict(dict(workers=4, timeout_s=5.0, format="paper"))
     c.eval = config_dict.ConfigDict(dict(every=0, temperature=0.6, top_p=0.95,
                                          max_response_len=32768, samples=1, before_after=False,
-                                         # prompting modes (rollout.parse_modes; "fixed" = each budget)
+                                         # prompting modes (prompting.parse_modes; "fixed" = each budget)
                                          modes=("natural", "efficiency", "fixed"),
                                          # keep a "before" already in <workdir>/results.json (copied
                                          # from a run with the same starting policy), not re-evaluate

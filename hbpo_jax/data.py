@@ -41,7 +41,7 @@ import numpy as np
 
 __all__ = [
     "DataError", "SkipReport", "FieldMap", "FIELD_PRESETS", "load_records", "write_jsonl",
-    "MAX_ANSWER_CHARS", "MAX_PROBLEM_CHARS", "ReasoningGym", "training_records", "import_optional",
+    "MAX_ANSWER_CHARS", "MAX_PROBLEM_CHARS", "training_records", "import_optional",
 ]
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ class Objective:
     advantage_fn: (rewards [P, G], budgets [P, G], **advantage_settings) -> float32 [P, G].
     reward_settings / advantage_settings: the settings each function takes, with this objective's
       defaults (the names config.objective may override; see spec.py).
-    prompting: the rollout mode its training rollouts use (rollout.MODES): "budget" (HBPO's
+    prompting: the rollout mode its training rollouts use (prompting.MODES): "budget" (HBPO's
       prefixes), "natural" (no prefix), "l1" / "l1_max" (L1's prompts, N drawn per prompt).
     dynamic_sampling: drop groups that are all right or all wrong (dynamic_sampling_mask).
     overlong_penalty: add dapo_overlong_penalty(max_len = L_max, cache_len = L_max / 8).

@@ -12,7 +12,7 @@ from typing import Any
 
 from flax import nnx
 
-from hbpo_jax import data, rollout
+from hbpo_jax import data, prompting
 from hbpo_jax.models import load_pretrained
 from hbpo_jax.models.config import ConfigError
 
@@ -35,7 +35,7 @@ class Policy:
 def fitting(records: list, tokenizer, sampling) -> list:
     """The records whose templated prompt fits sampling.max_prompt_len (the rest dropped and
     logged); ConfigError when none does."""
-    kept, dropped = rollout.split_long_prompts(tokenizer, records, sampling.max_prompt_len, sampling.system_prompt)
+    kept, dropped = prompting.split_long_prompts(tokenizer, records, sampling.max_prompt_len, sampling.system_prompt)
     if dropped:
         log.warning("data: %d of %d problems are longer than rollout.max_prompt_len=%d tokens and are skipped.",
                     len(dropped), len(records), sampling.max_prompt_len)
@@ -47,7 +47,7 @@ def fitting(records: list, tokenizer, sampling) -> list:
 def pretrained(config, spec, mesh, rules) -> Policy:
     """config.model_path's model and tokenizer, spec.data's records (prompts that fit)."""
     m = config.model
-    overrides = {k: m[k] for k in ("attention_impl", "remat") if k in m}
+    overrides = {k: m[k] for k in ("attention_impl", "remat", "scan_layers") if k in m}
     model, _, tokenizer = load_pretrained(config.model_path, dtype=m.get("param_dtype", "float32"),
                                           compute_dtype=m.get("dtype"), mesh=mesh, rules=rules, **overrides)
     if tokenizer is None:

@@ -3,7 +3,12 @@ and benchmarks (eval.benchmarks "rg:<task>") share this one source, offline and 
 """
 from __future__ import annotations
 
+import logging
+from typing import Mapping
+
 from hbpo_jax.data import DataError, SkipReport, import_optional
+
+log = logging.getLogger(__name__)
 
 
 def _split_evenly(size: int, parts: int) -> list[int]:

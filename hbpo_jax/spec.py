@@ -18,10 +18,9 @@ import math
 from typing import Any
 
 from hbpo_jax import loss as loss_lib
-from hbpo_jax import grading, objectives, rollout, sharding, trainer
+from hbpo_jax import grading, objectives, prompting, rollout, sharding, trainer
 from hbpo_jax.models.config import ConfigError
-from hbpo_jax.sources import (BENCHMARKS, FILE_BENCHMARKS, RG_DEFAULT_SIZE, RG_PREFIX, DataSpec,  # noqa: F401
-                              parse_benchmark, parse_data_path, resolve_data)
+from hbpo_jax.sources import DataSpec, parse_benchmark, resolve_data
 
 TASKS = ("", "arithmetic")
 
@@ -37,7 +36,7 @@ def _require(ok: bool, message: str) -> None:
 class SamplingSpec:
     """How training rollouts are prompted and sampled.
 
-    mode: rollout.MODES name ("budget", "natural", "l1", "l1_max", ...); budgets: the budget
+    mode: prompting.MODES name ("budget", "natural", "l1", "l1_max", ...); budgets: the budget
     set (budget mode: K subgroups per prompt; l1 / l1_max: the range N is drawn from per prompt).
     group = rollouts per prompt = len(budgets) x samples_per_budget in budget mode.
     engine: rollout.ENGINES name ("refill": hbpo_jax.engine; "static": hbpo_jax.sampler).
@@ -142,10 +141,10 @@ class TrainSpec:
 class EvalSpec:
     """Everything an evaluation needs (before/after, periodic, launch/eval.py, ablations).
 
-    modes: rollout.ModeSpec per prompting mode; benchmarks: (kind, arg) pairs (empty: the task's
+    modes: prompting.ModeSpec per prompting mode; benchmarks: (kind, arg) pairs (empty: the task's
     eval set, "tiny"); max_response_len: eval.max_response_len, or the rollout cap when 0;
     system_prompt / prefix_in_response / max_prompt_len / max_batch / prompt_format / engine: as in
-    training rollouts (system_prompt is the one rollout.system_prompt_for resolved);
+    training rollouts (system_prompt is the one prompting.system_prompt_for resolved);
     answer_format: the grading.FORMATS policy that grades; dataset_score: also report a
     benchmark's own scorer (reasoning-gym's) beside ours.
     """
@@ -198,8 +197,8 @@ class RunSpec:
 def _sampling(config, objective: objectives.Objective) -> SamplingSpec:
     r = config.rollout
     mode = r.mode if r.get("mode") is not None else objective.prompting
-    _require(mode in rollout.MODES,
-             f"rollout.mode must be one of {rollout.MODES} (or None: the objective's), got {mode!r}.")
+    _require(mode in prompting.MODES,
+             f"rollout.mode must be one of {prompting.MODES} (or None: the objective's), got {mode!r}.")
     budgets = tuple(r.budgets)
     _require(len(budgets) > 0, "rollout.budgets must not be empty.")
     _require(all(isinstance(b, int) and b > 0 for b in budgets),
@@ -243,11 +242,11 @@ def _engine(r) -> str:
 def _prompt_format(r) -> tuple[str, str | None]:
     """(rollout.prompt_format, the system prompt it resolves to with rollout.system_prompt)."""
     name = r.get("prompt_format", "template")
-    _require(name in rollout.PROMPT_FORMATS,
-             f"rollout.prompt_format must be one of {tuple(rollout.PROMPT_FORMATS)}, got {name!r}.")
-    _require(rollout.PROMPT_FORMATS[name] is None or not r.system_prompt,
+    _require(name in prompting.PROMPT_FORMATS,
+             f"rollout.prompt_format must be one of {tuple(prompting.PROMPT_FORMATS)}, got {name!r}.")
+    _require(prompting.PROMPT_FORMATS[name] is None or not r.system_prompt,
              f"rollout.prompt_format {name!r} brings its own system prompt; leave rollout.system_prompt empty.")
-    return name, rollout.system_prompt_for(name, r.system_prompt)
+    return name, prompting.system_prompt_for(name, r.system_prompt)
 
 
 def _answer_format(g) -> str:
@@ -367,7 +366,7 @@ def resolve_eval(config) -> EvalSpec:
     answer_format = _answer_format(g)
     prompt_format, system_prompt = _prompt_format(r)
     try:
-        modes = tuple(rollout.parse_modes(tuple(e.modes), tuple(r.budgets)))
+        modes = tuple(prompting.parse_modes(tuple(e.modes), tuple(r.budgets)))
     except ValueError as err:
         raise ConfigError(f"eval.modes: {err}") from None
     benchmarks = tuple(parse_benchmark(s) for s in tuple(e.benchmarks))

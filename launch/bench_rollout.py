@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hbpo_jax import batching, cli, rollout, sampler, trainer
+from hbpo_jax import batching, cli, prompting, rollout, sampler, trainer
 from hbpo_jax.models import ModelConfig, create_model
 from hbpo_jax.spec import OptimSpec
 
@@ -58,7 +58,7 @@ SMOKE = dict(prompts=2, samples=2, budgets=["8", "16"], cap=32, slots=4, prompt_
              hidden=32, layers=1, vocab=128, micro=4)
 
 
-def _layout(f, rng) -> tuple[rollout.PromptLayout, np.ndarray]:
+def _layout(f, rng) -> tuple[prompting.PromptLayout, np.ndarray]:
     """The step's rows (prompt-major) and each row's counted response length int [R]. A share
     (--long_fraction) of the rows runs to the cap: natural rows (no budget, no prefix; the engine
     admits them first) or, with --long_rows=budget, budget rows that ignore their budget (the
@@ -75,7 +75,7 @@ def _layout(f, rng) -> tuple[rollout.PromptLayout, np.ndarray]:
     row_budgets = np.array([b for _, b in rows], np.int32)
     lengths = np.rint(rng.normal(0.85 * row_budgets, 0.15 * row_budgets)).astype(int)
     lengths = np.clip(np.where(long, f.cap, lengths), f.prefix_len + 1, f.cap)
-    layout = rollout.PromptLayout(
+    layout = prompting.PromptLayout(
         prompt_tokens=[prompts[p] for p, _ in rows], prefix_tokens=[prefixes[b] for _, b in rows],
         prefix_texts=[""] * len(rows), budgets=row_budgets,
         prompt_index=np.array([p for p, _ in rows], np.int32), group_shape=(f.prompts, len(budgets), f.samples))

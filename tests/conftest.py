@@ -51,10 +51,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GLIBC_TUNABLES", host.HUGE_PAGES)
 # One persistent compilation cache for the session (or the one the caller names), inherited by
 # every training / evaluation subprocess: each compiles the same tiny programs, so all but the
-# first load them from disk. Programs compiling in under 0.5 s are not worth a file.
+# first load them from disk. Every program is kept, however quick to compile: a training subprocess
+# loads its few dozen small programs in less time than it compiles them (16.9 -> 14.8 s per run).
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="hbpo-jax-tests-cache-"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (after XLA_FLAGS and the cache settings)
 

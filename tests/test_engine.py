@@ -72,6 +72,21 @@ def test_engine_draws_the_static_samplers_tokens(model, rows, settings, request)
     assert stats.preemptions == stats.recomputed == stats.page_grants == stats.grow_calls == 0
 
 
+def test_layers_in_a_python_loop_draw_the_scans_tokens(model, rows):
+    """scan_layers=False (a loop over the same stacked weights) through the static sampler's KV
+    cache and the engine's pages: the scanned model's tokens and log-probs."""
+    key, cfg = jax.random.key(7), CFG.replace(scan_layers=False)
+    looped = (nnx.split(create_model(cfg, seed=3))[0], model[1])
+    ref, _, _ = _static(model, rows, key)
+    got, _, _ = _static(looped, rows, key)
+    st = sampler.SamplerSettings(max_new_tokens=N, eos_ids=(2,))
+    out, _ = engine.RefillEngine(looped[0], cfg, st, slots=8, admit=2).run(looped[1], PROMPTS, *rows, key=key)
+    for drawn in (got, out):
+        np.testing.assert_array_equal(drawn.tokens, ref.tokens)
+        np.testing.assert_array_equal(drawn.lengths, ref.lengths)
+        np.testing.assert_allclose(drawn.logprobs, ref.logprobs, atol=1e-5)
+
+
 def test_slots_change_no_token(model, rows):
     """(Another admission order, and preemption: tests/test_paged.py.)"""
     key = jax.random.key(11)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from hbpo_jax import config as config_lib
-from hbpo_jax import data, rollout, spec
+from hbpo_jax import data, prompting, rg_tasks, rollout, spec
 from hbpo_jax.eval import evaluation, report, sets
 from hbpo_jax.eval import run as eval_run
 from hbpo_jax.models.config import ConfigError
@@ -152,24 +152,24 @@ def test_tiny_champ_and_reasoning_gym_sets():
 
 
 def test_parse_modes():
-    got = rollout.parse_modes(["natural", "efficiency", "fixed", "fixed:512", "budget_64", "l1:100"],
+    got = prompting.parse_modes(["natural", "efficiency", "fixed", "fixed:512", "budget_64", "l1:100"],
                                  budgets=(64, 128))
     assert [(m.name, m.mode, m.budget) for m in got] == [
         ("natural", "natural", 0), ("efficiency", "efficiency", 0), ("budget_64", "fixed", 64),
         ("budget_128", "fixed", 128), ("budget_512", "fixed", 512), ("l1_100", "l1", 100)]
     for bad in ("fixed:0", "l1:x", "greedy", "natural:3"):
         with pytest.raises(ValueError, match="eval mode"):
-            rollout.parse_modes([bad], budgets=(64,))
+            prompting.parse_modes([bad], budgets=(64,))
 
 
 def _fixed_results():
     bench = sets.load(f"math500:{FIXTURES / 'math500.jsonl'}")
-    a = evaluation.score("math500", rollout.ModeSpec("natural", "natural"), bench.records,
+    a = evaluation.score("math500", prompting.ModeSpec("natural", "natural"), bench.records,
                          [ok("4"), ok("0.5"), ok("9"), ok("(1, 2)")], [100, 200, 300, 400], workers=0)
-    b = evaluation.score("math500", rollout.ModeSpec("budget_64", "fixed", 64), bench.records,
+    b = evaluation.score("math500", prompting.ModeSpec("budget_64", "fixed", 64), bench.records,
                          [ok("4"), ok("1"), ok("9"), ok("9")], [10, 20, 30, 40], workers=0)
     aime = sets.load(f"aime25:{FIXTURES / 'aime25.jsonl'}")
-    c = evaluation.score("aime25", rollout.ModeSpec("natural", "natural"), aime.records,
+    c = evaluation.score("aime25", prompting.ModeSpec("natural", "natural"), aime.records,
                          [ok("70"), ok("1"), ok("1")], [50, 50, 200], workers=0)
     return [a, b, c]
 
@@ -231,7 +231,7 @@ def test_load_benchmarks_applies_the_one_prompt_filter():
     tok = _tokenizer()
     records = arithmetic.make_dataset(6, 3)
     records[1] = dict(records[1], problem="Compute " + "1+" * 300 + "1.")
-    lengths = rollout.prompt_lengths(tok, [r["problem"] for r in records])
+    lengths = prompting.prompt_lengths(tok, [r["problem"] for r in records])
     c.rollout.max_prompt_len = int(sorted(lengths)[-2])  # only the long one is over
     e = spec.resolve_eval(c)
     [tiny] = eval_run.load_benchmarks(e, tok, tiny_records=records)  # default: the task's set
@@ -316,7 +316,7 @@ def test_evaluate_passes_the_eval_spec_to_the_sampler(monkeypatch):
 
 
 def _layout(tok, bench, mode, e):
-    layout = rollout.build_prompts(tok, [r["problem"] for r in bench.records], budgets=mode.budget or None,
+    layout = prompting.build_prompts(tok, [r["problem"] for r in bench.records], budgets=mode.budget or None,
                                    mode=mode.mode, system_prompt=e.system_prompt)
     return layout.prompt_tokens, layout.prefix_tokens
 
@@ -339,7 +339,7 @@ def test_evaluate_samples_a_model_as_the_eval_spec_says(monkeypatch):
     results = eval_run.evaluate(e, graphdef, params, tok, benchmarks, jax.random.key(0))
     _check_sampler_calls(calls)
     assert [(r.benchmark, r.mode) for r in results] == [("tiny", "natural"), ("tiny", "budget_16")]
-    prefix = len(tok(rollout.BUDGET_PREFIX.format(budget=16), add_special_tokens=False)["input_ids"])
+    prefix = len(tok(prompting.BUDGET_PREFIX.format(budget=16), add_special_tokens=False)["input_ids"])
     for r in results:
         assert r.correct.shape == r.tokens.shape == (3, 2) and (r.tokens <= 20).all()
     assert (results[1].tokens >= prefix).all()  # the pre-filled prefix is counted
@@ -368,3 +368,14 @@ def test_resolve_eval_names_the_eval_key():
     bad.task.name, bad.eval.every = "", 5
     with pytest.raises(ConfigError, match="eval.every > 0 needs eval.benchmarks"):
         spec.resolve_eval(bad)
+
+
+def test_a_reasoning_gym_scorer_that_raises_scores_zero_and_is_logged(caplog):
+    rg = sets.load("rg:basic_arithmetic", size=2, seed=1)
+    source = rg_tasks.ReasoningGym(("basic_arithmetic",), size=2, seed=1)
+    record = source.records()[0][0]
+    dataset = source._datasets["basic_arithmetic"]
+    dataset.score_answer = lambda *a, **k: 1 / 0  # a scorer bug on hostile text
+    with caplog.at_level("ERROR"):
+        assert source.score(record, "anything") == 0.0
+    assert "score_answer failed" in caplog.text and rg.records

@@ -4,30 +4,39 @@ test_configs.py; bad model folders in test_hf_io.py; bad datasets in test_data.p
 output in test_grading.py.)"""
 import json
 import pathlib
+import shutil
 import subprocess
 
 import pytest
-
 
 
 def _checkpoints(workdir):
     return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.fixture(scope="module")
+def three_steps(tiny_run, tmp_path_factory):
+    """A workdir after a 3-step run (checkpoints 1, 2, 3), which each damage test copies."""
+    workdir = tmp_path_factory.mktemp("three_steps")
+    tiny_run.run(workdir, 3)
+    return workdir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_run, tmp_path, damage):
-    tiny_run.run(tmp_path, 3)
-    assert _checkpoints(tmp_path) == [1, 2, 3]
-    data = sorted((tmp_path / "checkpoints" / "3" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)[-1]
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_run, three_steps, tmp_path, damage):
+    workdir = tmp_path / "run"
+    shutil.copytree(three_steps, workdir)
+    assert _checkpoints(workdir) == [1, 2, 3]
+    data = sorted((workdir / "checkpoints" / "3" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)[-1]
     if damage == "truncate":
         data.write_bytes(data.read_bytes()[:100])
     else:
         data.unlink()
-    done = tiny_run.run(tmp_path, 4)
+    done = tiny_run.run(workdir, 4)
     assert "cannot be restored" in done.stderr and "resumed from step 2" in done.stderr
-    assert sorted(tiny_run.metrics(tmp_path)) == [1, 2, 3, 4]
-    assert _checkpoints(tmp_path)[-1] == 4
+    assert sorted(tiny_run.metrics(workdir)) == [1, 2, 3, 4]
+    assert _checkpoints(workdir)[-1] == 4
 
 
 @pytest.mark.slow

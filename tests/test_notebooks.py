@@ -104,12 +104,12 @@ def test_budget_ablation_runs_and_writes_its_table(tmp_path):
 def _tiny_chat_model_folder(path):
     """A tiny random Qwen2 Hugging Face folder whose tokenizer has a chat template and covers the
     r1_zero system prompt and reasoning-gym's arithmetic problems."""
-    from hbpo_jax import rg_tasks, rollout
+    from hbpo_jax import prompting, rg_tasks
     from hbpo_jax.models import ModelConfig, create_model, save_pretrained
     from hbpo_jax.tasks import tokenizer as tokenizer_lib
 
     records, _ = rg_tasks.ReasoningGym(("basic_arithmetic",), size=200, seed=5).records()
-    corpus = [rollout.R1_ZERO_SYSTEM] + [r["problem"] for r in records]
+    corpus = [prompting.R1_ZERO_SYSTEM] + [r["problem"] for r in records]
     tok = tokenizer_lib.build_tokenizer(corpus, vocab_size=160)
     assert tok.chat_template
     cfg = ModelConfig(vocab_size=-(-len(tok) // 8) * 8, hidden_size=32, intermediate_size=64, num_layers=1,

@@ -113,17 +113,19 @@ def _unrolled_logits(model, ids):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
-def test_scanned_layers_equal_a_layer_loop_in_loss_and_gradients(remat):
-    """The layer scan (with each remat policy checkpointing the scanned body) gives the loss and
-    the gradient of every parameter that a plain loop over the same layers gives."""
+@pytest.mark.parametrize("remat,scan", [("none", True), ("full", True), ("dots", True), ("none", False),
+                                        ("full", False)])
+def test_scanned_layers_equal_a_layer_loop_in_loss_and_gradients(remat, scan):
+    """The layer scan, or the model's own loop (scan_layers=False), with each remat policy
+    checkpointing a layer, gives the loss and the gradient of every parameter that a plain loop
+    over the same layers gives."""
     ids = jnp.asarray(np.random.default_rng(5).integers(0, 61, size=(2, 9)), jnp.int32)
 
     def loss(model, forward):
         logp = jax.nn.log_softmax(forward(model, ids[:, :-1]))
         return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
 
-    model = create_model(SCAN_CFG.replace(remat=remat), seed=3)
+    model = create_model(SCAN_CFG.replace(remat=remat, scan_layers=scan), seed=3)
     reference = create_model(SCAN_CFG, seed=3)
     l1, g1 = nnx.jit(nnx.value_and_grad(lambda m: loss(m, lambda m, x: m(x))))(model)
     l2, g2 = nnx.jit(nnx.value_and_grad(lambda m: loss(m, _unrolled_logits)))(reference)

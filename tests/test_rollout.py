@@ -9,7 +9,7 @@ import tokenizers
 import transformers
 from tokenizers import decoders, models
 
-from hbpo_jax import rollout, sampler
+from hbpo_jax import prompting, rollout, sampler
 from hbpo_jax.models import ModelConfig, create_model
 
 # Qwen2.5-style ChatML, default system prompt included when none is given.
@@ -45,18 +45,18 @@ def _encode(tok, text):
 
 
 def test_assistant_prefix_drops_a_second_think():
-    p = rollout.BUDGET_PREFIX.format(budget=512)
-    assert rollout.assistant_prefix("...assistant\n", p) == p
-    assert rollout.assistant_prefix("...assistant\n<think>\n", p) == "I will answer the question with 512 tokens"
-    assert rollout.assistant_prefix("...assistant\n<think>", p) == " I will answer the question with 512 tokens"
-    assert rollout.assistant_prefix("...<think>\n", "no think here") == "no think here"
+    p = prompting.BUDGET_PREFIX.format(budget=512)
+    assert prompting.assistant_prefix("...assistant\n", p) == p
+    assert prompting.assistant_prefix("...assistant\n<think>\n", p) == "I will answer the question with 512 tokens"
+    assert prompting.assistant_prefix("...assistant\n<think>", p) == " I will answer the question with 512 tokens"
+    assert prompting.assistant_prefix("...<think>\n", "no think here") == "no think here"
 
 
 @pytest.mark.parametrize("template", ["qwen", "think"])
 def test_budget_prompts_with_a_real_qwen_tokenizer(template):
     tok = _qwen_tokenizer(QWEN_TEMPLATE if template == "qwen" else THINK_TEMPLATE)
     m = 3
-    layout = rollout.build_prompts(tok, PROBLEMS, budgets=BUDGETS, samples_per_budget=m)
+    layout = prompting.build_prompts(tok, PROBLEMS, budgets=BUDGETS, samples_per_budget=m)
     r = len(PROBLEMS) * len(BUDGETS) * m
     assert layout.group_shape == (2, 4, 3) and len(layout.prompt_tokens) == r
     np.testing.assert_array_equal(layout.budgets, np.tile(np.repeat(BUDGETS, m), 2))
@@ -82,23 +82,23 @@ def test_budget_prompts_with_a_real_qwen_tokenizer(template):
 
 
 def test_other_modes_layout(qwen):
-    nat = rollout.build_prompts(qwen, PROBLEMS, budgets=BUDGETS, samples_per_budget=4, mode="natural")
+    nat = prompting.build_prompts(qwen, PROBLEMS, budgets=BUDGETS, samples_per_budget=4, mode="natural")
     assert nat.group_shape == (2, 1, 4) and (nat.budgets == 0).all() and nat.prefix_tokens[0] == []
-    eff = rollout.build_prompts(qwen, PROBLEMS, samples_per_budget=2, mode="efficiency")
+    eff = prompting.build_prompts(qwen, PROBLEMS, samples_per_budget=2, mode="efficiency")
     assert eff.prefix_texts[0] == "<think> I will answer the question with minimal tokens"
     assert (eff.budgets == 0).all() and eff.prompt_index.tolist() == [0, 0, 1, 1]
-    fixed = rollout.build_prompts(qwen, PROBLEMS, budgets=1536, samples_per_budget=2, mode="fixed")
+    fixed = prompting.build_prompts(qwen, PROBLEMS, budgets=1536, samples_per_budget=2, mode="fixed")
     assert (fixed.budgets == 1536).all() and fixed.prefix_texts[0].endswith("1536 tokens")
-    l1 = rollout.build_prompts(qwen, PROBLEMS, budgets=[512, 1024], mode="l1")
+    l1 = prompting.build_prompts(qwen, PROBLEMS, budgets=[512, 1024], mode="l1")
     assert l1.budgets.tolist() == [512, 1024, 512, 1024] and l1.prefix_tokens[1] == []
     assert qwen.decode(l1.prompt_tokens[3]).endswith(
         "Solve x^2 = 16 for x > 0.\n\nThink for 1024 tokens.<|im_end|>\n<|im_start|>assistant\n")
-    sys_ = rollout.build_prompts(qwen, PROBLEMS[:1], budgets=[512], system_prompt="Be brief.")
+    sys_ = prompting.build_prompts(qwen, PROBLEMS[:1], budgets=[512], system_prompt="Be brief.")
     assert "Be brief." in qwen.decode(sys_.prompt_tokens[0]) and "Qwen" not in qwen.decode(sys_.prompt_tokens[0])
     with pytest.raises(ValueError):
-        rollout.build_prompts(qwen, PROBLEMS, budgets=[512, 1024], mode="fixed")
+        prompting.build_prompts(qwen, PROBLEMS, budgets=[512, 1024], mode="fixed")
     with pytest.raises(ValueError):
-        rollout.build_prompts(qwen, PROBLEMS, budgets=[512], mode="nope")
+        prompting.build_prompts(qwen, PROBLEMS, budgets=[512], mode="nope")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -172,7 +172,7 @@ def test_budget_rollouts_end_to_end(tiny, mode, budgets, prefix_in_response):
     _check_batch(batch, tok, n, prefix_in_response)
     assert set(batch.stop_reason.tolist()) <= {sampler.STOP_EOS, sampler.STOP_LIMIT}
     if mode in ("budget", "efficiency"):
-        text = rollout.BUDGET_PREFIX.format(budget=budgets[0]) if mode == "budget" else rollout.EFFICIENCY_PREFIX
+        text = prompting.BUDGET_PREFIX.format(budget=budgets[0]) if mode == "budget" else prompting.EFFICIENCY_PREFIX
         assert batch.texts[0].startswith(text) and batch.prefix_lengths[0] == len(text) - len("<think>") + 1
         # Soft budgets: every row may reach L_max counted tokens, and rows not ended by EOS did.
         assert (batch.lengths[batch.stop_reason == sampler.STOP_LIMIT] == n).all()
@@ -220,8 +220,8 @@ def test_chunked_sampling_matches_one_call(tiny):
 
 
 def test_prompt_lengths_count_the_templated_prompt(qwen):
-    lengths = rollout.prompt_lengths(qwen, ["1+1?", "a much longer question " * 20])
-    layout = rollout.build_prompts(qwen, ["1+1?", "a much longer question " * 20], mode="natural")
+    lengths = prompting.prompt_lengths(qwen, ["1+1?", "a much longer question " * 20])
+    layout = prompting.build_prompts(qwen, ["1+1?", "a much longer question " * 20], mode="natural")
     np.testing.assert_array_equal(lengths, [len(t) for t in layout.prompt_tokens])
     assert lengths[1] > lengths[0]
 
@@ -229,14 +229,14 @@ def test_prompt_lengths_count_the_templated_prompt(qwen):
 # ---------------------------------------------------------------------------- prompt presets
 
 def test_prompt_format_presets_resolve_the_system_prompt():
-    assert rollout.system_prompt_for("template") is None
-    assert rollout.system_prompt_for("template", "Be brief.") == "Be brief."
-    r1 = rollout.system_prompt_for("r1_zero")
-    assert r1 == rollout.R1_ZERO_SYSTEM and "<think>" in r1 and "</think>" in r1 and "\\boxed{" in r1
+    assert prompting.system_prompt_for("template") is None
+    assert prompting.system_prompt_for("template", "Be brief.") == "Be brief."
+    r1 = prompting.system_prompt_for("r1_zero")
+    assert r1 == prompting.R1_ZERO_SYSTEM and "<think>" in r1 and "</think>" in r1 and "\\boxed{" in r1
     with pytest.raises(ValueError, match="own system prompt"):
-        rollout.system_prompt_for("r1_zero", "Be brief.")
+        prompting.system_prompt_for("r1_zero", "Be brief.")
     with pytest.raises(ValueError, match="prompt format"):
-        rollout.system_prompt_for("chatml")
+        prompting.system_prompt_for("chatml")
 
 
 @pytest.mark.parametrize("template,prefix", [
@@ -245,13 +245,13 @@ def test_prompt_format_presets_resolve_the_system_prompt():
 ])
 def test_r1_zero_prompt_keeps_the_budget_prefix_in_place(template, prefix):
     tok = _qwen_tokenizer(template)
-    system = rollout.system_prompt_for("r1_zero")
-    layout = rollout.build_prompts(tok, PROBLEMS[:1], budgets=[256], mode="budget", system_prompt=system)
+    system = prompting.system_prompt_for("r1_zero")
+    layout = prompting.build_prompts(tok, PROBLEMS[:1], budgets=[256], mode="budget", system_prompt=system)
     text = tok.decode(layout.prompt_tokens[0])
     # The preset replaces the template's default system prompt; the user turn and generation
     # prompt follow it, and the budget prefix is the first thing the assistant says.
     assert text.startswith("<|im_start|>system\n" + system + "<|im_end|>\n") and "You are Qwen" not in text
     assert text.endswith("<|im_start|>assistant\n" + ("<think>\n" if template == THINK_TEMPLATE else ""))
     assert layout.prefix_texts == [prefix]
-    natural = rollout.build_prompts(tok, PROBLEMS[:1], mode="natural", system_prompt=system)
+    natural = prompting.build_prompts(tok, PROBLEMS[:1], mode="natural", system_prompt=system)
     assert natural.prefix_texts == [""] and natural.prompt_tokens == layout.prompt_tokens

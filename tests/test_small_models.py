@@ -5,11 +5,10 @@ import json
 import pathlib
 import sys
 
-import numpy as np
 import pytest
 
 from hbpo_jax import config as config_lib
-from hbpo_jax import data, prompts, rg_tasks, rollout, spec
+from hbpo_jax import data, prompting, prompts, rg_tasks, sources, spec
 from hbpo_jax.eval import evaluation, sets
 from hbpo_jax.models.config import ConfigError
 
@@ -32,7 +31,7 @@ def test_defaults_are_the_papers_and_the_small_model_config_is_lenient():
     assert paper.sampling.prompt_format == "template" and paper.sampling.system_prompt is None
     small = spec.resolve(qwen0_5b_instruct.get_config(), num_devices=1)
     assert small.answer_format == small.eval.answer_format == "lenient"
-    assert small.sampling.system_prompt == small.eval.system_prompt == rollout.R1_ZERO_SYSTEM
+    assert small.sampling.system_prompt == small.eval.system_prompt == prompting.R1_ZERO_SYSTEM
     assert small.sampling.budgets == (128, 256, 512, 768) and small.objective.l_max == 1024
     assert small.data.rg_tasks == ("basic_arithmetic", "chain_sum") and small.data.seed != small.eval.seed
     # spec.json records which policy graded and which preset prompted
@@ -69,7 +68,7 @@ def test_rg_training_problems_must_not_be_the_evals():
         spec.resolve(c, num_devices=1)
     c.data.seed = 1
     got = spec.resolve(c, num_devices=1).data
-    assert got.rg_tasks == ("basic_arithmetic",) and got.size == spec.RG_DEFAULT_SIZE
+    assert got.rg_tasks == ("basic_arithmetic",) and got.size == sources.RG_DEFAULT_SIZE
 
 
 def test_rg_records_are_seeded_interleaved_and_graded_by_our_grader():

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hbpo_jax import batching, loop, loss, objectives, rollout, spec, step, trainer
+from hbpo_jax import batching, loop, loss, objectives, prompting, spec, step, trainer
 from hbpo_jax.models import ModelConfig, create_model
 from hbpo_jax.models.config import ConfigError
 from hbpo_jax.policy import Policy
@@ -171,7 +171,7 @@ def test_objectives_sample_with_their_own_prompts(name):
         per_prompt = batch.budgets.reshape(2, -1)
         assert (per_prompt == per_prompt[:, :1]).all() and ((8 <= per_prompt) & (per_prompt <= 32)).all()
         for row, (prompt, b) in enumerate(zip(prompts, batch.budgets)):
-            suffix = rollout.USER_SUFFIXES[s.mode].format(budget=int(b))
+            suffix = prompting.USER_SUFFIXES[s.mode].format(budget=int(b))
             wanted = tok.decode(tok(suffix, add_special_tokens=False)["input_ids"]).strip()  # as the toy vocabulary spells it
             assert wanted in prompt, (row, wanted, prompt)
         assert (name == "l1_max") == all("imum" in p for p in prompts)

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hbpo_jax import batching, engine, rollout, sampler, sharding, spec, trainer
+from hbpo_jax import batching, engine, prompting, sampler, sharding, spec, trainer
 from hbpo_jax import config as config_lib
 from hbpo_jax.models import Qwen2
 
@@ -88,7 +88,7 @@ def logprob_passes(run) -> int:
     log-probs when the loss has a KL term. The refill engine scores the prefix as it prefills it,
     so with it "auto" needs no old-log-prob pass."""
     mode, s = run.train.recompute_old_logprobs, run.sampling
-    prefix_takes_loss = s.mode in rollout.PREFIXES and s.prefix_in_response and s.prefix_loss
+    prefix_takes_loss = s.mode in prompting.PREFIXES and s.prefix_in_response and s.prefix_loss
     old = mode == "always" or (mode == "auto" and prefix_takes_loss and s.engine == "static")
     return int(old) + int(run.loss.kl_coef > 0)
 

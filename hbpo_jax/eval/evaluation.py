@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from hbpo_jax import multihost, rollout
-from hbpo_jax.rollout import ModeSpec
+from hbpo_jax.prompting import ModeSpec
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from hbpo_jax import data, rollout, sampler, sharding
+from hbpo_jax import data, prompting, sampler, sharding
 from hbpo_jax import spec as spec_lib
 from hbpo_jax.eval import checkpoints, evaluation, report, sets
 from hbpo_jax.models.config import ConfigError
@@ -49,10 +49,10 @@ def load_benchmarks(eval_spec, tokenizer=None, *, tiny_records: list | None = No
 
 def fit_prompts(benchmarks: Sequence[sets.Benchmark], tokenizer, eval_spec) -> list[sets.Benchmark]:
     """Drops (in place) the problems whose chat-templated prompt is longer than
-    eval_spec.max_prompt_len tokens (rollout.split_long_prompts, the one prompt filter), counted
+    eval_spec.max_prompt_len tokens (prompting.split_long_prompts, the one prompt filter), counted
     in each benchmark's report as "prompt_too_long"; logs each non-empty report."""
     for bench in benchmarks:
-        kept, dropped = rollout.split_long_prompts(tokenizer, bench.records, eval_spec.max_prompt_len,
+        kept, dropped = prompting.split_long_prompts(tokenizer, bench.records, eval_spec.max_prompt_len,
                                                    eval_spec.system_prompt)
         for i in dropped:
             bench.report.add("prompt_too_long", i)
@@ -67,13 +67,13 @@ def fit_prompts(benchmarks: Sequence[sets.Benchmark], tokenizer, eval_spec) -> l
 
 # ----------------------------------------------------------------------------- evaluating
 
-def _longest_prompt(tokenizer, problems: Sequence[str], modes: Sequence[rollout.ModeSpec],
+def _longest_prompt(tokenizer, problems: Sequence[str], modes: Sequence[prompting.ModeSpec],
                     system_prompt: str | None) -> int:
     """Tokens of the longest templated prompt plus its pre-filled prefix over `modes` (L1's
     suffix is in the prompt), counted as the sampler sees them."""
     longest = 0
     for mode in modes:
-        layout = rollout.build_prompts(tokenizer, problems, budgets=mode.budget or None, mode=mode.mode,
+        layout = prompting.build_prompts(tokenizer, problems, budgets=mode.budget or None, mode=mode.mode,
                                        system_prompt=system_prompt)
         longest = max(longest, max(len(p) + len(x) for p, x in zip(layout.prompt_tokens, layout.prefix_tokens)))
     return longest

@@ -25,8 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from hbpo_jax import data, rg_tasks
-from hbpo_jax import spec as spec_lib
+from hbpo_jax import data, rg_tasks, sources
 from hbpo_jax.eval.evaluation import level_label
 
 DEFAULT_RG_SIZE = 50
@@ -65,10 +64,10 @@ def load(benchmark: str | tuple[str, str], *, max_problems: int = 0, seed: int =
     tiny_records: the arithmetic eval problems (required for "tiny").
     Raises data.DataError: missing / malformed file, no usable rows, a missing package.
     """
-    kind, arg = spec_lib.parse_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
+    kind, arg = sources.parse_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     spec = f"{kind}:{arg}" if arg else kind
     scorer = None
-    if kind in spec_lib.FILE_BENCHMARKS:
+    if kind in sources.FILE_BENCHMARKS:
         raw, report = data.load_records(arg, field_map=kind)
         records = [{"id": str(i), "problem": r["problem"], "answer": r["answer"],
                     "level": level_label(r.get("level", r.get("difficulty")))} for i, r in enumerate(raw)]

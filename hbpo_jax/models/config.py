@@ -45,6 +45,9 @@ class ModelConfig:
     # (splash on TPU, cudnn on GPU for 16-bit compute, xla elsewhere; models/splash.py).
     attention_impl: str = "auto"
     remat: str = "none"  # rematerialise each decoder layer in the backward pass
+    # One lax.scan over the stacked layers (compiled once for any depth), or a Python loop over the
+    # same weights (faster for a few layers on a CPU; compile time grows with depth): qwen2.run_layers.
+    scan_layers: bool = True
 
     def __post_init__(self):
         if not self.head_dim:
@@ -75,6 +78,8 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"{where}.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}.")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"{where}.scan_layers must be True or False, got {self.scan_layers!r}.")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"{where}.remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
         for i in self.eos_token_ids:
