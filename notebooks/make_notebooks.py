@@ -209,8 +209,8 @@ if SMOKE:
     OVERRIDES.update({"model.num_layers": 1, "model.hidden_size": 64, "model.intermediate_size": 128,
                       "model.head_dim": 16, "task.sft_steps": 10, "task.sft_examples": 200,
                       "train.steps": 2, "train.prompts_per_step": 4, "train.micro_batch_size": 16,
-                      "rollout.rollouts_per_prompt": 8, "rollout.max_response_len": 160,
-                      "eval.max_response_len": 160, "task.eval_problems": 8})
+                      "rollout.rollouts_per_prompt": 8, "rollout.max_response_len": 192,
+                      "eval.max_response_len": 192, "task.eval_problems": 8})
 print(OVERRIDES)"""),
         code("""\
 ablation.use_compilation_cache(os.path.join(WORKDIR, "jax_cache"))  # runs 2-5 reuse run 1's programs

@@ -72,6 +72,7 @@ def test_engine_draws_the_static_samplers_tokens(model, rows, settings, request)
     assert stats.preemptions == stats.recomputed == stats.page_grants == stats.grow_calls == 0
 
 
+@pytest.mark.slow
 def test_layers_in_a_python_loop_draw_the_scans_tokens(model, rows):
     """scan_layers=False (a loop over the same stacked weights) through the static sampler's KV
     cache and the engine's pages: the scanned model's tokens and log-probs."""

@@ -1,5 +1,5 @@
-"""The training loop on two processes (jax.distributed, 4 CPU devices each, one 8-device mesh)
-equals one process with 8 devices, its checkpoints restore across process counts, and a SIGTERM
+"""The training loop on two processes (jax.distributed, 2 CPU devices each, one 4-device mesh)
+equals one process with 4 devices, its checkpoints restore across process counts, and a SIGTERM
 to one process stops both at the same checkpoint, from which the run resumes exactly.
 
 Tolerance: both runs execute the same XLA programs on the same global arrays; only the
@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from conftest import xla_flags
 
-# mesh (2, 2, 2): the `data` axis spans the two processes, as on a pod slice (qwen1_5b.py:pod).
-MESH = "--config.mesh.shape=(2,2,2)"
+# mesh (2, 2, 1): the `data` axis spans the two processes and `fsdp` each one's devices, as on a pod
+# slice (qwen1_5b.py:pod).
+MESH = "--config.mesh.shape=(2,2,1)"
 RTOL, ATOL = 1e-4, 1e-5
 STEPS = 4  # of the reference run; the SIGTERM lands after step 2
 
@@ -45,20 +46,20 @@ def _free_port():
 
 
 def _one_process(tiny_run, workdir, steps, *extra, timeout=400):
-    done = subprocess.run(_command(tiny_run, workdir, steps, *extra), cwd=tiny_run.root, env=_env(8), capture_output=True,
+    done = subprocess.run(_command(tiny_run, workdir, steps, *extra), cwd=tiny_run.root, env=_env(4), capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
 
 
 def _start_two(tiny_run, workdir, steps, *extra):
-    """Both processes of a 2-host run (4 CPU devices each), started; stderr piped."""
+    """Both processes of a 2-host run (2 CPU devices each), started; stderr piped."""
     port = _free_port()
     return [subprocess.Popen(
         _command(tiny_run, workdir, steps, "--config.distributed=True",
                  f"--config.distributed_coordinator=localhost:{port}",
                  "--config.distributed_num_processes=2", f"--config.distributed_process_id={i}", *extra),
-        cwd=tiny_run.root, env=_env(4), stdout=subprocess.DEVNULL,
+        cwd=tiny_run.root, env=_env(2), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
         for i in range(2)]
 
@@ -81,7 +82,7 @@ def _finish(procs, timeout) -> list[str]:
 
 def _two_processes(tiny_run, workdir, steps, *extra, timeout=400):
     errs = _finish(_start_two(tiny_run, workdir, steps, *extra), timeout)
-    assert "process 1 of 2, 4 local of 8 devices" in errs[1]
+    assert "process 1 of 2, 2 local of 4 devices" in errs[1]
     return errs[0]
 
 
@@ -101,7 +102,7 @@ def _max_diff(a, b):
 
 @pytest.fixture(scope="module")
 def one(tiny_run, tmp_path_factory):
-    """The workdir of an uninterrupted 1-process (8-device) run of STEPS steps, every checkpoint
+    """The workdir of an uninterrupted 1-process (4-device) run of STEPS steps, every checkpoint
     kept: the reference the 2-process runs are compared with."""
     workdir = tmp_path_factory.mktemp("one")
     t0 = time.time()
@@ -143,7 +144,7 @@ def test_sigterm_to_one_host_stops_both_at_the_same_checkpoint_and_two_processes
     assert len(saved) == 1 and 2 <= saved[0] < STEPS, saved  # checkpoint_every=100: only the stop's
     for err in errs:  # both decided to stop at that step
         assert f"checkpoints step {saved[0]} and stops" in err or "checkpointing and stopping" in err, err[-2000:]
-    assert "process 1 of 2, 4 local of 8 devices" in errs[1]
+    assert "process 1 of 2, 2 local of 4 devices" in errs[1]
     two, reference = tiny_run.metrics(workdir), tiny_run.metrics(one)
     assert sorted(two) == list(range(1, saved[0] + 1))
     print(f"1 vs 2 processes, steps 1-{saved[0]}: max |difference| {_max_diff(two, reference):.3g}")
