@@ -1,6 +1,5 @@
 """hbpo_jax.spec: every objective resolves its own recipe, config values override it only where
 set, every registry name is checked at start-up, and each objective trains on the tiny task."""
-import ast
 import dataclasses
 import json
 import pathlib
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hbpo_jax import batching, loop, loss, objectives, prompting, spec, step, trainer
+from hbpo_jax import batching, loss, objectives, prompting, spec, step, trainer
 from hbpo_jax.models import ModelConfig, create_model
 from hbpo_jax.models.config import ConfigError
 from hbpo_jax.policy import Policy
@@ -223,30 +222,15 @@ def test_a_mini_batch_with_no_loss_token_takes_no_optimizer_step():
 
 # ----------------------------------------------------------------------------- short runs
 
-def _fast_config(name, args):
-    """configs/tiny.py with the tiny_run fixture's overrides (so the session's warm start fits),
-    one step, and micro-batches of 8 rows for the 8 in-process devices."""
-    config = tiny.get_config()
-    for arg in (*args, "--config.train.micro_batch_size=8", "--config.train.steps=1"):
-        key, value = arg[len("--config."):].split("=", 1)
-        section, field = key.split(".")
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass  # a bare string, e.g. task.name=arithmetic
-        config[section][field] = value
-    config.objective.name = name
-    return config
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_each_objective_trains_a_step_on_the_tiny_task(name, tiny_run, tmp_path):
-    tiny_run.warm(tmp_path)  # the session's warm start
-    summary = loop.run(_fast_config(name, tiny_run.args), str(tmp_path))
-    assert summary["steps"] == 1
+    """One step of launch/train.py per objective, from the session's warm start (one CPU device)."""
+    tiny_run.run(tmp_path, 1, f"--config.objective.name={name}")
     written = json.loads((tmp_path / "spec.json").read_text())
     assert written["objective"]["name"] == name and written["sampling"]["mode"] == RECIPES[name][0]
-    row = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"reward"' in x][-1]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    assert [r["step"] for r in rows] == [1]
+    row = rows[-1]
     assert np.isfinite(row["reward"]) and np.isfinite(row.get("loss", 0.0))
     assert ("response_len/budget_16" in row) == (name == "hbpo")
