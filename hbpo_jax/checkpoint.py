@@ -25,7 +25,6 @@ from hbpo_jax.models.config import ModelConfig
 from hbpo_jax.models.hf import read_hf_config
 from hbpo_jax.models.qwen2 import Qwen2
 
-
 log = logging.getLogger(__name__)
 
 # Write in place and commit with commit_success.txt; still read checkpoints an older version of

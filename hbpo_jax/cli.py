@@ -15,7 +15,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-from hbpo_jax.models.config import ConfigError
+from hbpo_jax.errors import ConfigError
 
 # Config files (configs/*.py) are looked up, when the given path does not exist from the working
 # directory, in the checkout this package runs from (an editable install) and then in the copy a
@@ -85,7 +85,7 @@ def run(main: Callable[[list], None]) -> None:
     """absl's app.run with INFO logging (Orbax's INFO lines excepted: checkpoint.quiet_orbax_logs);
     a ConfigError, a DataError (a malformed dataset) or a missing file ends the program with its
     message on one line and exit status 2."""
-    from hbpo_jax.data import DataError
+    from hbpo_jax.errors import DataError
 
     def wrapped(argv):
         logging.set_verbosity(logging.INFO)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from ml_collections import config_dict
 
 from hbpo_jax import sharding
-from hbpo_jax.models.config import ConfigError, ModelConfig
-
+from hbpo_jax.errors import ConfigError
+from hbpo_jax.models.config import ModelConfig
 
 
 def _unset(kind):
@@ -68,7 +68,7 @@ def base_config() -> config_dict.ConfigDict:
         max_batch=0,  # rows decoding at once (0: all); bounds the KV cache
         # "static": chunks of max_batch rows, each until its longest row ends; "refill": max_batch
         # slots, each refilled from a queue when its row ends, every distinct prompt prefilled
-        # once (hbpo_jax.engine). The same tokens for the same seed either way.
+        # once (hbpo_jax.rollout.refill). The same tokens for the same seed either way.
         engine="refill",
         # The refill engine's KV page pool in tokens, all devices together (0: max_batch slots x
         # the longest row, so no row waits; smaller: KV memory follows live tokens and a row is

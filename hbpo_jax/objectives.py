@@ -10,9 +10,19 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-from hbpo_jax.loss import (BETA, L_MAX, budget_reward, classic_reward, cosine_reward, dapo_overlong_penalty,
-                           dapo_reward, grpo_advantages, hierarchical_advantages, l1_exact_reward,
-                           l1_max_reward)
+from hbpo_jax.loss import (
+    BETA,
+    L_MAX,
+    budget_reward,
+    classic_reward,
+    cosine_reward,
+    dapo_overlong_penalty,
+    dapo_reward,
+    grpo_advantages,
+    hierarchical_advantages,
+    l1_exact_reward,
+    l1_max_reward,
+)
 
 __all__ = ["Objective", "OBJECTIVES", "get_objective", "compute_advantages"]
 

@@ -12,9 +12,10 @@ from typing import Any
 
 from flax import nnx
 
-from hbpo_jax import data, prompting
+from hbpo_jax.data import sources
+from hbpo_jax.errors import ConfigError
 from hbpo_jax.models import load_pretrained
-from hbpo_jax.models.config import ConfigError
+from hbpo_jax.rollout import prompting
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def pretrained(config, spec, mesh, rules) -> Policy:
         raise FileNotFoundError(f"{config.model_path}: no tokenizer files (tokenizer.json) in the model folder.")
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{config.model_path}: the tokenizer has no chat template.")
-    records, report = data.training_records(spec.data)
+    records, report = sources.training_records(spec.data)
     if report.total:
         log.warning("data: %s", report.summary())
     graphdef, params = nnx.split(model)

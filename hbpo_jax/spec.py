@@ -18,9 +18,13 @@ import math
 from typing import Any
 
 from hbpo_jax import loss as loss_lib
-from hbpo_jax import grading, objectives, prompting, rollout, sharding, trainer
-from hbpo_jax.models.config import ConfigError
-from hbpo_jax.sources import DataSpec, parse_benchmark, resolve_data
+from hbpo_jax import objectives, sharding
+from hbpo_jax.data.sources import DataSpec, parse_benchmark, resolve_data
+from hbpo_jax.errors import ConfigError
+from hbpo_jax.grading import answers as grading
+from hbpo_jax.rollout import batch as rollout
+from hbpo_jax.rollout import prompting
+from hbpo_jax.train import update as trainer
 
 TASKS = ("", "arithmetic")
 
@@ -39,7 +43,7 @@ class SamplingSpec:
     mode: prompting.MODES name ("budget", "natural", "l1", "l1_max", ...); budgets: the budget
     set (budget mode: K subgroups per prompt; l1 / l1_max: the range N is drawn from per prompt).
     group = rollouts per prompt = len(budgets) x samples_per_budget in budget mode.
-    engine: rollout.ENGINES name ("refill": hbpo_jax.engine; "static": hbpo_jax.sampler).
+    engine: rollout.ENGINES name ("refill": hbpo_jax.rollout.refill; "static": hbpo_jax.rollout.static).
     """
 
     mode: str

@@ -8,7 +8,9 @@ import random
 import statistics
 import time
 
-from hbpo_jax import cli, grading, grading_pool
+from hbpo_jax import cli
+from hbpo_jax.grading import answers as grading
+from hbpo_jax.grading import pool as grading_pool
 
 cli.flags.DEFINE_integer("n", 1024, "Responses to grade.")
 cli.flags.DEFINE_float("timeout_s", 5.0, "Per-response grading time limit (seconds).")

@@ -28,9 +28,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hbpo_jax import batching, cli, prompting, rollout, sampler, trainer
+from hbpo_jax import cli
 from hbpo_jax.models import ModelConfig, create_model
+from hbpo_jax.rollout import batch as rollout
+from hbpo_jax.rollout import prompting
+from hbpo_jax.rollout import static as sampler
 from hbpo_jax.spec import OptimSpec
+from hbpo_jax.train import minibatches as batching
+from hbpo_jax.train import update as trainer
 
 flags = cli.flags
 flags.DEFINE_bool("smoke", False, "The tiny shape, for the test suite (seconds).")

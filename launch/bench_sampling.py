@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hbpo_jax import cli, sampling
+from hbpo_jax import cli
+from hbpo_jax.rollout import next_token as sampling
 
 cli.flags.DEFINE_integer("batch", 64, "Rows.")
 cli.flags.DEFINE_integer("vocab", 151_936, "Vocabulary size (Qwen2.5: 151,936).")

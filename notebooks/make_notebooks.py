@@ -3,7 +3,7 @@
     python notebooks/make_notebooks.py            # rewrites every notebook, without outputs
     python notebooks/make_notebooks.py --check    # exit 1 if a notebook's cells differ from here
 
-Edit the cells here, not in Jupyter, then re-run this script. tests/test_notebooks.py executes
+Edit the cells here, not in Jupyter, then re-run this script. tests/e2e/test_notebooks.py executes
 the notebooks in smoke mode (HBPO_SMOKE=1).
 """
 from __future__ import annotations
@@ -191,8 +191,8 @@ it is the mode this notebook evaluates, so they are trained on the very distribu
 judged on, while HBPO must carry what it learns under budget prompts over to natural mode — the
 paper's claim. `Variant(..., rollout_mode="budget")` gives the other protocol."""),
         code("""\
-from hbpo_jax.eval import ablation
-from hbpo_jax.eval.ablation import Variant
+from hbpo_jax.train import ablation
+from hbpo_jax.train.ablation import Variant
 
 VARIANTS = [
     # The first run evaluates the warm start ("before") in every mode a later run needs.
@@ -290,7 +290,7 @@ CONFIG = "configs/qwen0_5b_instruct.py\""""),
 The network is used here only, and only for a Hub id (`MODEL`) or `DATA = "gsm8k"`. GSM8K's
 `train` split is the training data and its `test` split the held-out evaluation."""),
         code("""\
-from hbpo_jax import data
+from hbpo_jax.data import readers as data
 
 
 def fetch(what, download):
@@ -335,8 +335,8 @@ print(model_dir, TRAIN, BENCHMARKS)"""),
 The config's settings (budgets, rollouts, learning rate) for `STEPS` steps each; smoke mode
 shrinks everything so the test suite runs it in a minute on a CPU."""),
         code("""\
-from hbpo_jax.eval import ablation
-from hbpo_jax.eval.ablation import Variant
+from hbpo_jax.train import ablation
+from hbpo_jax.train.ablation import Variant
 
 VARIANTS = [
     Variant("hbpo", "hbpo", eval_modes=("natural", "fixed")),  # fixed: each budget prompt

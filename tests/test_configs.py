@@ -10,7 +10,8 @@ from flax import nnx
 
 from hbpo_jax import config as config_lib
 from hbpo_jax import spec as spec_lib
-from hbpo_jax.models import ConfigError, Qwen2
+from hbpo_jax.errors import ConfigError
+from hbpo_jax.models import Qwen2
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_qwen1_5b_train_step_and_sampler_lower_on_8_devices():
     """The full training step and the sampler of the 1.5B config, from abstract arrays (nothing
     allocated), lower on a 2x4 fsdp x tensor mesh of the 8 CPU devices."""
     from hbpo_jax import sharding
-    from hbpo_jax.bench import plan as planning
+    from hbpo_jax.plan import programs as planning
     config = load("qwen1_5b")
     config.mesh.shape = (1, 2, 4)
     spec_lib.resolve(config, num_devices=8)

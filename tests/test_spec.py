@@ -12,10 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hbpo_jax import batching, loss, objectives, prompting, spec, step, trainer
+from hbpo_jax import loss, objectives, spec
+from hbpo_jax.errors import ConfigError
 from hbpo_jax.models import ModelConfig, create_model
-from hbpo_jax.models.config import ConfigError
 from hbpo_jax.policy import Policy
+from hbpo_jax.rollout import prompting
+from hbpo_jax.train import minibatches as batching
+from hbpo_jax.train import step
+from hbpo_jax.train import update as trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hbpo_jax import sampler
 from hbpo_jax.models import ModelConfig
+from hbpo_jax.rollout import static as sampler
 
 # The benchmarked shapes: the models of configs/tiny.py and configs/qwen1_5b.py (a test keeps
 # them equal), so the benchmark needs neither a config file nor weights.

@@ -1,7 +1,7 @@
 """The HBPO-step section of launch/bench.py: one training step of a fraction of the paper's size,
 phase by phase (rollout, old log-probs, updates), projected to the paper's step on one card.
 
-The update batch is built as the training loop builds it (hbpo_jax.batching: update_arrays,
+The update batch is built as the training loop builds it (hbpo_jax.train.minibatches: update_arrays,
 minibatches, put) with HBPO's loss settings, so this times the program the loop runs. Grading is
 CPU-side and excluded.
 """
@@ -13,12 +13,14 @@ import types
 import jax
 import numpy as np
 
-from hbpo_jax import batching, sampler, trainer
 from hbpo_jax.bench.common import decode_bytes, format_rate, progress, rollout_sampler, timed_sample
 from hbpo_jax.bench.jax_context import JaxContext
 from hbpo_jax.bench.settings import PAPER, section_shape
 from hbpo_jax.bench.train_sections import OPTIM, hbpo_loss
 from hbpo_jax.models import ModelConfig
+from hbpo_jax.rollout import static as sampler
+from hbpo_jax.train import minibatches as batching
+from hbpo_jax.train import update as trainer
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq: int) -> float:

@@ -10,8 +10,14 @@ import jax
 from flax import nnx
 
 from hbpo_jax import sharding
-from hbpo_jax.bench.common import (bench_model_config, copy_bandwidth, failure_reason, format_rate, matmul_flops,
-                                   progress)
+from hbpo_jax.bench.common import (
+    bench_model_config,
+    copy_bandwidth,
+    failure_reason,
+    format_rate,
+    matmul_flops,
+    progress,
+)
 from hbpo_jax.models import Qwen2, create_model
 
 

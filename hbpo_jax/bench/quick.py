@@ -7,8 +7,14 @@ import numpy as np
 from flax import nnx
 
 from hbpo_jax.bench import hf
-from hbpo_jax.bench.common import (bench_model_config, best_time, decode_bytes, device_bandwidth, rollout_sampler,
-                                   timed_sample)
+from hbpo_jax.bench.common import (
+    bench_model_config,
+    best_time,
+    decode_bytes,
+    device_bandwidth,
+    rollout_sampler,
+    timed_sample,
+)
 from hbpo_jax.models import ModelConfig, create_model
 
 

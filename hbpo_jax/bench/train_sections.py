@@ -9,9 +9,11 @@ import time
 import jax
 import numpy as np
 
-from hbpo_jax import batching, objectives, spec, trainer
+from hbpo_jax import objectives, spec
 from hbpo_jax.bench.common import SectionSkipped, failure_reason, median, progress
 from hbpo_jax.bench.jax_context import JaxContext
+from hbpo_jax.train import minibatches as batching
+from hbpo_jax.train import update as trainer
 
 # configs/qwen1_5b.py's optimizer.
 OPTIM = spec.OptimSpec(learning_rate=1e-6, schedule="constant", warmup_steps=0, weight_decay=0.01, b1=0.9,

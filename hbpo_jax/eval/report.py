@@ -11,8 +11,9 @@ import math
 import os
 from typing import Iterable, Sequence
 
-from hbpo_jax import data, files
-from hbpo_jax.eval.evaluation import BenchmarkResult, sort_levels
+from hbpo_jax import files
+from hbpo_jax.data import readers as data
+from hbpo_jax.eval.scoring import BenchmarkResult, sort_levels
 
 FILES = {"json": "results.json", "markdown": "results.md", "plot": "accuracy_vs_tokens.png",
          "responses": "responses.jsonl"}

@@ -16,10 +16,14 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from hbpo_jax import data, prompting, sampler, sharding
+from hbpo_jax import sharding
 from hbpo_jax import spec as spec_lib
-from hbpo_jax.eval import checkpoints, evaluation, report, sets
-from hbpo_jax.models.config import ConfigError
+from hbpo_jax.data import readers as data
+from hbpo_jax.errors import ConfigError
+from hbpo_jax.eval import checkpoints, report, sets
+from hbpo_jax.eval import scoring as evaluation
+from hbpo_jax.rollout import prompting
+from hbpo_jax.rollout import static as sampler
 
 log = logging.getLogger(__name__)
 

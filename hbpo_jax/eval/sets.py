@@ -13,7 +13,7 @@ hbpo_jax.spec, whose parse_benchmark checks them when the config is resolved):
   tiny            the tiny run's arithmetic eval problems (hbpo_jax.tasks.arithmetic; level =
                   difficulty), the set the training loop evaluates before and after training.
 
-Every benchmark is graded by hbpo_jax.grading (the last \\boxed{} where the answer-format policy,
+Every benchmark is graded by hbpo_jax.grading.answers (the last \\boxed{} where the answer-format policy,
 grading.format, looks), so the answers of reasoning-gym tasks are compared by our grader; the
 task's own `score_answer` (on our extracted answer) is the benchmark's `scorer`, which evaluations
 report beside ours as `dataset_score` (eval.dataset_score). reasoning-gym problems are generated
@@ -25,8 +25,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from hbpo_jax import data, rg_tasks, sources
-from hbpo_jax.eval.evaluation import level_label
+from hbpo_jax.data import readers as data
+from hbpo_jax.data import reasoning_gym as rg_tasks
+from hbpo_jax.data import sources
+from hbpo_jax.eval.scoring import level_label
 
 DEFAULT_RG_SIZE = 50
 TINY = ("tiny", "")  # the task's own eval set, as an eval.benchmarks (kind, arg) pair

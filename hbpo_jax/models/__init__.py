@@ -1,5 +1,6 @@
 """Qwen2 in Flax NNX, with Hugging Face folders in and out."""
-from hbpo_jax.models.config import ConfigError, ModelConfig
+from hbpo_jax.errors import ConfigError
+from hbpo_jax.models.config import ModelConfig
 from hbpo_jax.models.hf import Pretrained, WeightsError, load_pretrained, save_pretrained
 from hbpo_jax.models.qwen2 import KVCache, Qwen2
 from hbpo_jax.models.safetensors_io import SafetensorsError

@@ -6,14 +6,12 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from hbpo_jax.errors import ConfigError
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots")
 SUPPORTED_MODEL_TYPES = ("qwen2",)
-
-
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)

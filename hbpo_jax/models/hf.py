@@ -17,7 +17,8 @@ from flax import nnx
 
 from hbpo_jax import files as _files  # `files` is a local name below
 from hbpo_jax import sharding as sharding_lib
-from hbpo_jax.models.config import DTYPES, ConfigError, ModelConfig
+from hbpo_jax.errors import ConfigError
+from hbpo_jax.models.config import DTYPES, ModelConfig
 from hbpo_jax.models.qwen2 import Qwen2
 from hbpo_jax.models.safetensors_io import SafetensorsFile, save_file
 

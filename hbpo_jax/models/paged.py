@@ -17,7 +17,7 @@ Token t of slot s lives at page table[s, t // page_size], offset t % page_size. 
 K = kv heads, D = head dim, S = slots, H = query heads, T = query tokens per slot.
 
 With a mesh, the pages are split over the same mesh axes as the slots (`batch` rule): slot s
-only holds pages of its own shard (the host's allocator, hbpo_jax.pages, hands them out per shard),
+only holds pages of its own shard (the host's allocator, hbpo_jax.rollout.pages, hands them out per shard),
 so each device keeps the KV of its own slots, and the write and the attention run under
 shard_map with the table translated to local page ids. The kv-head axis is split over the
 `kv_heads` rule.
@@ -30,7 +30,7 @@ Attention (`PagedLayer.attend`):
   "kernel": jax's Pallas TPU paged-attention kernel (jax.experimental.pallas.ops.tpu.
          paged_attention), decode only (T = 1). It loads K and V as bfloat16 (so with a
          bfloat16 cache it is exact; with a float32 cache it rounds them); head_dim must be a
-         multiple of 128. Numerics checked on CPU in TPU interpret mode (tests/test_paged.py).
+         multiple of 128. Numerics checked on CPU in TPU interpret mode (tests/models/test_paged.py).
          jax's ragged_paged_attention kernel (combined [P, page, 2K, D] layout, mixed prefill
          and decode) does not run in jax 0.10.2's TPU interpreter (its ref reshape is
          unsupported there), so it cannot be checked here and is not used.
@@ -44,7 +44,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("xla", "kernel")
 _NEG_INF = float(jnp.finfo(jnp.float32).min)

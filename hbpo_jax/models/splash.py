@@ -37,7 +37,7 @@ tensor axis does not divide (Qwen2-1.5B: 2 kv heads) stay whole on every shard, 
 picks the ones its query heads read. A config with a different rule table still computes the same
 values; shard_map then reshards at its edges.
 
-Numerics (tests/test_splash.py, interpret mode on the CPU against the XLA path, a tiny Qwen2 with
+Numerics (tests/models/test_splash.py, interpret mode on the CPU against the XLA path, a tiny Qwen2 with
 GQA, left padding, a fully padded row, 11 tokens): float32 logits within 2.4e-7 of the XLA path's,
 gradients within 1e-5 of each array's largest entry (the bound tested); bfloat16 logits within
 0.0045 of the bfloat16 XLA path's (tested at 0.01), while either bfloat16 path is up to 0.0078

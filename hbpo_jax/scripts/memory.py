@@ -1,6 +1,6 @@
 """Prints the per-device memory XLA plans for a config's training step and sampler, built from
-abstract arrays (no weights allocated) (hbpo_jax.bench.plan), on a mesh of the local devices, or
-with --topology the TPU plan (hbpo_jax.bench.tpu_plan): the train step, the old-log-prob pass and
+abstract arrays (no weights allocated) (hbpo_jax.plan.programs), on a mesh of the local devices, or
+with --topology the TPU plan (hbpo_jax.plan.tpu): the train step, the old-log-prob pass and
 the sampler compiled on this machine for a TPU topology (libtpu installed, no TPU needed), per
 chip: memory against the chip's HBM, flops and bytes, a roofline time, the decode loop's
 collectives, and a roofline projection of the run.
@@ -15,8 +15,8 @@ The config's mesh.shape (-1 = the rest) is laid on the topology's chips. A confi
 printed as one sentence (exit status 2) before anything compiles.
 """
 from hbpo_jax import cli, sharding
-from hbpo_jax.models.config import ConfigError
-from hbpo_jax.bench import plan
+from hbpo_jax.errors import ConfigError
+from hbpo_jax.plan import programs as plan
 
 cli.define_config("configs/qwen1_5b.py", "Config file (get_config).")
 cli.flags.DEFINE_string("topology", "", "A TPU topology to compile for on this machine (e.g. v5p:2x2x4, v5e:4x4, "
@@ -32,7 +32,7 @@ def main(argv):
     flags = cli.flags.FLAGS
     config, topology = flags.config, flags.topology
     if topology:
-        from hbpo_jax.bench import tpu_plan
+        from hbpo_jax.plan import tpu as tpu_plan
         try:
             tpu_plan.chip_for(topology)
         except ValueError as e:

@@ -11,7 +11,8 @@ as one sentence (exit status 2) before anything loads.
 """
 import os
 
-from hbpo_jax import cli, host, loop
+from hbpo_jax import cli, host
+from hbpo_jax.train import loop
 
 cli.define_config("configs/tiny.py", "Training config file (get_config).")
 cli.flags.DEFINE_string("workdir", None, "Checkpoints, event files and results (default: runs/<config name>).")

@@ -36,8 +36,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from hbpo_jax.prompting import BUDGET_PREFIX
-from hbpo_jax.prompting import EFFICIENCY_PREFIX as MINIMAL_PREFIX
+from hbpo_jax.rollout.prompting import BUDGET_PREFIX
+from hbpo_jax.rollout.prompting import EFFICIENCY_PREFIX as MINIMAL_PREFIX
 
 BUDGETS = (32, 64, 128, 160)
 DIFFICULTIES = (1, 2, 3, 4)

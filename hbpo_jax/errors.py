@@ -1,0 +1,16 @@
+"""The errors a user's input can raise: each message is one sentence that names what to change.
+
+The launchers print these as that sentence alone (exit status 2); everything else is a bug and
+keeps its traceback.
+"""
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent; the message names the key."""
+
+
+class DataError(ValueError):
+    """A data source that cannot be read or yields no usable rows; the message names it."""
+
+
+__all__ = ["ConfigError", "DataError"]

@@ -1,0 +1,172 @@
+"""What the refilling engine (hbpo_jax.rollout.refill) passes around: its decode slots' state, a batch of
+rows entering slots and how the host packs one, and what a run returns (its output, its stats).
+
+Shapes as in hbpo_jax.rollout.refill: S = slots, A = rows admitted per call, R = rows, N = max_new_tokens,
+F = start width, W = page-table entries per slot.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from hbpo_jax.rollout.next_token import keys_for_rows
+from hbpo_jax.rollout.pages import PageBook
+from hbpo_jax.rollout.static import bucket_length
+
+
+class EngineOutput(NamedTuple):
+    """numpy, rows in their input order. tokens: int32 [R, N] generated tokens, pad after the
+    stop; logprobs: float32 [R, N], 0 after the stop; lengths, stop_reason: int32 [R];
+    prefix_logprobs: float32 [R, F - 1], the pre-filled prefix tokens' log-probs under the full
+    log_softmax(logits / T) (0 past a row's prefix)."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    stop_reason: np.ndarray
+    prefix_logprobs: np.ndarray
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """What one run cost. slot_steps: decode slot-steps paid (S per loop step) plus A per admit
+    call (each admit draws up to A first tokens); tokens: generated tokens kept; decode_steps,
+    segments, admit_calls, prompt_prefills (distinct prompts prefilled), rows; kv_bytes: the page
+    pool's bytes (keys and values, all layers), dense_kv_bytes: what a contiguous S x C cache would
+    take; peak_pages of pool_pages held at once. Pages on demand: page_grants (pages granted to
+    running rows), grow_calls (page-table updates), preemptions (rows stopped and requeued),
+    recomputed (tokens they had drawn, discarded: paid for in slot_steps, not in tokens)."""
+
+    slots: int = 0
+    rows: int = 0
+    tokens: int = 0
+    slot_steps: int = 0
+    decode_steps: int = 0
+    segments: int = 0
+    admit_calls: int = 0
+    prompt_prefills: int = 0
+    kv_bytes: int = 0
+    dense_kv_bytes: int = 0
+    pool_pages: int = 0
+    peak_pages: int = 0
+    page_grants: int = 0
+    grow_calls: int = 0
+    preemptions: int = 0
+    recomputed: int = 0
+
+    @property
+    def utilization(self) -> float:
+        return self.tokens / max(self.slot_steps, 1)
+
+
+class SlotState(NamedTuple):
+    """The decode slots (all [S] unless noted). tok: the next input token; gen: tokens generated;
+    done: the slot is not running (ended or empty); reason: STOP_*; limit, offset: the row's own;
+    keys: uint32 [S, 2], the row's raw PRNG key; row: its index in the output, R when empty;
+    tokens, logprobs: [S, N] the row's output so far; prefix_logp: [S, F - 1]; cap: int32 [S],
+    the tokens the slot's pages hold (a running slot steps only while its length is below)."""
+
+    tok: Any
+    gen: Any
+    done: Any
+    reason: Any
+    limit: Any
+    offset: Any
+    keys: Any
+    row: Any
+    tokens: Any
+    logprobs: Any
+    prefix_logp: Any
+    cap: Any
+
+
+class AdmitBatch(NamedTuple):
+    """A rows entering slots (all [A]; padding entries have slot = S, dropped by the scatter).
+    slot, row (R for padding), prompt (index into the store), plen (its tokens), start: int32
+    [A, F] = [last prompt token, prefix..., pad], start_len (1 + prefix length), limit, offset;
+    keys: uint32 [A, 2] raw PRNG keys; pages: int32 [A, W] the row's page table (padding rows:
+    the pool size, so their writes drop); cap: int32 [A], the tokens its pages hold."""
+
+    slot: Any
+    row: Any
+    prompt: Any
+    plen: Any
+    start: Any
+    start_len: Any
+    limit: Any
+    offset: Any
+    keys: Any
+    pages: Any
+    cap: Any
+
+
+class Rows(NamedTuple):
+    """One run's rows on the host. prompts: G token lists; row_prompt: int32 [R]; prefixes: R
+    token lists; limits, offset: int32 [R]; keys: uint32 [R, 2]; f_width: F."""
+
+    prompts: Sequence[Sequence[int]]
+    row_prompt: np.ndarray
+    prefixes: Sequence[Sequence[int]]
+    limits: np.ndarray
+    offset: np.ndarray
+    keys: np.ndarray
+    f_width: int
+
+    @classmethod
+    def make(cls, prompts, row_prompt, prefixes, limits, key, token_offset, max_new: int, start_width) -> "Rows":
+        """A run's rows, checked (see RefillEngine.run for the arguments): limits clipped to [0,
+        max_new], keys from `key` (hbpo_jax.rollout.next_token.keys_for_rows), offsets 0 when None, F =
+        start_width(the longest prefix)."""
+        row_prompt = np.asarray(row_prompt, np.int32)
+        rows = len(row_prompt)
+        if rows == 0 or len(prefixes) != rows or np.shape(limits) != (rows,):
+            raise ValueError(f"need ≥ 1 row, and one prefix and one limit per row ({rows} rows).")
+        if not prompts or min(map(len, prompts)) < 1 or row_prompt.min() < 0 or row_prompt.max() >= len(prompts):
+            raise ValueError("every prompt needs a token, and every row_prompt must index `prompts`.")
+        limits = np.clip(np.asarray(limits, np.int64), 0, max_new).astype(np.int32)
+        offset = np.zeros(rows, np.int32) if token_offset is None else np.asarray(token_offset, np.int32)
+        keys = np.asarray(jax.random.key_data(keys_for_rows(key, rows)), np.uint32)
+        return cls(prompts, row_prompt, prefixes, limits, offset, keys, start_width(max(map(len, prefixes))))
+
+    def filled(self) -> np.ndarray:
+        """int [R]: the KV tokens a row fills at admission (its prompt, then its prefix)."""
+        return np.array([len(self.prompts[p]) + len(x) for p, x in zip(self.row_prompt, self.prefixes)])
+
+
+def admit_batch(rows: Rows, take, slot_ids, width: int, book: PageBook, pad_id: int) -> AdmitBatch:
+    """The rows `take` entering slots `slot_ids` with the book's pages, as numpy, padded to
+    `width` entries (padding goes to slot S, which the scatter drops, with pages past the pool)."""
+    def pad(x, fill):
+        x = np.asarray(x)
+        return np.concatenate([x, np.full((width - len(take),) + x.shape[1:], fill, x.dtype)])
+
+    start = np.full((len(take), rows.f_width), pad_id, np.int32)
+    start_len = np.zeros(len(take), np.int32)
+    for i, r in enumerate(take):
+        seq = [rows.prompts[rows.row_prompt[r]][-1], *rows.prefixes[r]]
+        start[i, :len(seq)], start_len[i] = seq, len(seq)
+    plen = np.array([len(rows.prompts[rows.row_prompt[r]]) for r in take], np.int32)
+    table = np.stack([book.table_row(s) for s in slot_ids])
+    return AdmitBatch(slot=pad(np.asarray(slot_ids, np.int32), book.slots),
+                      row=pad(np.asarray(take, np.int32), len(rows.limits)), prompt=pad(rows.row_prompt[take], 0),
+                      plen=pad(plen, 1), start=pad(start, pad_id), start_len=pad(start_len, 1),
+                      limit=pad(rows.limits[take], 1), offset=pad(rows.offset[take], 0), keys=pad(rows.keys[take], 0),
+                      pages=pad(table, book.pool.pages), cap=pad(book.capacity()[slot_ids], 0))
+
+
+def right_padded(prompts, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct prompts right-padded for the prompt store: (ids, mask) int32 [G', width], G'
+    rounded up to a multiple of 8 (fewer compiled shapes)."""
+    g = bucket_length(len(prompts), 8)
+    ids = np.full((g, width), pad_id, np.int32)
+    mask = np.zeros((g, width), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], mask[i, :len(p)] = p, 1
+    mask[len(prompts):, 0] = 1  # padding prompts: one token, never read
+    return ids, mask
+
+
+__all__ = ["AdmitBatch", "EngineOutput", "EngineStats", "Rows", "SlotState", "admit_batch", "right_padded"]

@@ -1,0 +1,213 @@
+"""The training loop: `run(config, workdir)` is the main job.
+
+The config is resolved once into a RunSpec (hbpo_jax.spec; logged and written to
+`<workdir>/spec.json`), then: policy (a Hugging Face folder, or the tiny task's warm start) ->
+steps (hbpo_jax.train.step) with metrics, periodic evaluation and checkpoints -> export -> the
+before/after evaluation. Re-running in the same workdir resumes from its newest checkpoint.
+
+The workdir is a local path or gs://bucket/run: every file in it goes through hbpo_jax.files
+(etils.epath) or Orbax, and nothing renames a folder (see hbpo_jax.files, hbpo_jax.checkpoint).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import jax
+from flax import nnx
+
+from hbpo_jax import checkpoint, files, sharding
+from hbpo_jax import spec as spec_lib
+from hbpo_jax.data import loader as prompts
+from hbpo_jax.errors import ConfigError
+from hbpo_jax.eval import report
+from hbpo_jax.eval import run as eval_run
+from hbpo_jax.models import save_pretrained
+from hbpo_jax.policy import Policy, pretrained
+from hbpo_jax.rollout import static as sampler
+from hbpo_jax.train import metrics as metrics_lib
+from hbpo_jax.train import preemption
+from hbpo_jax.train import update as trainer
+from hbpo_jax.train.step import Step
+
+log = logging.getLogger(__name__)
+
+# fold_in offsets of the evaluations' keys (the steps use fold_in(key, step)).
+_BEFORE, _AFTER, _PERIODIC = 10**6, 10**6 + 1, 2 * 10**6
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite steps); a checkpoint was kept."""
+
+
+def build_policy(config, spec, workdir, mesh, rules) -> Policy:
+    """The tiny task's warm start (task.name "arithmetic") or config.model_path with config.data."""
+    if config.task.name == "arithmetic":
+        from hbpo_jax.tasks import warmstart
+        return warmstart.arithmetic_policy(config, workdir, mesh, rules)
+    if not config.model_path:
+        raise ConfigError("model_path is empty: name a Hugging Face model folder (or set task.name).")
+    return pretrained(config, spec, mesh, rules)
+
+
+class _Evaluator:
+    """The run's evaluations, all through eval.run.evaluate on spec.eval: the benchmarks are
+    eval.benchmarks, else the task's eval set ("tiny")."""
+
+    def __init__(self, spec, policy: Policy, mesh, rules):
+        self.spec, self.policy, self.mesh, self.rules = spec.eval, policy, mesh, rules
+        self.max_positions = sampler.graphdef_cfg(policy.graphdef, policy.params).max_position_embeddings
+        self.benchmarks = eval_run.load_benchmarks(self.spec, policy.tokenizer,
+                                                   tiny_records=policy.eval_records or None)
+
+    def __call__(self, params, key) -> list[dict]:
+        results = eval_run.evaluate(self.spec, self.policy.graphdef, params, self.policy.tokenizer,
+                                    self.benchmarks, key, max_positions=self.max_positions,
+                                    mesh=self.mesh, rules=self.rules)
+        return [r.summary() for r in results]
+
+
+def _cached_before(spec, evaluator: _Evaluator, params, key) -> list[dict]:
+    """The before-training evaluation, cached beside a cached warm start and keyed by the
+    evaluation settings: a rerun in the same workdir with other RL settings evaluates the warm
+    start once."""
+    cache_dir = evaluator.policy.cache_dir
+    if not cache_dir:
+        return evaluator(params, key)
+    digest = hashlib.sha1(json.dumps(spec_lib.as_dict(spec.eval), sort_keys=True).encode()).hexdigest()[:16]
+    path = files.join(cache_dir, f"eval-{digest}.json")
+    if files.exists(path):
+        log.info("before-training evaluation: cached in %s", path)
+        return files.read_json(path)
+    before = evaluator(params, key)
+    if jax.process_index() == 0:
+        files.write_json(path, before)
+    return before
+
+
+def run(config, workdir: str) -> dict:
+    """Trains as `config` says, in `workdir` (resuming from its checkpoints). Returns a summary."""
+    _initialize_distributed(config)
+    checkpoint.quiet_orbax_logs()
+    spec = spec_lib.resolve(config)
+    workdir = _absolute(workdir)
+    files.makedirs(workdir)
+    writer_process = jax.process_index() == 0
+    log.info("run spec:\n%s", spec.to_json())
+    if writer_process:
+        files.write_json(files.join(workdir, "spec.json"), spec_lib.as_dict(spec))
+    mesh = sharding.mesh_from_config(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    policy = build_policy(config, spec, workdir, mesh, rules)
+    step_fn = Step(spec, policy, mesh, rules)
+    base_key = jax.random.key(spec.seed)
+    t = spec.train
+
+    state = trainer.init_state(policy.params, step_fn.optimizer)
+    ckpt = checkpoint.TrainCheckpointer(files.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+    # The same global batch on every process (see hbpo_jax.train.step).
+    batches = prompts.prompt_batches(policy.train_records, batch_size=t.prompts_per_step, seed=spec.seed,
+                                  shuffle=config.data.shuffle, process_index=0, process_count=1)
+    start = 0
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        start, state, meta = restored
+        batches.set_state(meta["data"])
+        log.info("resumed from step %d in %s", start, ckpt.directory)
+
+    writer = metrics_lib.MetricsWriter(workdir, t.steps, start)
+    summary: dict = {"workdir": workdir}
+    evaluator = _Evaluator(spec, policy, mesh, rules) if (spec.eval.before_after or spec.eval.every) else None
+    results_path = files.join(workdir, "results.json")
+    if spec.eval.before_after:
+        have_before = files.exists(results_path) and "before" in files.read_json(results_path)
+        if not (have_before and (start > 0 or spec.eval.reuse_before)):
+            before = _cached_before(spec, evaluator, policy.params, jax.random.fold_in(base_key, _BEFORE))
+            if writer_process:
+                files.write_json(results_path, {"before": before})
+        writer.scalars(0, eval_run.scalars(files.read_json(results_path)["before"], prefix="eval_before"),
+                       console=False)
+
+    step = start
+    with preemption.StopSignal() as stop_signal:
+        for step in range(start + 1, t.steps + 1):
+            state, metrics = step_fn(state, next(batches), jax.random.fold_in(base_key, step))
+            if step % t.log_every == 0 or step == t.steps:
+                writer.scalars(step, metrics)
+            if spec.eval.every and step % spec.eval.every == 0:
+                _periodic_eval(evaluator, state.params, jax.random.fold_in(base_key, _PERIODIC + step),
+                               step, writer, workdir)
+            if int(state.skipped) > t.max_consecutive_skips:
+                ckpt.save(step, state, _meta(batches, spec, step))
+                ckpt.close()
+                writer.close()
+                raise TrainingError(
+                    f"{int(state.skipped)} consecutive steps had a non-finite loss or gradient "
+                    f"(train.max_consecutive_skips={t.max_consecutive_skips}); the last good state "
+                    f"is checkpointed at step {step} in {ckpt.directory}.")
+            stop = stop_signal.should_stop(step)  # the same on every process (collective)
+            if step % t.checkpoint_every == 0 or step == t.steps or stop:
+                ckpt.save(step, state, _meta(batches, spec, step))
+            if stop:
+                ckpt.close()
+                writer.close()
+                summary.update(stopped_at=step, preempted=True)
+                return summary
+    ckpt.close()
+    summary["steps"] = step
+
+    if t.export_hf:
+        export = files.join(workdir, "export")
+        save_pretrained(nnx.merge(policy.graphdef, state.params), export, tokenizer=policy.tokenizer)
+        summary["export"] = export
+    if spec.eval.before_after:
+        after = evaluator(state.params, jax.random.fold_in(base_key, _AFTER))
+        before = files.read_json(results_path)["before"]
+        writer.scalars(step, eval_run.scalars(after, prefix="eval_after"), console=False)
+        table = report.before_after_markdown(before, after)
+        if writer_process:
+            files.write_json(results_path, {"before": before, "after": after})
+            summary["results"] = files.write_text(files.join(workdir, "results.md"), table + "\n")
+        writer.text("eval/table", table, step)
+        summary["table"] = table
+    writer.close()
+    return summary
+
+
+def _periodic_eval(evaluator: _Evaluator, params, key, step: int, writer, workdir: str) -> None:
+    """Scalars eval/<benchmark>/<mode>/... and <workdir>/eval/step_<step>.json."""
+    summaries = evaluator(params, key)
+    writer.scalars(step, eval_run.scalars(summaries), console=False)
+    if jax.process_index() == 0:
+        files.makedirs(files.join(workdir, "eval"))
+        files.write_json(files.join(workdir, "eval", f"step_{step}.json"), {"step": step, "results": summaries})
+
+
+def _initialize_distributed(config) -> None:
+    """jax.distributed.initialize() when config.distributed: found automatically on TPU pods, or
+    from config.distributed_{coordinator,num_processes,process_id} (CPU clusters, tests)."""
+    if not config.get("distributed", False):
+        return
+    kwargs = {}
+    if config.get("distributed_coordinator", ""):
+        kwargs = dict(coordinator_address=config.distributed_coordinator,
+                      num_processes=int(config.distributed_num_processes),
+                      process_id=int(config.distributed_process_id))
+    if (jax.config.jax_platforms or "").split(",")[0] == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU collectives
+    jax.distributed.initialize(**kwargs)
+    log.info("process %d of %d, %d local of %d devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+
+
+def _absolute(workdir) -> str:
+    """A local workdir made absolute (Orbax wants one); gs://... as it is."""
+    return os.path.abspath(workdir) if files.is_local(workdir) else os.fspath(workdir)
+
+
+def _meta(batches, spec, step) -> dict:
+    return {"data": batches.get_state(), "seed": int(spec.seed), "step": int(step),
+            "rng": "jax.random.fold_in(key(seed), step)"}
