@@ -59,14 +59,15 @@ def define_compilation_cache(default_text: str) -> None:
                         "'off': none). JAX_COMPILATION_CACHE_DIR, when set, wins.")
 
 
-def use_compilation_cache(directory: str | None) -> str | None:
+def use_compilation_cache(directory: str | None, *, keep_all: bool = False) -> str | None:
     """Points JAX's persistent compilation cache at `directory` (local or gs://), so a resumed or
     repeated run loads its compiled programs (minutes each for a large model on a TPU) instead of
     compiling them again. A cache the user has already chosen wins: JAX_COMPILATION_CACHE_DIR, or
     jax_compilation_cache_dir set before this call (e.g. by tests/conftest.py). Programs that
     compile in under DEFAULT_MIN_COMPILE_SECS are not stored, unless
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise. Call it before the first compile
-    (JAX reads the setting once). directory None, "" or "off": nothing is set.
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise, or `keep_all` (runs that compile the
+    same small programs again and again, like an ablation's variants). Call it before the first
+    compile (JAX reads the setting once). directory None, "" or "off": nothing is set.
     Returns the cache folder in use, or None."""
     import jax
     chosen = jax.config.jax_compilation_cache_dir
@@ -74,7 +75,10 @@ def use_compilation_cache(directory: str | None) -> str | None:
         return chosen
     if not directory or directory == "off":
         return None
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    if keep_all:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    elif "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", DEFAULT_MIN_COMPILE_SECS)
     jax.config.update("jax_compilation_cache_dir", directory)
     logging.info("JAX compilation cache: %s", directory)

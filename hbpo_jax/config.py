@@ -10,8 +10,6 @@ from __future__ import annotations
 from ml_collections import config_dict
 
 from hbpo_jax import sharding
-from hbpo_jax.errors import ConfigError
-from hbpo_jax.models.config import ModelConfig
 
 
 def _unset(kind):
@@ -129,12 +127,3 @@ def base_config() -> config_dict.ConfigDict:
     c.eval.batch_size = 256
     return c
 
-
-def model_config(config) -> ModelConfig:
-    """The ModelConfig of `config.model` (checked; the key names are reported as model.<field>)."""
-    fields = dict(config.model)
-    fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
-    try:
-        return ModelConfig(**fields)
-    except TypeError as e:
-        raise ConfigError(f"model: {e}.") from None

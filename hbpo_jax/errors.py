@@ -13,4 +13,10 @@ class DataError(ValueError):
     """A data source that cannot be read or yields no usable rows; the message names it."""
 
 
-__all__ = ["ConfigError", "DataError"]
+def require(ok: bool, message: str) -> None:
+    """ConfigError(message) unless `ok`: the one-line checks of a config's values."""
+    if not ok:
+        raise ConfigError(message)
+
+
+__all__ = ["ConfigError", "DataError", "require"]

@@ -1,6 +1,6 @@
 """The policy a run trains: model (split for jit), tokenizer and problem records.
 
-`pretrained(config, spec, mesh, rules)` loads a Hugging Face folder (config.model_path) and the
+`pretrained(spec, mesh, rules)` loads a Hugging Face folder (spec.model.path) and the
 training data (spec.data: a file, or reasoning-gym's problems for data.path "rg:..."); the tiny
 task builds its own (hbpo_jax.tasks.warmstart).
 """
@@ -36,7 +36,8 @@ class Policy:
 def fitting(records: list, tokenizer, sampling) -> list:
     """The records whose templated prompt fits sampling.max_prompt_len (the rest dropped and
     logged); ConfigError when none does."""
-    kept, dropped = prompting.split_long_prompts(tokenizer, records, sampling.max_prompt_len, sampling.system_prompt)
+    kept, dropped = prompting.split_long_prompts(tokenizer, records, sampling.max_prompt_len,
+                                                 sampling.rollout.system_prompt)
     if dropped:
         log.warning("data: %d of %d problems are longer than rollout.max_prompt_len=%d tokens and are skipped.",
                     len(dropped), len(records), sampling.max_prompt_len)
@@ -45,16 +46,16 @@ def fitting(records: list, tokenizer, sampling) -> list:
     return kept
 
 
-def pretrained(config, spec, mesh, rules) -> Policy:
-    """config.model_path's model and tokenizer, spec.data's records (prompts that fit)."""
-    m = config.model
-    overrides = {k: m[k] for k in ("attention_impl", "remat", "scan_layers") if k in m}
-    model, _, tokenizer = load_pretrained(config.model_path, dtype=m.get("param_dtype", "float32"),
-                                          compute_dtype=m.get("dtype"), mesh=mesh, rules=rules, **overrides)
+def pretrained(spec, mesh, rules) -> Policy:
+    """spec.model.path's model and tokenizer, spec.data's records (prompts that fit)."""
+    path, overrides = spec.model.path, spec.model.overrides()
+    dtype, compute_dtype = overrides.pop("param_dtype", "float32"), overrides.pop("dtype", None)
+    model, _, tokenizer = load_pretrained(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules,
+                                          **overrides)
     if tokenizer is None:
-        raise FileNotFoundError(f"{config.model_path}: no tokenizer files (tokenizer.json) in the model folder.")
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json) in the model folder.")
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"{config.model_path}: the tokenizer has no chat template.")
+        raise ConfigError(f"{path}: the tokenizer has no chat template.")
     records, report = sources.training_records(spec.data)
     if report.total:
         log.warning("data: %s", report.summary())

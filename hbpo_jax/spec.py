@@ -20,55 +20,36 @@ from typing import Any
 from hbpo_jax import loss as loss_lib
 from hbpo_jax import objectives, sharding
 from hbpo_jax.data.sources import DataSpec, parse_benchmark, resolve_data
-from hbpo_jax.errors import ConfigError
+from hbpo_jax.errors import ConfigError, require
 from hbpo_jax.grading import answers as grading
-from hbpo_jax.rollout import batch as rollout
+from hbpo_jax.models.config import ModelConfig
 from hbpo_jax.rollout import prompting
-from hbpo_jax.train import update as trainer
+from hbpo_jax.rollout.settings import ENGINES, RolloutSettings
 
 TASKS = ("", "arithmetic")
 
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 # ----------------------------------------------------------------------------- the parts
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSpec:
-    """How training rollouts are prompted and sampled.
+    """Training rollouts: `rollout` is what the rollout is handed (its mode, budgets, sampling);
+    the rest is what training adds. group = rollouts per prompt (= len(budgets) x
+    samples_per_budget in budget mode; l1 / l1_max draw N per prompt from the budgets' range);
+    prefix_loss: the pre-filled prefix takes the policy loss; prompt_format: prompting.PROMPT_FORMATS."""
 
-    mode: prompting.MODES name ("budget", "natural", "l1", "l1_max", ...); budgets: the budget
-    set (budget mode: K subgroups per prompt; l1 / l1_max: the range N is drawn from per prompt).
-    group = rollouts per prompt = len(budgets) x samples_per_budget in budget mode.
-    engine: rollout.ENGINES name ("refill": hbpo_jax.rollout.refill; "static": hbpo_jax.rollout.static).
-    """
-
-    mode: str
-    budgets: tuple[int, ...]
+    rollout: RolloutSettings
     group: int
-    samples_per_budget: int
     max_prompt_len: int
-    max_response_len: int
-    temperature: float
-    top_p: float
-    top_k: int
-    prefix_in_response: bool
     prefix_loss: bool
-    hard_budget_cap: bool
-    system_prompt: str | None
-    max_batch: int
-    prompt_format: str = "template"
-    engine: str = "refill"
-    kv_tokens: int = 0
+    prompt_format: str
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveSpec:
     """The objective by name and the values of every setting it declares (its defaults, or the
-    config's where set); l_max = L_MAX of the rewards (= sampling.max_response_len)."""
+    config's where set); l_max = L_MAX of the rewards (= rollout.max_response_len)."""
 
     name: str
     settings: dict
@@ -106,6 +87,10 @@ class LossSpec:
         if self.loss_scale_tokens is not None:
             kw["loss_scale_tokens"] = self.loss_scale_tokens
         return tuple(sorted(kw.items()))
+
+
+# optim.schedule: the learning rate after warm-up (train/update.make_optimizer builds it).
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,35 +131,99 @@ class EvalSpec:
     """Everything an evaluation needs (before/after, periodic, launch/eval.py, ablations).
 
     modes: prompting.ModeSpec per prompting mode; benchmarks: (kind, arg) pairs (empty: the task's
-    eval set, "tiny"); max_response_len: eval.max_response_len, or the rollout cap when 0;
-    system_prompt / prefix_in_response / max_prompt_len / max_batch / prompt_format / engine: as in
-    training rollouts (system_prompt is the one prompting.system_prompt_for resolved);
-    answer_format: the grading.FORMATS policy that grades; dataset_score: also report a
-    benchmark's own scorer (reasoning-gym's) beside ours.
+    eval set, "tiny"); rollout: the sampling of every mode (eval.temperature / top_p / samples /
+    max_response_len, or the rollout cap when 0; the training rollout's system prompt, prefix
+    counting, max_batch and engine); each mode sets its own mode and budgets on it.
+    batch_size: problems per rollout call; answer_format: the grading.FORMATS policy that grades;
+    dataset_score: also report a benchmark's own scorer (reasoning-gym's) beside ours.
     """
 
     modes: tuple
     benchmarks: tuple[tuple[str, str], ...]
+    rollout: RolloutSettings
     every: int
     before_after: bool
     reuse_before: bool
-    temperature: float
-    top_p: float
-    samples: int
-    max_response_len: int
     max_problems: int
     batch_size: int
     max_prompt_len: int
-    max_batch: int
-    system_prompt: str | None
-    prefix_in_response: bool
     grading_workers: int
     grading_timeout_s: float
     seed: int
-    answer_format: str = "paper"
-    prompt_format: str = "template"
-    dataset_score: bool = True
-    engine: str = "refill"
+    answer_format: str
+    prompt_format: str
+    dataset_score: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The policy's model. path: a Hugging Face folder ("" = random init, or the task's model);
+    fields: the config's model section, ModelConfig fields: with a path only the numerics and
+    memory settings of OVERRIDABLE apply over its config.json, without one they are the model."""
+
+    path: str
+    fields: dict
+
+    # What a config may change on a model read from config.json.
+    OVERRIDABLE = ("param_dtype", "dtype", "attention_impl", "remat", "scan_layers")
+
+    def config(self, **changes) -> ModelConfig:
+        """The ModelConfig of `fields` (a random-init or task model), with `changes`."""
+        fields = {**self.fields, **changes}
+        fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
+        try:
+            return ModelConfig(**fields)
+        except TypeError as e:
+            raise ConfigError(f"model: {e}.") from None
+
+    def overrides(self) -> dict:
+        """The fields that apply over a pretrained model's config.json."""
+        return {k: self.fields[k] for k in self.OVERRIDABLE if k in self.fields}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """mesh.shape (-1: the rest of the devices), its axes and the logical-axis rule table."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    rules: tuple
+
+    def make(self):
+        """The device mesh of this spec over the local devices (jax.sharding.Mesh)."""
+        return sharding.make_mesh(self.shape, self.axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A synthetic task instead of data.path (name "arithmetic": hbpo_jax.tasks; "" = none), its
+    tokenizer and supervised warm start. sft_budgets: the budgets the warm start is built for
+    (task.sft_budgets, else rollout.budgets)."""
+
+    name: str
+    train_problems: int
+    eval_problems: int
+    tokenizer_vocab_size: int
+    tokenizer_whole_budgets: bool
+    sft_examples: int
+    sft_steps: int
+    sft_batch_size: int
+    sft_lr: float
+    sft_max_len: int
+    sft_budgets: tuple[int, ...]
+    sft_budget_prior: float
+    sft_budget_scales: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+    """jax.distributed.initialize() when `enabled` (one process per host): automatic on TPU pods,
+    or from coordinator / num_processes / process_id (CPU clusters, tests)."""
+
+    enabled: bool
+    coordinator: str
+    num_processes: int
+    process_id: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +238,12 @@ class RunSpec:
     eval: EvalSpec
     grading_workers: int
     grading_timeout_s: float
-    answer_format: str = "paper"  # grading.FORMATS: how training rollouts are graded
-    data: DataSpec | None = None
+    answer_format: str  # grading.FORMATS: how training rollouts are graded
+    data: DataSpec
+    model: ModelSpec
+    mesh: MeshSpec
+    task: TaskSpec
+    distributed: DistributedSpec
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=str)
@@ -201,61 +254,61 @@ class RunSpec:
 def _sampling(config, objective: objectives.Objective) -> SamplingSpec:
     r = config.rollout
     mode = r.mode if r.get("mode") is not None else objective.prompting
-    _require(mode in prompting.MODES,
+    require(mode in prompting.MODES,
              f"rollout.mode must be one of {prompting.MODES} (or None: the objective's), got {mode!r}.")
     budgets = tuple(r.budgets)
-    _require(len(budgets) > 0, "rollout.budgets must not be empty.")
-    _require(all(isinstance(b, int) and b > 0 for b in budgets),
+    require(len(budgets) > 0, "rollout.budgets must not be empty.")
+    require(all(isinstance(b, int) and b > 0 for b in budgets),
              f"rollout.budgets must be positive integers, got {budgets}.")
-    _require(list(budgets) == sorted(set(budgets)), f"rollout.budgets must be strictly increasing, got {budgets}.")
-    _require(r.max_prompt_len > 0 and r.max_response_len > 0,
+    require(list(budgets) == sorted(set(budgets)), f"rollout.budgets must be strictly increasing, got {budgets}.")
+    require(r.max_prompt_len > 0 and r.max_response_len > 0,
              "rollout.max_prompt_len and rollout.max_response_len must be positive.")
-    _require(budgets[-1] < r.max_response_len,
+    require(budgets[-1] < r.max_response_len,
              f"rollout.budgets holds {budgets[-1]}, not below rollout.max_response_len (L_max = {r.max_response_len}).")
     group = int(r.rollouts_per_prompt)
     per_budget = mode == "budget"
-    _require(group >= 1, f"rollout.rollouts_per_prompt must be at least 1, got {group}.")
-    _require(not per_budget or (group >= len(budgets) and group % len(budgets) == 0),
+    require(group >= 1, f"rollout.rollouts_per_prompt must be at least 1, got {group}.")
+    require(not per_budget or (group >= len(budgets) and group % len(budgets) == 0),
              f"rollout.rollouts_per_prompt ({group}) must be a positive multiple of the {len(budgets)} "
              "budgets in rollout.budgets.")
-    _require(mode != "fixed" or len(budgets) == 1,
+    require(mode != "fixed" or len(budgets) == 1,
              f"rollout.mode 'fixed' samples one budget; rollout.budgets holds {len(budgets)}.")
-    _require(r.temperature > 0, f"rollout.temperature must be positive for RL, got {r.temperature}.")
-    _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
-    _require(r.top_k >= 0, f"rollout.top_k must be ≥ 0 (0 = off), got {r.top_k}.")
-    _require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
+    require(r.temperature > 0, f"rollout.temperature must be positive for RL, got {r.temperature}.")
+    require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
+    require(r.top_k >= 0, f"rollout.top_k must be ≥ 0 (0 = off), got {r.top_k}.")
+    require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
     kv_tokens = int(r.get("kv_tokens", 0) or 0)
-    _require(kv_tokens >= 0, f"rollout.kv_tokens must be ≥ 0 (0 = max_batch x the longest row), got {kv_tokens}.")
+    require(kv_tokens >= 0, f"rollout.kv_tokens must be ≥ 0 (0 = max_batch x the longest row), got {kv_tokens}.")
     prompt_format, system_prompt = _prompt_format(r)
-    return SamplingSpec(
-        mode=mode, budgets=budgets, group=group,
+    rollout = RolloutSettings(
+        max_response_len=int(r.max_response_len), mode=mode, budgets=budgets,
         samples_per_budget=group // len(budgets) if per_budget else group,
-        max_prompt_len=int(r.max_prompt_len), max_response_len=int(r.max_response_len),
-        temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
-        prefix_in_response=bool(r.prefix_in_response), prefix_loss=bool(r.prefix_loss),
-        hard_budget_cap=bool(r.hard_budget_cap), system_prompt=system_prompt,
-        max_batch=int(r.max_batch), prompt_format=prompt_format, engine=_engine(r), kv_tokens=kv_tokens)
+        prefix_in_response=bool(r.prefix_in_response), hard_budget_cap=bool(r.hard_budget_cap),
+        temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k), system_prompt=system_prompt,
+        max_batch=int(r.max_batch), engine=_engine(r), kv_tokens=kv_tokens)
+    return SamplingSpec(rollout=rollout, group=group, max_prompt_len=int(r.max_prompt_len),
+                        prefix_loss=bool(r.prefix_loss), prompt_format=prompt_format)
 
 
 def _engine(r) -> str:
-    name = r.get("engine", "refill")
-    _require(name in rollout.ENGINES, f"rollout.engine must be one of {rollout.ENGINES}, got {name!r}.")
+    name = r.get("engine", RolloutSettings.engine)
+    require(name in ENGINES, f"rollout.engine must be one of {ENGINES}, got {name!r}.")
     return name
 
 
 def _prompt_format(r) -> tuple[str, str | None]:
     """(rollout.prompt_format, the system prompt it resolves to with rollout.system_prompt)."""
     name = r.get("prompt_format", "template")
-    _require(name in prompting.PROMPT_FORMATS,
+    require(name in prompting.PROMPT_FORMATS,
              f"rollout.prompt_format must be one of {tuple(prompting.PROMPT_FORMATS)}, got {name!r}.")
-    _require(prompting.PROMPT_FORMATS[name] is None or not r.system_prompt,
+    require(prompting.PROMPT_FORMATS[name] is None or not r.system_prompt,
              f"rollout.prompt_format {name!r} brings its own system prompt; leave rollout.system_prompt empty.")
     return name, prompting.system_prompt_for(name, r.system_prompt)
 
 
 def _answer_format(g) -> str:
     name = g.get("format", "paper")
-    _require(name in grading.FORMATS, f"grading.format must be one of {grading.FORMATS}, got {name!r}.")
+    require(name in grading.FORMATS, f"grading.format must be one of {grading.FORMATS}, got {name!r}.")
     return name
 
 
@@ -263,7 +316,7 @@ def _check_held_out(data_spec: DataSpec, evaluation: "EvalSpec") -> None:
     """rg: training problems must not be the eval's: the same task from the same seed is."""
     shared = [arg for kind, arg in evaluation.benchmarks if kind == "rg" and arg in data_spec.rg_tasks]
     if shared:
-        _require(data_spec.seed != evaluation.seed,
+        require(data_spec.seed != evaluation.seed,
                  f"data.seed ({data_spec.seed}) equals seed, so the rg:{shared[0]} training problems "
                  "would be the eval's; pick another data.seed.")
 
@@ -275,9 +328,9 @@ OBJECTIVE_KEYS = {"beta": "beta", "reward_variant": "variant", "format_reward": 
 
 def _objective(config, objective: objectives.Objective, sampling: SamplingSpec) -> ObjectiveSpec:
     o = config.objective
-    l_max = sampling.max_response_len if o.get("l_max") is None else int(o.l_max)
-    _require(l_max == sampling.max_response_len,
-             f"objective.l_max ({l_max}) must equal rollout.max_response_len ({sampling.max_response_len}); "
+    cap = sampling.rollout.max_response_len
+    l_max = cap if o.get("l_max") is None else int(o.l_max)
+    require(l_max == cap, f"objective.l_max ({l_max}) must equal rollout.max_response_len ({cap}); "
              "leave it unset (None) to follow it.")
     declared = objective.setting_names()
     settings = {k: v for k, v in {**objective.reward_settings, **objective.advantage_settings}.items()}
@@ -287,14 +340,14 @@ def _objective(config, objective: objectives.Objective, sampling: SamplingSpec) 
         value = o.get(key)
         if value is None:
             continue
-        _require(name in declared, f"objective.{key} does not apply to objective {objective.name!r} "
+        require(name in declared, f"objective.{key} does not apply to objective {objective.name!r} "
                  f"(its settings: {sorted(declared)}); leave it unset.")
         settings[name] = value
     if "variant" in settings:
-        _require(settings["variant"] in loss_lib.REWARD_VARIANTS,
+        require(settings["variant"] in loss_lib.REWARD_VARIANTS,
                  f"objective.reward_variant must be one of {loss_lib.REWARD_VARIANTS}, got {settings['variant']!r}.")
     if "beta" in settings:
-        _require(settings["beta"] > 0, f"objective.beta must be positive, got {settings['beta']}.")
+        require(settings["beta"] > 0, f"objective.beta must be positive, got {settings['beta']}.")
     return ObjectiveSpec(name=objective.name, settings=settings, l_max=l_max,
                          overlong_penalty=objective.overlong_penalty,
                          dynamic_sampling=objective.dynamic_sampling)
@@ -307,39 +360,39 @@ def _loss(config, objective: objectives.Objective, sampling: SamplingSpec, rows_
     dual = pick("dual_clip", objective.dual_clip)
     dual = None if dual in (None, 0) else float(dual)
     aggregation = pick("aggregation", objective.aggregation)
-    _require(0 <= clip_low < 1, f"loss.clip_low must be in [0, 1), got {clip_low}.")
-    _require(clip_high >= 0, f"loss.clip_high must be ≥ 0, got {clip_high}.")
-    _require(dual is None or dual > 1, f"loss.dual_clip must be > 1, or 0 for off, got {dual}.")
-    _require(c.kl_coef >= 0, f"loss.kl_coef must be ≥ 0, got {c.kl_coef}.")
-    _require(aggregation in loss_lib.AGGREGATIONS,
+    require(0 <= clip_low < 1, f"loss.clip_low must be in [0, 1), got {clip_low}.")
+    require(clip_high >= 0, f"loss.clip_high must be ≥ 0, got {clip_high}.")
+    require(dual is None or dual > 1, f"loss.dual_clip must be > 1, or 0 for off, got {dual}.")
+    require(c.kl_coef >= 0, f"loss.kl_coef must be ≥ 0, got {c.kl_coef}.")
+    require(aggregation in loss_lib.AGGREGATIONS,
              f"loss.aggregation must be one of {loss_lib.AGGREGATIONS}, got {aggregation!r}.")
-    scale = float(rows_per_minibatch * sampling.max_response_len) if aggregation == "token-sum-norm" else None
+    scale = float(rows_per_minibatch * sampling.rollout.max_response_len) if aggregation == "token-sum-norm" else None
     return LossSpec(clip_low, clip_high, dual, float(c.kl_coef), aggregation, scale)
 
 
 def _optim(config) -> OptimSpec:
     o = config.optim
-    _require(o.learning_rate > 0, f"optim.learning_rate must be positive, got {o.learning_rate}.")
-    _require(o.schedule in trainer.SCHEDULES, f"optim.schedule must be one of {trainer.SCHEDULES}, got {o.schedule!r}.")
-    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be ≥ 0, got {o.warmup_steps}.")
-    _require(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be positive or None, got {o.grad_clip}.")
+    require(o.learning_rate > 0, f"optim.learning_rate must be positive, got {o.learning_rate}.")
+    require(o.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}.")
+    require(o.warmup_steps >= 0, f"optim.warmup_steps must be ≥ 0, got {o.warmup_steps}.")
+    require(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be positive or None, got {o.grad_clip}.")
     return OptimSpec(float(o.learning_rate), o.schedule, int(o.warmup_steps), float(o.weight_decay),
                      float(o.b1), float(o.b2), None if o.grad_clip is None else float(o.grad_clip))
 
 
 def _train(config, group: int) -> TrainSpec:
     t = config.train
-    _require(t.steps >= 1, f"train.steps must be at least 1, got {t.steps}.")
-    _require(t.prompts_per_step >= 1, f"train.prompts_per_step must be at least 1, got {t.prompts_per_step}.")
-    _require(t.mini_batches >= 1 and t.prompts_per_step % t.mini_batches == 0,
+    require(t.steps >= 1, f"train.steps must be at least 1, got {t.steps}.")
+    require(t.prompts_per_step >= 1, f"train.prompts_per_step must be at least 1, got {t.prompts_per_step}.")
+    require(t.mini_batches >= 1 and t.prompts_per_step % t.mini_batches == 0,
              f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by train.mini_batches ({t.mini_batches}).")
     rows = t.prompts_per_step // t.mini_batches * group
-    _require(t.micro_batch_size >= 1 and rows % t.micro_batch_size == 0,
+    require(t.micro_batch_size >= 1 and rows % t.micro_batch_size == 0,
              f"train.micro_batch_size ({t.micro_batch_size}) must divide the {rows} sequences of a mini-batch.")
-    _require(t.ppo_epochs >= 1, f"train.ppo_epochs must be at least 1, got {t.ppo_epochs}.")
+    require(t.ppo_epochs >= 1, f"train.ppo_epochs must be at least 1, got {t.ppo_epochs}.")
     width_step = int(t.get("update_width_step", 0))
-    _require(width_step >= 0, f"train.update_width_step must be ≥ 0 (0 = off), got {width_step}.")
-    _require(t.recompute_old_logprobs in ("auto", "always", "never"),
+    require(width_step >= 0, f"train.update_width_step must be ≥ 0 (0 = off), got {width_step}.")
+    require(t.recompute_old_logprobs in ("auto", "always", "never"),
              f"train.recompute_old_logprobs must be 'auto', 'always' or 'never', got {t.recompute_old_logprobs!r}.")
     return TrainSpec(
         steps=int(t.steps), prompts_per_step=int(t.prompts_per_step), mini_batches=int(t.mini_batches),
@@ -355,18 +408,18 @@ def resolve_eval(config) -> EvalSpec:
     """The eval section with the rollout and grading values it uses (launch/eval.py needs no
     training keys)."""
     e, r, g = config.eval, config.rollout, config.grading
-    _require(e.every >= 0, f"eval.every must be ≥ 0 (0 = off), got {e.every}.")
-    _require(e.samples >= 1, f"eval.samples must be at least 1, got {e.samples}.")
-    _require(e.temperature >= 0, f"eval.temperature must be ≥ 0 (0 = greedy), got {e.temperature}.")
-    _require(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}.")
-    _require(e.max_response_len >= 0, f"eval.max_response_len must be ≥ 0, got {e.max_response_len}.")
-    _require(e.max_problems >= 0, f"eval.max_problems must be ≥ 0 (0 = all), got {e.max_problems}.")
-    _require(e.batch_size >= 1, f"eval.batch_size must be at least 1, got {e.batch_size}.")
-    _require(r.max_prompt_len > 0 and r.max_response_len > 0,
+    require(e.every >= 0, f"eval.every must be ≥ 0 (0 = off), got {e.every}.")
+    require(e.samples >= 1, f"eval.samples must be at least 1, got {e.samples}.")
+    require(e.temperature >= 0, f"eval.temperature must be ≥ 0 (0 = greedy), got {e.temperature}.")
+    require(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}.")
+    require(e.max_response_len >= 0, f"eval.max_response_len must be ≥ 0, got {e.max_response_len}.")
+    require(e.max_problems >= 0, f"eval.max_problems must be ≥ 0 (0 = all), got {e.max_problems}.")
+    require(e.batch_size >= 1, f"eval.batch_size must be at least 1, got {e.batch_size}.")
+    require(r.max_prompt_len > 0 and r.max_response_len > 0,
              "rollout.max_prompt_len and rollout.max_response_len must be positive.")
-    _require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
-    _require(g.workers >= 0, f"grading.workers must be ≥ 0 (0 = in this process), got {g.workers}.")
-    _require(g.timeout_s > 0, f"grading.timeout_s must be positive, got {g.timeout_s}.")
+    require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
+    require(g.workers >= 0, f"grading.workers must be ≥ 0 (0 = in this process), got {g.workers}.")
+    require(g.timeout_s > 0, f"grading.timeout_s must be positive, got {g.timeout_s}.")
     answer_format = _answer_format(g)
     prompt_format, system_prompt = _prompt_format(r)
     try:
@@ -375,39 +428,66 @@ def resolve_eval(config) -> EvalSpec:
         raise ConfigError(f"eval.modes: {err}") from None
     benchmarks = tuple(parse_benchmark(s) for s in tuple(e.benchmarks))
     task = config.task.get("name", "")
-    _require(task in TASKS, f"task.name must be one of {TASKS}, got {task!r}.")
-    _require(e.every == 0 or benchmarks or task == "arithmetic",
+    require(e.every == 0 or benchmarks or task == "arithmetic",
              "eval.every > 0 needs eval.benchmarks (or a task with an eval set, task.name).")
+    rollout = RolloutSettings(
+        max_response_len=int(e.max_response_len or r.max_response_len), samples_per_budget=int(e.samples),
+        prefix_in_response=bool(r.prefix_in_response), temperature=float(e.temperature), top_p=float(e.top_p),
+        system_prompt=system_prompt, max_batch=int(r.max_batch), engine=_engine(r))
     return EvalSpec(
-        modes=modes, benchmarks=benchmarks, every=int(e.every), before_after=bool(e.before_after),
-        reuse_before=bool(e.reuse_before), temperature=float(e.temperature), top_p=float(e.top_p),
-        samples=int(e.samples), max_response_len=int(e.max_response_len or r.max_response_len),
-        max_problems=int(e.max_problems), batch_size=int(e.batch_size),
-        max_prompt_len=int(r.max_prompt_len), max_batch=int(r.max_batch),
-        system_prompt=system_prompt, prefix_in_response=bool(r.prefix_in_response),
-        grading_workers=int(g.workers), grading_timeout_s=float(g.timeout_s), seed=int(config.seed),
-        answer_format=answer_format, prompt_format=prompt_format,
-        dataset_score=bool(e.get("dataset_score", True)), engine=_engine(r))
+        modes=modes, benchmarks=benchmarks, rollout=rollout, every=int(e.every),
+        before_after=bool(e.before_after), reuse_before=bool(e.reuse_before), max_problems=int(e.max_problems),
+        batch_size=int(e.batch_size), max_prompt_len=int(r.max_prompt_len), grading_workers=int(g.workers),
+        grading_timeout_s=float(g.timeout_s), seed=int(config.seed), answer_format=answer_format,
+        prompt_format=prompt_format, dataset_score=bool(e.get("dataset_score", True)))
 
 
-def _check_task(config, budgets: tuple[int, ...]) -> None:
+def resolve_task(config, budgets: tuple[int, ...]) -> TaskSpec:
+    """The task section (budgets: rollout.budgets, the default of task.sft_budgets)."""
     t = config.task
+    name = t.get("name", "")
+    require(name in TASKS, f"task.name must be one of {TASKS}, got {name!r}.")
     sft_budgets = tuple(t.get("sft_budgets", ()))
-    _require(all(isinstance(b, int) and b > 0 for b in sft_budgets),
+    require(all(isinstance(b, int) and b > 0 for b in sft_budgets),
              f"task.sft_budgets must be positive integers, got {sft_budgets}.")
     prior = t.get("sft_budget_prior", 0.0)
-    _require(0.0 <= prior <= 1.0, f"task.sft_budget_prior must be in [0, 1], got {prior}.")
+    require(0.0 <= prior <= 1.0, f"task.sft_budget_prior must be in [0, 1], got {prior}.")
     scales = tuple(t.get("sft_budget_scales", ()))
-    if scales and t.get("name", "") == "arithmetic":  # only the synthetic task reads them
+    if scales and name == "arithmetic":  # only the synthetic task reads them
         n = len(set(sft_budgets or budgets))
-        _require(len(scales) == n and all(0.0 <= x <= 1.0 for x in scales),
+        require(len(scales) == n and all(0.0 <= x <= 1.0 for x in scales),
                  f"task.sft_budget_scales needs one scale in [0, 1] per budget ({n}), got {scales}.")
+    return TaskSpec(
+        name=name, train_problems=int(t.train_problems), eval_problems=int(t.eval_problems),
+        tokenizer_vocab_size=int(t.tokenizer_vocab_size), tokenizer_whole_budgets=bool(t.tokenizer_whole_budgets),
+        sft_examples=int(t.sft_examples), sft_steps=int(t.sft_steps), sft_batch_size=int(t.sft_batch_size),
+        sft_lr=float(t.sft_lr), sft_max_len=int(t.sft_max_len), sft_budgets=sft_budgets or tuple(budgets),
+        sft_budget_prior=float(prior), sft_budget_scales=tuple(float(x) for x in scales))
 
 
-def _check_mesh(config, rows_per_step: int, micro_batch_size: int, num_devices: int | None,
-                slices: int | None) -> None:
+def resolve_model(config) -> ModelSpec:
+    """The model section: config.model_path and config.model (checked as a whole ModelConfig
+    when it is one; a path's config.json is checked when it is read)."""
+    model = ModelSpec(path=str(config.model_path), fields=dict(config.model))
+    if not model.path or "vocab_size" in model.fields:  # a whole model section (the plan reads it)
+        model.config()  # a wrong field or value: ConfigError naming it
+    return model
+
+
+def resolve_distributed(config) -> DistributedSpec:
+    """The distributed keys; read before anything asks jax for its devices."""
+    return DistributedSpec(enabled=bool(config.get("distributed", False)),
+                           coordinator=str(config.get("distributed_coordinator", "")),
+                           num_processes=int(config.get("distributed_num_processes", 0)),
+                           process_id=int(config.get("distributed_process_id", 0)))
+
+
+def resolve_mesh(config, rows_per_step: int | None = None, micro_batch_size: int | None = None,
+                 num_devices: int | None = None, slices: int | None = None) -> MeshSpec:
+    """The mesh section, checked against the devices (num_devices / slices: default jax's) and,
+    when given, the training batch it must split."""
     m = config.mesh
-    _require(len(tuple(m.shape)) == len(tuple(m.axes)),
+    require(len(tuple(m.shape)) == len(tuple(m.axes)),
              f"mesh.shape {tuple(m.shape)} and mesh.axes {tuple(m.axes)} must have the same length.")
     if num_devices is None:
         import jax
@@ -419,9 +499,10 @@ def _check_mesh(config, rows_per_step: int, micro_batch_size: int, num_devices: 
         raise ConfigError(str(e)) from None
     batch_axes = dict(sharding.rules_from_config(m)).get("batch", ())
     ways = math.prod(s for s, a in zip(shape, m.axes) if a in batch_axes)
-    _require(rows_per_step % ways == 0 and micro_batch_size % ways == 0,
+    require(rows_per_step is None or (rows_per_step % ways == 0 and micro_batch_size % ways == 0),
              f"train.micro_batch_size ({micro_batch_size}) and the {rows_per_step} rollouts per step must be "
              f"divisible by the {ways} data-parallel ways of mesh.shape {shape}.")
+    return MeshSpec(shape=tuple(int(x) for x in m.shape), axes=tuple(m.axes), rules=sharding.rules_from_config(m))
 
 
 def resolve(config, num_devices: int | None = None, slices: int = 1) -> RunSpec:
@@ -430,19 +511,16 @@ def resolve(config, num_devices: int | None = None, slices: int = 1) -> RunSpec:
     num_devices: the devices the mesh must cover (default: jax.device_count()), in `slices` TPU
       slices (default: those of jax.devices(); see sharding.resolve_mesh_shape).
     """
-    from hbpo_jax import config as config_lib  # the model section's checks
-
-    if config.model_path == "" or "vocab_size" in config.model:
-        config_lib.model_config(config)  # with a model_path, config.json is checked when it is read
+    model = resolve_model(config)
     name = config.objective.name
-    _require(name in objectives.OBJECTIVES,
+    require(name in objectives.OBJECTIVES,
              f"objective.name must be one of {sorted(objectives.OBJECTIVES)}, got {name!r}.")
     objective = objectives.get_objective(name)
     sampling = _sampling(config, objective)
     train = _train(config, sampling.group)
-    _check_task(config, sampling.budgets)
-    _check_mesh(config, train.prompts_per_step * sampling.group, train.micro_batch_size, num_devices,
-                None if num_devices is None else slices)
+    task = resolve_task(config, sampling.rollout.budgets)
+    mesh = resolve_mesh(config, train.prompts_per_step * sampling.group, train.micro_batch_size, num_devices,
+                        None if num_devices is None else slices)
     evaluation = resolve_eval(config)
     data_spec = resolve_data(config)
     _check_held_out(data_spec, evaluation)
@@ -452,7 +530,7 @@ def resolve(config, num_devices: int | None = None, slices: int = 1) -> RunSpec:
         loss=_loss(config, objective, sampling, train.rows_per_minibatch), optim=_optim(config),
         train=train, eval=evaluation, grading_workers=evaluation.grading_workers,
         grading_timeout_s=evaluation.grading_timeout_s, answer_format=evaluation.answer_format,
-        data=data_spec)
+        data=data_spec, model=model, mesh=mesh, task=task, distributed=resolve_distributed(config))
 
 
 def as_dict(spec: Any) -> dict:

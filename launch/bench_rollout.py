@@ -31,7 +31,7 @@ from flax import nnx
 from hbpo_jax import cli
 from hbpo_jax.models import ModelConfig, create_model
 from hbpo_jax.rollout import batch as rollout
-from hbpo_jax.rollout import prompting
+from hbpo_jax.rollout import pages, prompting
 from hbpo_jax.rollout import static as sampler
 from hbpo_jax.spec import OptimSpec
 from hbpo_jax.train import minibatches as batching
@@ -96,10 +96,6 @@ def _sample(policy, layout, limits, settings, engine: str, slots: int, kv_tokens
     t = time.perf_counter()
     out = rollout.sample_rows(policy, layout, limits, settings, **kw)
     return out, time.perf_counter() - t
-
-
-def _kv_bytes_per_token(cfg) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.compute_dtype).itemsize
 
 
 def _update_arrays(layout, sampled, lengths, cap: int, rng) -> dict:
@@ -179,7 +175,7 @@ def main(argv) -> None:
           f"{es.peak_pages / max(es.pool_pages, 1):>4.0%} | {es.page_grants:>7} | {es.preemptions:>11} | "
           f"{es.recomputed:>17}")
     print(f"KV bytes: engine page pool {es.kv_bytes / 2**20:.2f} MiB ({es.pool_pages} pages of "
-          f"{es.kv_bytes // max(es.pool_pages, 1) // _kv_bytes_per_token(cfg)} tokens), a contiguous {f.slots} x C "
+          f"{es.kv_bytes // max(es.pool_pages, 1) // pages.kv_bytes_per_token(cfg, cfg.compute_dtype)} tokens), a contiguous {f.slots} x C "
           f"cache {es.dense_kv_bytes / 2**20:.2f} MiB (the engine before pages)")
 
     arrays = _update_arrays(layout, refill, lengths, f.cap, rng)

@@ -191,6 +191,7 @@ it is the mode this notebook evaluates, so they are trained on the very distribu
 judged on, while HBPO must carry what it learns under budget prompts over to natural mode — the
 paper's claim. `Variant(..., rollout_mode="budget")` gives the other protocol."""),
         code("""\
+from hbpo_jax import cli
 from hbpo_jax.train import ablation
 from hbpo_jax.train.ablation import Variant
 
@@ -213,7 +214,7 @@ if SMOKE:
                       "eval.max_response_len": 192, "task.eval_problems": 8})
 print(OVERRIDES)"""),
         code("""\
-ablation.use_compilation_cache(os.path.join(WORKDIR, "jax_cache"))  # runs 2-5 reuse run 1's programs
+cli.use_compilation_cache(os.path.join(WORKDIR, "jax_cache"), keep_all=True)  # runs 2-5 reuse run 1's programs
 results = ablation.run_variants(ablation.load_config(CONFIG), VARIANTS, WORKDIR, overrides=OVERRIDES)
 print("seconds:", {"warm start": round(results["warm_start"]["seconds"])}
       | {r["name"]: round(r["seconds"]) for r in results["runs"]})"""),
@@ -335,6 +336,7 @@ print(model_dir, TRAIN, BENCHMARKS)"""),
 The config's settings (budgets, rollouts, learning rate) for `STEPS` steps each; smoke mode
 shrinks everything so the test suite runs it in a minute on a CPU."""),
         code("""\
+from hbpo_jax import cli
 from hbpo_jax.train import ablation
 from hbpo_jax.train.ablation import Variant
 
@@ -353,7 +355,7 @@ if SMOKE:
                       "model.remat": "none"})
 print(OVERRIDES)"""),
         code("""\
-ablation.use_compilation_cache(os.path.join(WORKDIR, "jax_cache"))  # run 2 reuses run 1's programs
+cli.use_compilation_cache(os.path.join(WORKDIR, "jax_cache"), keep_all=True)  # run 2 reuses run 1's programs
 results = ablation.run_variants(ablation.load_config(CONFIG), VARIANTS, WORKDIR, overrides=OVERRIDES)
 print("seconds:", {r["name"]: round(r["seconds"]) for r in results["runs"]})"""),
         md("""### Results

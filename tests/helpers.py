@@ -8,6 +8,8 @@ from flax import nnx
 from tokenizers import decoders, models
 
 from hbpo_jax.models import ModelConfig, create_model
+from hbpo_jax.rollout import batch as rollout
+from hbpo_jax.rollout.settings import RolloutSettings
 
 
 def char_tokenizer():
@@ -44,3 +46,10 @@ def rows():
     row_prompt = rng.integers(0, len(PROMPTS), 24)
     prefixes = [rng.integers(1, 99, rng.integers(0, 5)).tolist() for _ in range(24)]
     return row_prompt, prefixes, rng.integers(0, N, 24)
+
+
+def rollouts(model, tok, problems, *, key, **settings):
+    """budget_rollouts with RolloutSettings(**settings), the static engine unless one is named."""
+    settings = {"engine": "static", **settings}
+    settings["budgets"] = tuple(settings.get("budgets") or ())
+    return rollout.budget_rollouts(model, tok, problems, RolloutSettings(**settings), key=key)

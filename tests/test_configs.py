@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hbpo_jax import config as config_lib
 from hbpo_jax import spec as spec_lib
 from hbpo_jax.errors import ConfigError
 from hbpo_jax.models import Qwen2
@@ -31,7 +30,7 @@ def test_config_files_validate(name, arg):
 
 def test_qwen1_5b_abstract_parameter_count():
     """No weights allocated: eval_shape only. transformers counts 1,777,088,000."""
-    cfg = config_lib.model_config(load("qwen1_5b"))
+    cfg = spec_lib.resolve_model(load("qwen1_5b")).config()
     abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert count == 1_777_088_000 == cfg.num_params()
@@ -48,7 +47,7 @@ def test_qwen1_5b_matches_paper_setup():
     c = load("qwen1_5b")
     assert tuple(c.rollout.budgets) == (512, 1024, 2048, 2560)
     s = spec_lib.resolve(c, num_devices=8)
-    assert c.rollout.rollouts_per_prompt == 16 and s.sampling.samples_per_budget == 4
+    assert c.rollout.rollouts_per_prompt == 16 and s.sampling.rollout.samples_per_budget == 4
     assert c.rollout.max_response_len == s.objective.l_max == 4096
     assert (c.train.prompts_per_step, c.train.mini_batches, c.train.steps) == (64, 4, 629)
     assert (c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip) == (1e-6, 0.01, 1.0)

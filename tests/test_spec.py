@@ -48,7 +48,7 @@ def test_each_objective_resolves_its_own_recipe(name):
     config.objective.name = name
     s = _resolve(config)
     mode, lo, hi, dual, agg, dynamic, overlong = RECIPES[name]
-    assert s.sampling.mode == mode
+    assert s.sampling.rollout.mode == mode
     assert (s.loss.clip_low, s.loss.clip_high, s.loss.dual_clip, s.loss.aggregation) == (lo, hi, dual, agg)
     assert (s.objective.dynamic_sampling, s.objective.overlong_penalty) == (dynamic, overlong)
     assert s.objective.l_max == 4096
@@ -63,7 +63,7 @@ def test_paper_config_resolves_to_the_paper_values():
     s = _resolve(qwen1_5b.get_config())
     assert s.objective.settings == dict(beta=4.0, l_max=4096, variant="code", format_reward=-1.0,
                                         wrong_reward=0.0, intra_weight=1.0)
-    assert s.sampling.budgets == (512, 1024, 2048, 2560) and s.sampling.samples_per_budget == 4
+    assert s.sampling.rollout.budgets == (512, 1024, 2048, 2560) and s.sampling.rollout.samples_per_budget == 4
     assert s.train.rows_per_minibatch == 256 and s.train.total_updates == 629 * 4
     assert (s.optim.learning_rate, s.optim.weight_decay, s.optim.grad_clip) == (1e-6, 0.01, 1.0)
 
@@ -75,7 +75,7 @@ def test_config_values_override_the_recipe_only_where_set():
     config.rollout.mode = "budget"
     s = _resolve(config)
     assert (s.loss.clip_low, s.loss.clip_high, s.loss.dual_clip) == (0.2, 0.3, None)
-    assert s.sampling.mode == "budget"
+    assert s.sampling.rollout.mode == "budget"
     config = qwen1_5b.get_config()
     config.loss.dual_clip = 0.0  # 0 turns HBPO's dual clip off
     config.objective.intra_weight = 2.0
@@ -122,7 +122,7 @@ def test_a_setting_the_objective_does_not_take_is_an_error():
 def test_spec_round_trips_as_json():
     s = _resolve(tiny.get_config())
     d = json.loads(s.to_json())
-    assert d["sampling"]["budgets"] == [32, 64, 128, 160] and d["loss"]["dual_clip"] == 3.0
+    assert d["sampling"]["rollout"]["budgets"] == [32, 64, 128, 160] and d["loss"]["dual_clip"] == 3.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.loss.clip_low = 0.1
 
@@ -174,7 +174,7 @@ def test_objectives_sample_with_their_own_prompts(name):
         per_prompt = batch.budgets.reshape(2, -1)
         assert (per_prompt == per_prompt[:, :1]).all() and ((8 <= per_prompt) & (per_prompt <= 32)).all()
         for row, (prompt, b) in enumerate(zip(prompts, batch.budgets)):
-            suffix = prompting.USER_SUFFIXES[s.mode].format(budget=int(b))
+            suffix = prompting.USER_SUFFIXES[s.rollout.mode].format(budget=int(b))
             wanted = tok.decode(tok(suffix, add_special_tokens=False)["input_ids"]).strip()  # as the toy vocabulary spells it
             assert wanted in prompt, (row, wanted, prompt)
         assert (name == "l1_max") == all("imum" in p for p in prompts)
@@ -232,7 +232,7 @@ def test_each_objective_trains_a_step_on_the_tiny_task(name, tiny_run, tmp_path)
     """One step of launch/train.py per objective, from the session's warm start (one CPU device)."""
     tiny_run.run(tmp_path, 1, f"--config.objective.name={name}")
     written = json.loads((tmp_path / "spec.json").read_text())
-    assert written["objective"]["name"] == name and written["sampling"]["mode"] == RECIPES[name][0]
+    assert written["objective"]["name"] == name and written["sampling"]["rollout"]["mode"] == RECIPES[name][0]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     assert [r["step"] for r in rows] == [1]
     row = rows[-1]

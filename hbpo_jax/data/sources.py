@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from hbpo_jax.data import readers
-from hbpo_jax.errors import ConfigError
+from hbpo_jax.errors import require
 
 # Benchmark kinds of eval.benchmarks ("KIND" or "KIND:ARG"); hbpo_jax.eval.sets loads them.
 FILE_BENCHMARKS = ("gsm8k", "math500", "olympiadbench", "aime25", "deepscaler")
@@ -17,10 +17,6 @@ _BENCHMARK_ALIASES = {"reasoning_gym": "rg", "reasoning-gym": "rg", "arithmetic"
 RG_PREFIX = "rg:"  # data.path "rg:<task>[,<task>...]": reasoning-gym training problems
 RG_DEFAULT_SIZE = 10_000  # rg: training problems when data.max_rows is 0
 
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,16 +37,16 @@ class DataSpec:
 
 def parse_benchmark(spec: str) -> tuple[str, str]:
     """(kind, arg) of an eval.benchmarks entry ("KIND" or "KIND:ARG"); ConfigError when malformed."""
-    _require(isinstance(spec, str) and bool(spec.strip()),
+    require(isinstance(spec, str) and bool(spec.strip()),
              f"eval.benchmarks: a benchmark must be a non-empty string, got {spec!r}.")
     kind, _, arg = spec.strip().partition(":")
     kind = _BENCHMARK_ALIASES.get(kind.lower(), kind.lower())
-    _require(kind in BENCHMARKS, f"eval.benchmarks: {spec!r} has unknown kind {kind!r}; one of {BENCHMARKS}.")
+    require(kind in BENCHMARKS, f"eval.benchmarks: {spec!r} has unknown kind {kind!r}; one of {BENCHMARKS}.")
     if kind in FILE_BENCHMARKS + ("rg",):
         what = "a file path" if kind in FILE_BENCHMARKS else "a task name"
-        _require(bool(arg), f"eval.benchmarks: {spec!r}: {kind} needs {what} ({kind}:...).")
-    _require(not (kind == "tiny" and arg), f"eval.benchmarks: {spec!r}: tiny takes no argument.")
-    _require(not (kind == "champ" and arg and not arg.isdigit()),
+        require(bool(arg), f"eval.benchmarks: {spec!r}: {kind} needs {what} ({kind}:...).")
+    require(not (kind == "tiny" and arg), f"eval.benchmarks: {spec!r}: tiny takes no argument.")
+    require(not (kind == "champ" and arg and not arg.isdigit()),
              f"eval.benchmarks: {spec!r}: champ takes a problem count (champ:N).")
     return kind, arg
 
@@ -61,8 +57,8 @@ def parse_data_path(path: str) -> tuple[str, ...]:
     if not isinstance(path, str) or not path.startswith(RG_PREFIX):
         return ()
     tasks = tuple(t.strip() for t in path[len(RG_PREFIX):].split(","))
-    _require(all(tasks), f"data.path {path!r}: name reasoning-gym tasks, e.g. rg:basic_arithmetic,chain_sum.")
-    _require(len(set(tasks)) == len(tasks), f"data.path {path!r} names a task twice.")
+    require(all(tasks), f"data.path {path!r}: name reasoning-gym tasks, e.g. rg:basic_arithmetic,chain_sum.")
+    require(len(set(tasks)) == len(tasks), f"data.path {path!r} names a task twice.")
     return tasks
 
 
@@ -70,11 +66,11 @@ def resolve_data(config) -> DataSpec:
     """The data section (training problems); checks an rg: list and its size and seed."""
     d = config.data
     tasks = parse_data_path(d.path)
-    _require(d.max_rows >= 0, f"data.max_rows must be ≥ 0 (0 = all), got {d.max_rows}.")
+    require(d.max_rows >= 0, f"data.max_rows must be ≥ 0 (0 = all), got {d.max_rows}.")
     seed = int(d.get("seed", 1))
-    _require(seed >= 0, f"data.seed must be ≥ 0, got {seed}.")
+    require(seed >= 0, f"data.seed must be ≥ 0, got {seed}.")
     size = int(d.max_rows or RG_DEFAULT_SIZE) if tasks else 0
-    _require(not tasks or size >= len(tasks),
+    require(not tasks or size >= len(tasks),
              f"data.max_rows ({size}) must give each of the {len(tasks)} rg: tasks a problem.")
     return DataSpec(path=str(d.path), field_map=str(d.field_map or ""), split=str(d.split),
                     shuffle=bool(d.shuffle), max_rows=int(d.max_rows), rg_tasks=tasks, size=size, seed=seed)

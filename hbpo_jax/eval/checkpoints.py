@@ -83,7 +83,7 @@ def _train_step_params(step_dir: str, cfg: ModelConfig, mesh, rules):
     return graphdef, state
 
 
-def load_policy(checkpoint: str, config, *, workdir: str | None = None, mesh=None,
+def load_policy(checkpoint: str, model_spec, *, workdir: str | None = None, mesh=None,
                 rules=sharding.DEFAULT_RULES) -> LoadedPolicy:
     """Loads a policy from any checkpoint kind of the module docstring; raises FileNotFoundError
     naming the path when it is none of them or no tokenizer is found."""
@@ -93,7 +93,7 @@ def load_policy(checkpoint: str, config, *, workdir: str | None = None, mesh=Non
     path = os.path.abspath(path) if files.is_local(path) else path
     if not files.isdir(path):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist.")
-    m = config.model
+    m, model_path = model_spec.fields, model_spec.path  # spec.ModelSpec
     dtype = m.get("param_dtype", "float32")
     if files.isdir(files.join(path, "checkpoints")):  # a run's workdir
         workdir = workdir or path
@@ -101,11 +101,11 @@ def load_policy(checkpoint: str, config, *, workdir: str | None = None, mesh=Non
     parents = [os.fspath(files.path(path).parent), os.fspath(files.path(path).parent.parent)]
     if files.isdir(files.join(path, "state")):
         run_dir = workdir or parents[1]
-        source = next((d for d in (files.join(run_dir, "warmstart"), config.model_path)
+        source = next((d for d in (files.join(run_dir, "warmstart"), model_path)
                        if d and files.exists(files.join(d, "config.json"))), None)
         if source is None:
             raise FileNotFoundError(f"{path}: a training checkpoint, but no model config.json in "
-                                    f"{run_dir}/warmstart or config.model_path; pass --workdir.")
+                                    f"{run_dir}/warmstart or model_path; pass --workdir.")
         cfg = ModelConfig.from_hf(read_hf_config(source), source=source, param_dtype=dtype,
                                   dtype=m.get("dtype") or dtype)
         graphdef, params = _train_step_params(path, cfg, mesh, rules)
@@ -122,7 +122,7 @@ def load_policy(checkpoint: str, config, *, workdir: str | None = None, mesh=Non
     else:
         raise FileNotFoundError(f"{path}: not a Hugging Face folder, a params checkpoint (params/), a "
                                 "training checkpoint (state/) or a run workdir (checkpoints/).")
-    tokenizer = find_tokenizer([path, workdir, config.model_path, *parents])
+    tokenizer = find_tokenizer([path, workdir, model_path, *parents])
     if tokenizer is None:
         raise FileNotFoundError(f"{path}: no tokenizer in the checkpoint, --workdir, model_path or the "
                                 "folders above it.")

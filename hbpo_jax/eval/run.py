@@ -16,7 +16,6 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from hbpo_jax import sharding
 from hbpo_jax import spec as spec_lib
 from hbpo_jax.data import readers as data
 from hbpo_jax.errors import ConfigError
@@ -57,7 +56,7 @@ def fit_prompts(benchmarks: Sequence[sets.Benchmark], tokenizer, eval_spec) -> l
     in each benchmark's report as "prompt_too_long"; logs each non-empty report."""
     for bench in benchmarks:
         kept, dropped = prompting.split_long_prompts(tokenizer, bench.records, eval_spec.max_prompt_len,
-                                                   eval_spec.system_prompt)
+                                                   eval_spec.rollout.system_prompt)
         for i in dropped:
             bench.report.add("prompt_too_long", i)
         if not kept:
@@ -89,12 +88,9 @@ def evaluate(eval_spec, graphdef, params, tokenizer, benchmarks: Sequence, key: 
     evaluation.score.
 
     benchmarks: sets.Benchmark list, prompts already filtered (load_benchmarks).
-    Sampling follows the spec: eval_spec.samples per problem at its temperature / top_p,
-    eval_spec.batch_size problems per sampler call and rollout.max_batch rows decoding at once
-    (rollout.engine), the
-    rollout's system prompt and prefix counting, and eval_spec.max_response_len response tokens,
-    cut only where prompt + response would not fit the model's `max_positions` (default: the
-    model's max_position_embeddings). Benchmark b, mode k samples with fold_in(fold_in(key, b), k),
+    Sampling follows eval_spec.rollout, eval_spec.batch_size problems per rollout call; its
+    max_response_len is cut only where prompt + response would not fit the model's
+    `max_positions` (default: the model's max_position_embeddings). Benchmark b, mode k samples with fold_in(fold_in(key, b), k),
     so a benchmark's numbers do not depend on which others run. Returns benchmark-major results;
     every process must call it (the sampler is collective).
     """
@@ -104,17 +100,16 @@ def evaluate(eval_spec, graphdef, params, tokenizer, benchmarks: Sequence, key: 
     results = []
     for b, bench in enumerate(benchmarks):
         problems = [x["problem"] for x in bench.records]
-        n = evaluation.max_new_tokens(e.max_response_len, max_positions,
-                                      _longest_prompt(tokenizer, problems, e.modes, e.system_prompt))
+        n = evaluation.max_new_tokens(e.rollout.max_response_len, max_positions,
+                                      _longest_prompt(tokenizer, problems, e.modes, e.rollout.system_prompt))
+        settings = e.rollout.replace(max_response_len=n)
         for k, mode in enumerate(e.modes):
             texts, lengths = evaluation.generate(
-                (graphdef, params), tokenizer, problems, mode, samples=e.samples, max_new_tokens=n,
-                key=jax.random.fold_in(jax.random.fold_in(key, b), k), temperature=e.temperature,
-                top_p=e.top_p, batch_size=e.batch_size, max_batch=e.max_batch,
-                prefix_in_response=e.prefix_in_response, system_prompt=e.system_prompt,
-                mesh=mesh, rules=rules, engine=e.engine)
+                (graphdef, params), tokenizer, problems, mode, settings,
+                key=jax.random.fold_in(jax.random.fold_in(key, b), k), batch_size=e.batch_size,
+                mesh=mesh, rules=rules)
             results.append(evaluation.score(bench.name, mode, bench.records, texts, lengths,
-                                            samples=e.samples, workers=e.grading_workers,
+                                            samples=e.rollout.samples_per_budget, workers=e.grading_workers,
                                             timeout_s=e.grading_timeout_s, answer_format=e.answer_format,
                                             scorer=bench.scorer if e.dataset_score else None))
             s = results[-1].summary()
@@ -142,13 +137,13 @@ def scalars(summaries: Sequence[dict], prefix: str = "eval") -> dict[str, float]
 
 # ----------------------------------------------------------------------------- launch/eval.py
 
-def tiny_records(config) -> list | None:
+def tiny_records(task: spec_lib.TaskSpec, seed: int) -> list | None:
     """The arithmetic task's eval problems, the ones the training loop evaluates (None for other
     tasks)."""
-    if config.task.get("name", "") != "arithmetic":
+    if task.name != "arithmetic":
         return None
     from hbpo_jax.tasks import warmstart
-    return warmstart.eval_records(config)
+    return warmstart.eval_records(task, seed)
 
 
 def run(config, checkpoint: str, out_dir: str | None = None, *, workdir: str | None = None) -> dict:
@@ -157,10 +152,12 @@ def run(config, checkpoint: str, out_dir: str | None = None, *, workdir: str | N
     out_dir default: <workdir, or the run folder the checkpoint is in>/eval. Returns {paths,
     summaries, table, out_dir, accuracy (mean over results)}."""
     eval_spec = spec_lib.resolve_eval(config)  # the training keys do not matter here
-    mesh = sharding.mesh_from_config(config.mesh)
-    rules = sharding.rules_from_config(config.mesh)
-    benchmarks = load_benchmarks(eval_spec, tiny_records=tiny_records(config))  # before the model
-    policy = checkpoints.load_policy(checkpoint, config, workdir=workdir, mesh=mesh, rules=rules)
+    model = spec_lib.resolve_model(config)
+    task = spec_lib.resolve_task(config, tuple(config.rollout.budgets))
+    mesh_spec = spec_lib.resolve_mesh(config)  # the config goes no further
+    mesh, rules = mesh_spec.make(), mesh_spec.rules
+    benchmarks = load_benchmarks(eval_spec, tiny_records=tiny_records(task, eval_spec.seed))  # before the model
+    policy = checkpoints.load_policy(checkpoint, model, workdir=workdir, mesh=mesh, rules=rules)
     fit_prompts(benchmarks, policy.tokenizer, eval_spec)
     results = evaluate(eval_spec, policy.graphdef, policy.params, policy.tokenizer, benchmarks,
                        jax.random.key(eval_spec.seed), max_positions=policy.cfg.max_position_embeddings,
@@ -168,11 +165,11 @@ def run(config, checkpoint: str, out_dir: str | None = None, *, workdir: str | N
     up = 2 if policy.kind == "train_step" else 1  # <workdir>/checkpoints/<step> or <workdir>/export
     out_dir = out_dir or os.path.join(workdir or os.path.abspath(os.path.join(policy.path, *[".."] * up)), "eval")
     meta = {"checkpoint": policy.path, "checkpoint_kind": policy.kind,
-            "modes": [m.name for m in eval_spec.modes], "samples": eval_spec.samples,
-            "temperature": eval_spec.temperature, "top_p": eval_spec.top_p,
-            "max_response_len": eval_spec.max_response_len, "seed": eval_spec.seed,
+            "modes": [m.name for m in eval_spec.modes], "samples": eval_spec.rollout.samples_per_budget,
+            "temperature": eval_spec.rollout.temperature, "top_p": eval_spec.rollout.top_p,
+            "max_response_len": eval_spec.rollout.max_response_len, "seed": eval_spec.seed,
             "answer_format": eval_spec.answer_format, "prompt_format": eval_spec.prompt_format,
-            "system_prompt": eval_spec.system_prompt,
+            "system_prompt": eval_spec.rollout.system_prompt,
             "interval": "normal approximation over per-problem means (1.96 sd/sqrt(P))"}
     skipped = {b.name: b.report.summary() for b in benchmarks}
     summaries = [r.summary() for r in results]

@@ -35,6 +35,7 @@ import numpy as np
 from hbpo_jax.grading import hosts
 from hbpo_jax.rollout import batch as rollout
 from hbpo_jax.rollout.prompting import ModeSpec
+from hbpo_jax.rollout.settings import RolloutSettings
 
 log = logging.getLogger(__name__)
 
@@ -162,24 +163,19 @@ def score(benchmark: str, mode: ModeSpec | str, records: Sequence[dict], texts: 
         dataset_scores=theirs)
 
 
-def generate(policy, tokenizer, problems: Sequence[str], mode: ModeSpec, *, samples: int,
-             max_new_tokens: int, key: jax.Array, temperature: float = 0.6, top_p: float = 0.95,
-             batch_size: int = 256, max_batch: int = 0, prefix_in_response: bool = True,
-             system_prompt: str | None = None, mesh=None, rules=None,
-             engine: str = "static") -> tuple[list, np.ndarray]:
-    """Samples `samples` responses per problem in `mode`, `batch_size` problems per call (with
-    `engine`, rollout.ENGINES).
+def generate(policy, tokenizer, problems: Sequence[str], mode: ModeSpec, settings: RolloutSettings, *,
+             key: jax.Array, batch_size: int = 256, mesh=None, rules=None) -> tuple[list, np.ndarray]:
+    """settings.samples_per_budget responses per problem in `mode` (its mode and budget set on
+    `settings`), `batch_size` problems per rollout call.
 
     policy: an nnx model or (graphdef, state). Returns (texts [P * S], lengths int32 [P * S]),
     prompt-major. Every process must call it (the sampler is collective)."""
+    settings = settings.replace(mode=mode.mode, budgets=(mode.budget,) if mode.budget else ())
     texts, lengths = [], []
     for start in range(0, len(problems), batch_size):
         key, sub = jax.random.split(key)
-        batch = rollout.budget_rollouts(
-            policy, tokenizer, list(problems[start:start + batch_size]), mode=mode.mode,
-            budgets=mode.budget or None, samples_per_budget=samples, max_new_tokens=max_new_tokens,
-            prefix_in_response=prefix_in_response, temperature=temperature, top_p=top_p, key=sub,
-            mesh=mesh, rules=rules, system_prompt=system_prompt, max_batch=max_batch, engine=engine)
+        batch = rollout.budget_rollouts(policy, tokenizer, list(problems[start:start + batch_size]), settings,
+                                        key=sub, mesh=mesh, rules=rules)
         texts += list(batch.texts)
         lengths.append(np.asarray(batch.lengths))
     return texts, np.concatenate(lengths) if lengths else np.zeros(0, np.int32)

@@ -16,7 +16,6 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hbpo_jax import config as config_lib
 from hbpo_jax import sharding, spec
 from hbpo_jax.models import Qwen2
 from hbpo_jax.rollout import prompting
@@ -52,7 +51,7 @@ def abstract_state(cfg, mesh, rules, optimizer):
 def _resolve(config, mesh):
     """(RunSpec, ModelConfig, rules) of `config` for `mesh` (ConfigError naming the key)."""
     run = spec.resolve(config, num_devices=mesh.devices.size, slices=sharding.num_slices(mesh.devices.flat))
-    return run, config_lib.model_config(config), sharding.rules_from_config(config.mesh)
+    return run, run.model.config(), run.mesh.rules
 
 
 def lower_train_step(config, mesh):
@@ -64,10 +63,10 @@ def lower_train_step(config, mesh):
     optimizer = trainer.make_optimizer(run.optim, t.total_updates)
     graphdef, state = abstract_state(cfg, mesh, rules, optimizer)
     prompt_width = sampler.bucket_length(s.max_prompt_len)  # the rollout's prompts, pad_prompts' default
-    batch = batching.abstract_minibatch(t.rows_per_minibatch, t.micro_batch_size, prompt_width, s.max_response_len,
-                                        mesh, rules, with_ref=run.loss.kl_coef > 0)
+    batch = batching.abstract_minibatch(t.rows_per_minibatch, t.micro_batch_size, prompt_width,
+                                        s.rollout.max_response_len, mesh, rules, with_ref=run.loss.kl_coef > 0)
     return trainer.update.lower(graphdef, state, batch, optimizer=optimizer, prompt_len=prompt_width,
-                                temperature=s.temperature, loss_kwargs=run.loss.kwargs())
+                                temperature=s.rollout.temperature, loss_kwargs=run.loss.kwargs())
 
 
 def lower_logprobs(config, mesh):
@@ -80,10 +79,10 @@ def lower_logprobs(config, mesh):
     graphdef, params = abstract_params(cfg, mesh, rules)
     prompt_width = sampler.bucket_length(s.max_prompt_len)
     rows = NamedSharding(mesh, PartitionSpec(sharding.logical_to_spec(("batch",), rules, mesh)[0]))
-    tokens = jax.ShapeDtypeStruct((t.micro_batch_size, prompt_width + s.max_response_len), jnp.int32,
+    tokens = jax.ShapeDtypeStruct((t.micro_batch_size, prompt_width + s.rollout.max_response_len), jnp.int32,
                                   sharding=rows)
     return trainer.compute_logprobs.lower(graphdef, params, tokens, tokens, prompt_len=prompt_width,
-                                          temperature=s.temperature)
+                                          temperature=s.rollout.temperature)
 
 
 def logprob_passes(run) -> int:
@@ -93,8 +92,8 @@ def logprob_passes(run) -> int:
     log-probs when the loss has a KL term. The refill engine scores the prefix as it prefills it,
     so with it "auto" needs no old-log-prob pass."""
     mode, s = run.train.recompute_old_logprobs, run.sampling
-    prefix_takes_loss = s.mode in prompting.PREFIXES and s.prefix_in_response and s.prefix_loss
-    old = mode == "always" or (mode == "auto" and prefix_takes_loss and s.engine == "static")
+    prefix_takes_loss = s.rollout.mode in prompting.PREFIXES and s.rollout.prefix_in_response and s.prefix_loss
+    old = mode == "always" or (mode == "auto" and prefix_takes_loss and s.rollout.engine == "static")
     return int(old) + int(run.loss.kl_coef > 0)
 
 
@@ -118,7 +117,7 @@ def lower_sampler(config, mesh, batch: int | None = None):
     graphdef, params = abstract_params(cfg, mesh, rules)
     params = sharding.decode_weights(params, mesh, rules, cfg.compute_dtype)  # as rollout.sample_rows
     smp = sampler.Sampler(graphdef, cfg, _settings(s, cfg), mesh=mesh, rules=rules)
-    return smp.lower(params, batch or s.max_batch or run.train.prompts_per_step * s.group, s.max_prompt_len)
+    return smp.lower(params, batch or s.rollout.max_batch or run.train.prompts_per_step * s.group, s.max_prompt_len)
 
 
 PREFIX_TOKENS = 15  # the plan's bound on a budget prefix's tokens (HBPO's sentence is ~11 in Qwen's)
@@ -132,19 +131,19 @@ def lower_engine(config, mesh):
     s, rows = run.sampling, run.train.prompts_per_step * run.sampling.group
     graphdef, params = abstract_params(cfg, mesh, rules)
     params = sharding.decode_weights(params, mesh, rules, cfg.compute_dtype)  # as rollout.sample_rows
-    eng = engine.RefillEngine(graphdef, cfg, _settings(s, cfg), slots=min(s.max_batch or rows, rows), mesh=mesh,
-                              rules=rules, kv_tokens=s.kv_tokens)
+    eng = engine.RefillEngine(graphdef, cfg, _settings(s, cfg), slots=min(s.rollout.max_batch or rows, rows), mesh=mesh,
+                              rules=rules, kv_tokens=s.rollout.kv_tokens)
     return eng, eng.lower(params, run.train.prompts_per_step, s.max_prompt_len, PREFIX_TOKENS, rows)
 
 
 def _settings(s, cfg) -> sampler.SamplerSettings:
-    return sampler.SamplerSettings(max_new_tokens=s.max_response_len, eos_ids=cfg.eos_token_ids,
-                                   temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    return sampler.SamplerSettings(max_new_tokens=s.rollout.max_response_len, eos_ids=cfg.eos_token_ids,
+                                   temperature=s.rollout.temperature, top_p=s.rollout.top_p, top_k=s.rollout.top_k)
 
 
 def memory_table(config, mesh) -> str:
     """Compiles the training step and the sampler and tabulates XLA's per-device memory plan."""
-    cfg = config_lib.model_config(config)
+    cfg = spec.resolve_model(config).config()
     devices = mesh.devices.size
     param_bytes = cfg.num_params() * jnp.dtype(cfg.param_dtype).itemsize
     lines = [f"config {config.name}: {cfg.num_params():,} parameters ({cfg.param_dtype}), "

@@ -17,7 +17,6 @@ from importlib import metadata
 import jax
 from absl import logging
 
-from hbpo_jax import config as config_lib
 from hbpo_jax import sharding, spec
 from hbpo_jax.plan import hlo, hlo_cost
 from hbpo_jax.plan import programs as plan
@@ -170,13 +169,13 @@ def step_counts(run: spec.RunSpec, response_len: int | None = None) -> StepCount
     longest row (the cap)."""
     s, t = run.sampling, run.train
     rows = t.prompts_per_step * s.group
-    per_row = max((response_len if response_len and s.engine == "refill" else s.max_response_len) - 1, 0)
+    per_row = max((response_len if response_len and s.rollout.engine == "refill" else s.rollout.max_response_len) - 1, 0)
     logprobs, updates = plan.logprob_passes(run) * -(-rows // t.micro_batch_size), t.mini_batches * t.ppo_epochs
-    if s.engine == "refill":
-        slots = min(s.max_batch or rows, rows)
+    if s.rollout.engine == "refill":
+        slots = min(s.rollout.max_batch or rows, rows)
         admits = -(-rows // engine.RefillEngine.default_admit(slots))
         return StepCounts(1, admits, admits + 1, -(-rows * per_row // slots), logprobs, updates, t.steps)
-    calls = -(-rows // s.max_batch) if s.max_batch else 1
+    calls = -(-rows // s.rollout.max_batch) if s.rollout.max_batch else 1
     return StepCounts(calls, 0, calls, calls * per_row, logprobs, updates, t.steps)
 
 
@@ -210,8 +209,8 @@ def compile_programs(config, mesh, only: tuple[str, ...] = PROGRAMS) -> dict[str
     run = spec.resolve(config, num_devices=mesh.devices.size, slices=sharding.num_slices(mesh.devices.flat))
     s, t = run.sampling, run.train
     width = sampler.bucket_length(s.max_prompt_len)
-    rows = s.max_batch or t.prompts_per_step * s.group
-    tokens = f"{width:,} + {s.max_response_len:,} tokens"
+    rows = s.rollout.max_batch or t.prompts_per_step * s.group
+    tokens = f"{width:,} + {s.rollout.max_response_len:,} tokens"
     programs = {}
     if "train" in only:
         programs["train"] = analyse("train step (one mini-batch update)",
@@ -223,10 +222,10 @@ def compile_programs(config, mesh, only: tuple[str, ...] = PROGRAMS) -> dict[str
     if "sampler" not in only:
         return programs
     t0 = time.perf_counter()
-    if s.engine == "refill":
+    if s.rollout.engine == "refill":
         eng, (prefill, admit, decode) = plan.lower_engine(config, mesh)
         lower_s = time.perf_counter() - t0
-        cache = width + eng.start_width(plan.PREFIX_TOKENS) + s.max_response_len
+        cache = width + eng.start_width(plan.PREFIX_TOKENS) + s.rollout.max_response_len
         programs["prefill"] = analyse("engine prompt prefill", f"{t.prompts_per_step} prompts x {width:,} tokens",
                                       lambda: prefill)
         programs["admit"] = analyse("engine admit", f"{eng.admit_width} rows x {eng.start_width(plan.PREFIX_TOKENS)} "
@@ -236,7 +235,7 @@ def compile_programs(config, mesh, only: tuple[str, ...] = PROGRAMS) -> dict[str
         prefill, decode = plan.lower_sampler(config, mesh)
         lower_s = time.perf_counter() - t0
         programs["prefill"] = analyse("sampler prefill", f"{rows} rows x {width:,} tokens", lambda: prefill)
-        programs["decode"] = analyse("sampler decode loop", f"{rows} rows, cache of {width + s.max_response_len:,}",
+        programs["decode"] = analyse("sampler decode loop", f"{rows} rows, cache of {width + s.rollout.max_response_len:,}",
                                      lambda: decode)
     programs["prefill"].lower_s = lower_s  # the sampler's programs are lowered at once: counted once, here
     return programs
@@ -352,7 +351,7 @@ def report(config, topology: str, slices: int = 1, only: tuple[str, ...] = PROGR
 def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan]) -> str:
     """The text of `report` from compiled programs (compile_programs on `mesh`)."""
     chip = chip_for(topology)
-    cfg = config_lib.model_config(config)
+    cfg = spec.resolve_model(config).config()
     slices = sharding.num_slices(mesh.devices.flat)
     run = spec.resolve(config, num_devices=mesh.devices.size, slices=slices)
     factors = ", ".join(f"{k} x{p.flops / p.xla_flops if p.xla_flops else 1:.1f} flops / "
@@ -382,7 +381,7 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan])
     lines += largest_collectives(programs)
     if set(programs) >= {"train", "logprobs", "prefill", "decode"}:
         s = run.sampling
-        mean = round(sum(s.budgets) / len(s.budgets)) if s.mode == "budget" and s.engine == "refill" else 0
+        mean = round(sum(s.rollout.budgets) / len(s.rollout.budgets)) if s.rollout.mode == "budget" and s.rollout.engine == "refill" else 0
         lines += ["", *projection_lines(programs, step_counts(run), chip,
                                         (mean, step_counts(run, mean)) if mean else None)]
     return "\n".join(lines)

@@ -6,10 +6,8 @@ counted in `lengths`, inside `response_mask`, outside `sampled_mask` (the sample
 Their log-probabilities come from the refilling engine's prefill (`scored_mask`); the static
 sampler does not score them, so the trainer recomputes them when they take the loss.
 
-Engines (`ENGINES`, config rollout.engine): "static" samples chunks of max_batch rows, each until
-its longest row ends (hbpo_jax.rollout.static); "refill" keeps max_batch decode slots busy, refilling a
-slot when its row ends, and prefills each distinct prompt once (hbpo_jax.rollout.refill). Both draw the
-same tokens for the same key (a row's randomness is its own).
+The engine (settings.ENGINES) is "static" (chunks of rows, static.py) or "refill" (slots refilled
+as rows end, refill.py); both draw the same tokens for the same key (a row's randomness is its own).
 """
 from __future__ import annotations
 
@@ -25,13 +23,12 @@ from hbpo_jax.rollout import next_token as sampling
 from hbpo_jax.rollout import refill as engine_lib
 from hbpo_jax.rollout import static as sampler
 from hbpo_jax.rollout.prompting import BUDGETED, PromptLayout, build_prompts, default_eos_ids
-
-ENGINES = ("static", "refill")
+from hbpo_jax.rollout.settings import ENGINES, RolloutSettings
 
 
 @dataclasses.dataclass
 class RolloutBatch:
-    """One rollout batch (numpy arrays; R rows, P prompt width, N = max_new_tokens).
+    """One rollout batch (numpy arrays; R rows, P prompt width, N = settings.max_response_len).
 
     prompt_ids: int32 [R, P] left-padded; prompt_mask: int32 [R, P], 1 on tokens. The prompt is the
       chat template, plus the prefix when it is not counted in the response.
@@ -74,53 +71,42 @@ def _gather_shifted(src: np.ndarray, shift: np.ndarray, width: int, fill):
     return np.where(ok, np.take_along_axis(src, np.clip(col, 0, src.shape[1] - 1), axis=1), fill)
 
 
-def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budgets=None,
-                    samples_per_budget: int = 1, mode: str = "budget", max_new_tokens: int,
-                    prefix_in_response: bool = True, hard_budget_cap: bool = False,
-                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, key: jax.Array,
-                    mesh=None, rules=None, system_prompt: str | None = None,
-                    prompt_bucket: str | int | None = "pow2", eos_ids: Sequence[int] | None = None,
-                    pad_id: int | None = None, max_batch: int = 0,
-                    prompt_budgets: Sequence[int] | None = None, engine: str = "static",
-                    kv_tokens: int = 0) -> RolloutBatch:
+def budget_rollouts(policy, tokenizer, problems: Sequence[str], settings: RolloutSettings, *,
+                    key: jax.Array, mesh=None, rules=None, prompt_budgets: Sequence[int] | None = None,
+                    eos_ids: Sequence[int] | None = None, pad_id: int | None = None) -> RolloutBatch:
     """Builds the prompts (`build_prompts`), samples the rows, and lays out the responses (see
     RolloutBatch for shapes).
 
-    max_new_tokens: L_max, the cap on counted response tokens (the prefix included when
-      prefix_in_response); also the sampler's static cap and N.
-    hard_budget_cap: also cap each row's counted response at its budget (budget / fixed / l1).
-    eos_ids: default `default_eos_ids`; pad_id: default the tokenizer's pad id, else the first EOS.
-    prompt_budgets: l1 / l1_max: one budget per problem instead of `budgets` (build_prompts).
-    max_batch: rows decoding at once (0: all). The KV cache grows with them (1,024 rows x 5,120
-      slots is ~150 GB for the 1.5B model): the static engine's rows per call, the refill
-      engine's slots.
-    engine: "static" or "refill" (`sample_rows`). Row r samples with fold_in(key, r), r its index
-      among all rows, so neither max_batch nor the engine changes a token.
-    kv_tokens: the refill engine's KV page pool in tokens (0: max_batch x the longest row).
+    policy: an nnx model or (graphdef, state). settings: how to prompt and sample (row r samples
+      with fold_in(key, r), r its index among all rows, so neither max_batch nor the engine
+      changes a token). prompt_budgets: l1 / l1_max: one budget per problem instead of
+      settings.budgets (build_prompts). eos_ids: default `default_eos_ids`; pad_id: default the
+      tokenizer's pad id, else the first EOS.
     """
-    layout = build_prompts(tokenizer, problems, budgets=budgets, samples_per_budget=samples_per_budget,
-                           mode=mode, system_prompt=system_prompt, prompt_budgets=prompt_budgets)
-    graphdef_state = model_or_pair
+    s = settings
+    budgets = None if prompt_budgets is not None else (tuple(s.budgets) or None)
+    layout = build_prompts(tokenizer, problems, budgets=budgets, samples_per_budget=s.samples_per_budget,
+                           mode=s.mode, system_prompt=s.system_prompt, prompt_budgets=prompt_budgets)
     if eos_ids is None:
         from flax import nnx
-        cfg = (model_or_pair.cfg if isinstance(model_or_pair, nnx.Module)
-               else sampler.graphdef_cfg(*model_or_pair))
+        cfg = policy.cfg if isinstance(policy, nnx.Module) else sampler.graphdef_cfg(*policy)
         eos_ids = default_eos_ids(tokenizer, cfg)
     if pad_id is None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (list(eos_ids) or [0])[0]
-    n = int(max_new_tokens)
+    n, prefix_in_response = int(s.max_response_len), s.prefix_in_response
     pfx = np.fromiter(map(len, layout.prefix_tokens), np.int32, count=len(layout.prefix_tokens))
     counted = pfx if prefix_in_response else np.zeros_like(pfx)
     if prefix_in_response and pfx.max(initial=0) > n:
-        raise ValueError(f"max_new_tokens={n} is shorter than the pre-filled prefix ({pfx.max()} tokens).")
+        raise ValueError(f"max_response_len={n} is shorter than the pre-filled prefix ({pfx.max()} tokens).")
     limits = n - counted
-    if hard_budget_cap and mode in BUDGETED:
+    if s.hard_budget_cap and s.mode in BUDGETED:
         limits = np.minimum(limits, layout.budgets - counted)
     limits = np.clip(limits, 0, n).astype(np.int32)
 
-    settings = sampler.SamplerSettings(n, tuple(eos_ids), pad_id, temperature, top_p, top_k, prompt_bucket)
-    got = sample_rows(graphdef_state, layout, limits, settings, engine=engine, max_batch=max_batch, key=key,
-                      mesh=mesh, rules=rules, kv_tokens=kv_tokens)
+    sampler_settings = sampler.SamplerSettings(n, tuple(eos_ids), pad_id, s.temperature, s.top_p, s.top_k,
+                                               s.prompt_bucket)
+    got = sample_rows(policy, layout, limits, sampler_settings, engine=s.engine, max_batch=s.max_batch, key=key,
+                      mesh=mesh, rules=rules, kv_tokens=s.kv_tokens)
     tokens, logp, sampled_len, reason, prefix_logp = got[:5]
 
     # prefix + sampled tokens, right-padded: the text the grader sees, and the counted response.
@@ -141,14 +127,14 @@ def budget_rollouts(model_or_pair, tokenizer, problems: Sequence[str], *, budget
             in_prefix = col[:, :n] < pfx[:, None]
             logprobs = np.where(in_prefix, _gather_shifted(prefix_logp, np.zeros_like(pfx), n, 0.0), logprobs)
             scored_mask = sampled_mask | in_prefix
-        prompt_ids, prompt_mask = sampler.pad_prompts(layout.prompt_tokens, pad_id, prompt_bucket)
+        prompt_ids, prompt_mask = sampler.pad_prompts(layout.prompt_tokens, pad_id, s.prompt_bucket)
     else:
         response_ids = tokens
         lengths = sampled_len
         sampled_mask = scored_mask = col[:, :n] < sampled_len[:, None]
         logprobs = logp.astype(np.float32)
         full_prompts = [p + x for p, x in zip(layout.prompt_tokens, layout.prefix_tokens)]
-        prompt_ids, prompt_mask = sampler.pad_prompts(full_prompts, pad_id, prompt_bucket)
+        prompt_ids, prompt_mask = sampler.pad_prompts(full_prompts, pad_id, s.prompt_bucket)
     response_mask = col[:, :n] < lengths[:, None]
 
     text_len = joined_len - (reason == sampler.STOP_EOS)  # drop the final EOS from the text
@@ -185,7 +171,7 @@ class SampledRows(NamedTuple):
 
 
 def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerSettings, *,
-                engine: str = "static", max_batch: int = 0, key, mesh=None, rules=None,
+                engine: str, max_batch: int = 0, key, mesh=None, rules=None,
                 kv_tokens: int = 0) -> SampledRows:
     """Samples a layout's rows (prompt + pre-filled prefix, `limits` int [R] new tokens each) with
     `engine` (ENGINES). Row r draws with fold_in(key, r), so both engines give the same tokens.
@@ -246,4 +232,4 @@ def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[
     return out, lens
 
 
-__all__ = ["ENGINES", "RolloutBatch", "SampledRows", "budget_rollouts", "expected_lengths", "sample_rows"]
+__all__ = ["RolloutBatch", "SampledRows", "budget_rollouts", "expected_lengths", "sample_rows"]

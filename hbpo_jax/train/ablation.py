@@ -28,7 +28,7 @@ import shutil
 import time
 from typing import Callable, Sequence
 
-from hbpo_jax import cli, files, objectives, sharding
+from hbpo_jax import cli, files, objectives
 from hbpo_jax import spec as spec_lib
 from hbpo_jax.eval import report
 from hbpo_jax.eval.scoring import sort_levels
@@ -72,16 +72,6 @@ def load_config(path: str, arg: str | None = None):
     return module.get_config(arg)
 
 
-def use_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache in `directory`: the variants compile the same programs
-    (sampler, update, evaluation), so every run after the first loads them instead of compiling."""
-    import jax
-    os.makedirs(directory, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-
-
 def variant_config(base, variant: Variant, overrides: dict | None = None):
     """A copy of `base` with `overrides` ({"train.steps": 10, ...}) and the variant's settings.
 
@@ -120,8 +110,8 @@ def warm_start(config, workdir: str) -> float:
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
     # The builder the loop uses for the arithmetic task: the cache it leaves is the one the runs copy.
-    warmstart.arithmetic_policy(config, workdir, sharding.mesh_from_config(config.mesh),
-                                sharding.rules_from_config(config.mesh))
+    spec = spec_lib.resolve(config)
+    warmstart.arithmetic_policy(spec, workdir, spec.mesh.make(), spec.mesh.rules)
     return time.perf_counter() - t0
 
 

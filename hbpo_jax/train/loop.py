@@ -18,7 +18,7 @@ import os
 import jax
 from flax import nnx
 
-from hbpo_jax import checkpoint, files, sharding
+from hbpo_jax import checkpoint, files
 from hbpo_jax import spec as spec_lib
 from hbpo_jax.data import loader as prompts
 from hbpo_jax.errors import ConfigError
@@ -42,14 +42,14 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many consecutive non-finite steps); a checkpoint was kept."""
 
 
-def build_policy(config, spec, workdir, mesh, rules) -> Policy:
-    """The tiny task's warm start (task.name "arithmetic") or config.model_path with config.data."""
-    if config.task.name == "arithmetic":
+def build_policy(spec, workdir, mesh, rules) -> Policy:
+    """The tiny task's warm start (task.name "arithmetic") or spec.model.path with spec.data."""
+    if spec.task.name == "arithmetic":
         from hbpo_jax.tasks import warmstart
-        return warmstart.arithmetic_policy(config, workdir, mesh, rules)
-    if not config.model_path:
+        return warmstart.arithmetic_policy(spec, workdir, mesh, rules)
+    if not spec.model.path:
         raise ConfigError("model_path is empty: name a Hugging Face model folder (or set task.name).")
-    return pretrained(config, spec, mesh, rules)
+    return pretrained(spec, mesh, rules)
 
 
 class _Evaluator:
@@ -89,18 +89,17 @@ def _cached_before(spec, evaluator: _Evaluator, params, key) -> list[dict]:
 
 def run(config, workdir: str) -> dict:
     """Trains as `config` says, in `workdir` (resuming from its checkpoints). Returns a summary."""
-    _initialize_distributed(config)
+    _initialize_distributed(spec_lib.resolve_distributed(config))
     checkpoint.quiet_orbax_logs()
-    spec = spec_lib.resolve(config)
+    spec = spec_lib.resolve(config)  # the config goes no further
     workdir = _absolute(workdir)
     files.makedirs(workdir)
     writer_process = jax.process_index() == 0
     log.info("run spec:\n%s", spec.to_json())
     if writer_process:
         files.write_json(files.join(workdir, "spec.json"), spec_lib.as_dict(spec))
-    mesh = sharding.mesh_from_config(config.mesh)
-    rules = sharding.rules_from_config(config.mesh)
-    policy = build_policy(config, spec, workdir, mesh, rules)
+    mesh, rules = spec.mesh.make(), spec.mesh.rules
+    policy = build_policy(spec, workdir, mesh, rules)
     step_fn = Step(spec, policy, mesh, rules)
     base_key = jax.random.key(spec.seed)
     t = spec.train
@@ -109,7 +108,7 @@ def run(config, workdir: str) -> dict:
     ckpt = checkpoint.TrainCheckpointer(files.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     # The same global batch on every process (see hbpo_jax.train.step).
     batches = prompts.prompt_batches(policy.train_records, batch_size=t.prompts_per_step, seed=spec.seed,
-                                  shuffle=config.data.shuffle, process_index=0, process_count=1)
+                                     shuffle=spec.data.shuffle, process_index=0, process_count=1)
     start = 0
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = ckpt.restore_latest(abstract)
@@ -186,16 +185,14 @@ def _periodic_eval(evaluator: _Evaluator, params, key, step: int, writer, workdi
         files.write_json(files.join(workdir, "eval", f"step_{step}.json"), {"step": step, "results": summaries})
 
 
-def _initialize_distributed(config) -> None:
-    """jax.distributed.initialize() when config.distributed: found automatically on TPU pods, or
-    from config.distributed_{coordinator,num_processes,process_id} (CPU clusters, tests)."""
-    if not config.get("distributed", False):
+def _initialize_distributed(d: spec_lib.DistributedSpec) -> None:
+    """jax.distributed.initialize() when d.enabled: found automatically on TPU pods, or from the
+    coordinator, process count and id (CPU clusters, tests)."""
+    if not d.enabled:
         return
     kwargs = {}
-    if config.get("distributed_coordinator", ""):
-        kwargs = dict(coordinator_address=config.distributed_coordinator,
-                      num_processes=int(config.distributed_num_processes),
-                      process_id=int(config.distributed_process_id))
+    if d.coordinator:
+        kwargs = dict(coordinator_address=d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
     if (jax.config.jax_platforms or "").split(",")[0] == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU collectives
     jax.distributed.initialize(**kwargs)

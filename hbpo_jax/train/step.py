@@ -40,19 +40,14 @@ def draw_l1_budgets(key: jax.Array, prompts: int, budgets: tuple[int, ...]) -> n
 def sample(sampling: SamplingSpec, graphdef, params, tokenizer, problems: list, key: jax.Array, *,
            mesh=None, rules=None) -> rollout.RolloutBatch:
     """The rollouts of one step as the spec's prompting mode lays them out. Row r (its index among
-    the step's rows) samples with fold_in(key, r), so neither sampling.max_batch nor
-    sampling.engine changes a token."""
-    prompt_budgets, budgets = None, sampling.budgets
-    if sampling.mode in L1_MODES:
+    the step's rows) samples with fold_in(key, r), so neither max_batch nor the engine changes a
+    token. l1 / l1_max draw one N per prompt from the budgets' range."""
+    settings, prompt_budgets = sampling.rollout, None
+    if settings.mode in L1_MODES:
         key, sub = jax.random.split(key)
-        prompt_budgets, budgets = draw_l1_budgets(sub, len(problems), sampling.budgets), None
-    return rollout.budget_rollouts(
-        (graphdef, params), tokenizer, problems, budgets=budgets, prompt_budgets=prompt_budgets,
-        samples_per_budget=sampling.samples_per_budget, mode=sampling.mode,
-        max_new_tokens=sampling.max_response_len, prefix_in_response=sampling.prefix_in_response,
-        hard_budget_cap=sampling.hard_budget_cap, temperature=sampling.temperature, top_p=sampling.top_p,
-        top_k=sampling.top_k, key=key, mesh=mesh, rules=rules, system_prompt=sampling.system_prompt,
-        max_batch=sampling.max_batch, engine=sampling.engine, kv_tokens=sampling.kv_tokens)
+        prompt_budgets = draw_l1_budgets(sub, len(problems), settings.budgets)
+    return rollout.budget_rollouts((graphdef, params), tokenizer, problems, settings, key=key, mesh=mesh,
+                                   rules=rules, prompt_budgets=prompt_budgets)
 
 
 def _per_budget(values: np.ndarray, budgets: np.ndarray, name: str) -> dict:
@@ -75,7 +70,7 @@ class Step:
         out = [trainer.compute_logprobs(self.policy.graphdef, params,
                                         jax.device_put(tokens[i:i + mb], self.row_sharding),
                                         jax.device_put(attn[i:i + mb], self.row_sharding),
-                                        prompt_len=prompt_len, temperature=self.spec.sampling.temperature)
+                                        prompt_len=prompt_len, temperature=self.spec.sampling.rollout.temperature)
                for i in range(0, len(tokens), mb)]
         return np.concatenate([sharding.to_host(x) for x in out])
 
@@ -133,7 +128,7 @@ class Step:
             time_rollout=t1 - t0, time_grading=t2 - t1, time_update=t3 - t2,
             skipped_total=float(state.skipped_total), empty_minibatches=float(empty),
             grading_timeouts=float(hosts.count_status(grades, "timeout")))
-        if s.mode == "budget":
+        if s.rollout.mode == "budget":
             for name, values in (("reward", rewards), ("accuracy", correct.astype(float)),
                                  ("response_len", lengths.astype(float)),
                                  ("format_error_rate", (~format_ok).astype(float))):
@@ -155,6 +150,7 @@ class Step:
                 pieces = [batching.put(piece, self.mesh, self.rules) for piece in mb]
                 state, m = trainer.update_pieces(self.policy.graphdef, state, pieces, optimizer=self.optimizer,
                                                  prompt_len=arrays["prompt_len"],
-                                                 temperature=self.spec.sampling.temperature, loss_kwargs=loss_kwargs)
+                                                 temperature=self.spec.sampling.rollout.temperature,
+                                                 loss_kwargs=loss_kwargs)
                 updates.append(m)
         return state, jax.device_get(updates), empty

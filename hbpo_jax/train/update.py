@@ -33,11 +33,8 @@ class TrainState:
     skipped_total: jax.Array
 
 
-SCHEDULES = ("constant", "cosine", "linear")
-
-
 def make_optimizer(optim, total_updates: int) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and a schedule (SCHEDULES), from spec.OptimSpec (or the
+    """AdamW with global-norm clipping and a schedule (spec.SCHEDULES), from spec.OptimSpec (or the
     config's `optim` section: the same fields)."""
     lr, warmup = optim.learning_rate, int(optim.warmup_steps)
     if optim.schedule == "constant":

@@ -34,11 +34,11 @@ def _config(**data_keys):
 def test_defaults_are_the_papers_and_the_small_model_config_is_lenient():
     paper = spec.resolve(qwen1_5b.get_config(), num_devices=8)
     assert paper.answer_format == paper.eval.answer_format == "paper"
-    assert paper.sampling.prompt_format == "template" and paper.sampling.system_prompt is None
+    assert paper.sampling.prompt_format == "template" and paper.sampling.rollout.system_prompt is None
     small = spec.resolve(qwen0_5b_instruct.get_config(), num_devices=1)
     assert small.answer_format == small.eval.answer_format == "lenient"
-    assert small.sampling.system_prompt == small.eval.system_prompt == prompting.R1_ZERO_SYSTEM
-    assert small.sampling.budgets == (128, 256, 512, 768) and small.objective.l_max == 1024
+    assert small.sampling.rollout.system_prompt == small.eval.rollout.system_prompt == prompting.R1_ZERO_SYSTEM
+    assert small.sampling.rollout.budgets == (128, 256, 512, 768) and small.objective.l_max == 1024
     assert small.data.rg_tasks == ("basic_arithmetic", "chain_sum") and small.data.seed != small.eval.seed
     # spec.json records which policy graded and which preset prompted
     saved = json.loads(small.to_json())

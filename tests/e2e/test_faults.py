@@ -6,6 +6,7 @@ import json
 import pathlib
 import shutil
 import subprocess
+import types
 
 import pytest
 
@@ -63,6 +64,8 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
 
     from hbpo_jax import config as config_lib
     from hbpo_jax import policy
+    from hbpo_jax import spec as spec_lib
+    from hbpo_jax.errors import ConfigError
     from tests.hf_reference import hf_model
 
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
@@ -72,6 +75,7 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
     config = config_lib.base_config()
     config.model_path = str(tmp_path)
     config.data.path = str(tmp_path / "unused.jsonl")
-    with pytest.raises(config_lib.ConfigError, match="no chat template"):
-        policy.pretrained(config, None, None, ())  # refused before the data or the spec is read
+    with pytest.raises(ConfigError, match="no chat template"):
+        # refused before the data or the rest of the spec is read
+        policy.pretrained(types.SimpleNamespace(model=spec_lib.resolve_model(config)), None, ())
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen2"

@@ -80,32 +80,36 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_run, tmp_path):
 def test_a_cached_warm_start_built_from_other_settings_is_refused(tmp_path):
     import importlib.util
 
-    from hbpo_jax import config as config_lib
+    from hbpo_jax import spec as spec_lib
     from hbpo_jax.tasks import warmstart
 
     spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    budgets, model_cfg = tuple(config.rollout.budgets), config_lib.model_config(config)
+    model_cfg = spec_lib.resolve_model(config).config()
+
+    def wanted():  # what the warm start of `config` is built from
+        return warmstart.settings(spec_lib.resolve_task(config, tuple(config.rollout.budgets)), config.seed, model_cfg)
+
     (tmp_path / warmstart.SETTINGS_FILE).write_text(
-        json.dumps(warmstart.settings(config, budgets, model_cfg)))
-    warmstart.check_settings(str(tmp_path), warmstart.settings(config, budgets, model_cfg))
+        json.dumps(wanted()))
+    warmstart.check_settings(str(tmp_path), wanted())
     config.task.sft_budget_scales = (0.2, 0.6, 0.8, 1.0)
     config.seed = 7
     with pytest.raises(ValueError, match=r"seed: cached 0, config 7; task.sft_budget_scales: cached \[\], "
                                          r"config \[0.2, 0.6, 0.8, 1.0\]\). Use a new --workdir"):
-        warmstart.check_settings(str(tmp_path), warmstart.settings(config, budgets, model_cfg))
+        warmstart.check_settings(str(tmp_path), wanted())
     # RL settings are not the warm start's: a run may change them and keep its cache.
     config.task.sft_budget_scales, config.seed = (), 0
     config.optim.learning_rate, config.train.steps = 1e-5, 99
-    warmstart.check_settings(str(tmp_path), warmstart.settings(config, budgets, model_cfg))
+    warmstart.check_settings(str(tmp_path), wanted())
     # A cache from before a setting existed was built at its default (False; tiny sets True).
     config.task.tokenizer_whole_budgets = False
-    older = warmstart.settings(config, budgets, model_cfg)
+    older = wanted()
     del older["task.tokenizer_whole_budgets"]
     (tmp_path / warmstart.SETTINGS_FILE).write_text(json.dumps(older))
-    warmstart.check_settings(str(tmp_path), warmstart.settings(config, budgets, model_cfg))
+    warmstart.check_settings(str(tmp_path), wanted())
     config.task.tokenizer_whole_budgets = True
     with pytest.raises(ValueError, match=r"task.tokenizer_whole_budgets: cached False, config True"):
-        warmstart.check_settings(str(tmp_path), warmstart.settings(config, budgets, model_cfg))
+        warmstart.check_settings(str(tmp_path), wanted())

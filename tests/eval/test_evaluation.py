@@ -2,6 +2,7 @@
 accuracy, 95% interval, token statistics and per-level numbers checked against hand arithmetic;
 the report files, tables and scalars; mode and spec parsing; the eval section of the spec; and the
 one evaluation function on a tiny random model, which follows every EvalSpec setting."""
+import dataclasses
 import json
 import math
 import pathlib
@@ -277,7 +278,7 @@ def _eval_setup():
     return e, tok, eval_run.load_benchmarks(e, tok, tiny_records=arithmetic.make_dataset(3, 3))
 
 
-SAMPLER_KEYS = ("max_new_tokens", "max_batch", "system_prompt", "samples_per_budget", "mode", "budgets",
+SAMPLER_KEYS = ("max_response_len", "max_batch", "system_prompt", "samples_per_budget", "mode", "budgets",
                 "prefix_in_response", "temperature", "top_p")
 
 
@@ -288,17 +289,18 @@ def _check_sampler_calls(calls):
     # 3 problems, eval.batch_size 2 per call: two calls per mode.
     assert [(x["mode"], x["problems"]) for x in calls] == [("natural", 2), ("natural", 1), ("fixed", 2), ("fixed", 1)]
     for x in calls:
-        assert (x["max_new_tokens"], x["max_batch"], x["system_prompt"], x["samples_per_budget"]) == (
+        assert (x["max_response_len"], x["max_batch"], x["system_prompt"], x["samples_per_budget"]) == (
             20, 2, "Be brief.", 2)
         assert x["prefix_in_response"] and (x["temperature"], x["top_p"]) == (0.0, 0.5)
-    assert [x["budgets"] for x in calls] == [None, None, 16, 16]
+    assert [x["budgets"] for x in calls] == [(), (), (16,), (16,)]
 
 
 def test_evaluate_passes_the_eval_spec_to_the_sampler(monkeypatch):
     e, tok, benchmarks = _eval_setup()
     calls = []
 
-    def fake(policy, tokenizer, problems, **kw):  # every response right, 7 tokens
+    def fake(policy, tokenizer, problems, settings, **kw):  # every response right, 7 tokens
+        kw = dataclasses.asdict(settings)
         calls.append(dict(problems=len(problems), **{k: kw[k] for k in SAMPLER_KEYS}))
         rows = len(problems) * kw["samples_per_budget"]
         answers = [r["answer"] for r in benchmarks[0].records if r["problem"] in problems]
@@ -317,12 +319,12 @@ def test_evaluate_passes_the_eval_spec_to_the_sampler(monkeypatch):
     longest = max(len(p) + len(x) for m in e.modes for p, x in zip(*_layout(tok, benchmarks[0], m, e)))
     calls.clear()
     eval_run.evaluate(e, None, None, tok, benchmarks, jax.random.key(0), max_positions=longest + 15)
-    assert {x["max_new_tokens"] for x in calls} == {15}
+    assert {x["max_response_len"] for x in calls} == {15}
 
 
 def _layout(tok, bench, mode, e):
     layout = prompting.build_prompts(tok, [r["problem"] for r in bench.records], budgets=mode.budget or None,
-                                   mode=mode.mode, system_prompt=e.system_prompt)
+                                   mode=mode.mode, system_prompt=e.rollout.system_prompt)
     return layout.prompt_tokens, layout.prefix_tokens
 
 
@@ -336,9 +338,9 @@ def test_evaluate_samples_a_model_as_the_eval_spec_says(monkeypatch):
     graphdef, params = nnx.split(create_model(cfg, seed=0))
     calls, real = [], rollout.budget_rollouts
 
-    def spy(policy, tokenizer, problems, **kw):
-        calls.append(dict(problems=len(problems), **{k: kw[k] for k in SAMPLER_KEYS}))
-        return real(policy, tokenizer, problems, **kw)
+    def spy(policy, tokenizer, problems, settings, **kw):
+        calls.append(dict(problems=len(problems), **{k: getattr(settings, k) for k in SAMPLER_KEYS}))
+        return real(policy, tokenizer, problems, settings, **kw)
 
     monkeypatch.setattr(rollout, "budget_rollouts", spy)
     results = eval_run.evaluate(e, graphdef, params, tok, benchmarks, jax.random.key(0))
@@ -359,7 +361,7 @@ def test_resolve_eval_names_the_eval_key():
     c.eval.benchmarks = ("tiny", "champ", "rg:basic_arithmetic", "math500:/data/m.jsonl")
     e = spec.resolve(c, num_devices=1).eval
     assert [m.name for m in e.modes] == ["natural", "budget_32"] + [f"l1_{b}" for b in c.rollout.budgets]
-    assert e.benchmarks[2] == ("rg", "basic_arithmetic") and e.max_response_len == c.eval.max_response_len
+    assert e.benchmarks[2] == ("rg", "basic_arithmetic") and e.rollout.max_response_len == c.eval.max_response_len
     for key, value, match in (("modes", ("natural", "greedy"), "eval.modes"),
                               ("benchmarks", ("mmlu:/x",), "eval.benchmarks"),
                               ("max_problems", -1, "eval.max_problems"),

@@ -8,10 +8,9 @@ import pytest
 import transformers
 
 from hbpo_jax.models import ModelConfig, create_model
-from hbpo_jax.rollout import batch as rollout
 from hbpo_jax.rollout import prompting
 from hbpo_jax.rollout import static as sampler
-from tests.helpers import char_tokenizer
+from tests.helpers import char_tokenizer, rollouts
 
 # Qwen2.5-style ChatML, default system prompt included when none is given.
 QWEN_TEMPLATE = (
@@ -151,8 +150,8 @@ def _check_batch(batch, tok, n, prefix_in_response):
 def test_budget_rollouts_end_to_end(tiny, mode, budgets, prefix_in_response):
     model, tok = tiny
     n = 72
-    batch = rollout.budget_rollouts(model, tok, ["2+3?", "12*3=?"], budgets=budgets, samples_per_budget=2,
-                                    mode=mode, max_new_tokens=n, prefix_in_response=prefix_in_response,
+    batch = rollouts(model, tok, ["2+3?", "12*3=?"], budgets=budgets, samples_per_budget=2,
+                                    mode=mode, max_response_len=n, prefix_in_response=prefix_in_response,
                                     key=jax.random.key(0))
     k = len(budgets) if mode in ("budget", "l1") else 1
     assert batch.group_shape == (2, k, 2)
@@ -175,9 +174,9 @@ def test_budget_rollouts_end_to_end(tiny, mode, budgets, prefix_in_response):
 
 def test_prefix_flag_and_hard_cap(tiny):
     model, tok = tiny
-    kw = dict(budgets=[56, 64], samples_per_budget=2, max_new_tokens=72, key=jax.random.key(4))
-    on = rollout.budget_rollouts(model, tok, ["1+1?"], **kw)
-    off = rollout.budget_rollouts(model, tok, ["1+1?"], prefix_in_response=False, **kw)
+    kw = dict(budgets=[56, 64], samples_per_budget=2, max_response_len=72, key=jax.random.key(4))
+    on = rollouts(model, tok, ["1+1?"], **kw)
+    off = rollouts(model, tok, ["1+1?"], prefix_in_response=False, **kw)
     # Same seed, same sampler prompts: off's responses are on's sampled part; limits differ by the prefix.
     pfx = on.prefix_lengths
     np.testing.assert_array_equal(on.lengths - pfx, np.minimum(off.lengths, 72 - pfx))
@@ -185,7 +184,7 @@ def test_prefix_flag_and_hard_cap(tiny):
         np.testing.assert_array_equal(on.response_ids[i][on.sampled_mask[i]],
                                       off.response_ids[i, :on.lengths[i] - pfx[i]])
     assert (off.prompt_mask.sum(1) == on.prompt_mask.sum(1) + pfx).all()
-    hard = rollout.budget_rollouts(model, tok, ["1+1?"], hard_budget_cap=True, **kw)
+    hard = rollouts(model, tok, ["1+1?"], hard_budget_cap=True, **kw)
     _check_batch(hard, tok, 72, True)
     assert (hard.lengths <= hard.budgets).all()
     assert ((hard.lengths == hard.budgets) == (hard.stop_reason == sampler.STOP_LIMIT)).all()
@@ -195,10 +194,10 @@ def test_chunked_sampling_matches_one_call(tiny):
     """max_batch splits the rows into equal sampler calls (the last padded); greedy rows are the
     same as in one call, and every layout array keeps its shape."""
     model, tok = tiny
-    kw = dict(budgets=[56, 64], samples_per_budget=2, max_new_tokens=64, temperature=0.0,
+    kw = dict(budgets=[56, 64], samples_per_budget=2, max_response_len=64, temperature=0.0,
               key=jax.random.key(5))
-    whole = rollout.budget_rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], **kw)
-    chunked = rollout.budget_rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], max_batch=5, **kw)
+    whole = rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], **kw)
+    chunked = rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], max_batch=5, **kw)
     _check_batch(chunked, tok, 64, True)
     for field in ("response_ids", "lengths", "stop_reason", "response_mask", "budgets", "prompt_index"):
         np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field), err_msg=field)

@@ -7,11 +7,10 @@ import torch
 from flax import nnx
 
 from hbpo_jax.models import ModelConfig, create_model, load_pretrained
-from hbpo_jax.rollout import batch as rollout
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
 from hbpo_jax.sharding import make_mesh
-from tests.helpers import CFG, PROMPTS, N, char_tokenizer, model, rows  # noqa: F401  (fixtures)
+from tests.helpers import CFG, PROMPTS, N, char_tokenizer, model, rollouts, rows  # noqa: F401  (fixtures)
 from tests.hf_reference import hf_model
 
 
@@ -156,10 +155,10 @@ def test_budget_rollouts_refill_equals_static(tiny_policy, prefix_in_response):
     """rollout.engine="refill" gives the static path's rollout batch; with the prefix in the
     response, its log-probs are scored (scored_mask) so no recompute pass is needed."""
     model, tok = tiny_policy
-    kw = dict(budgets=[56, 64], samples_per_budget=2, max_new_tokens=72, key=jax.random.key(3),
+    kw = dict(budgets=[56, 64], samples_per_budget=2, max_response_len=72, key=jax.random.key(3),
               prefix_in_response=prefix_in_response)
-    static = rollout.budget_rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], **kw)
-    refill = rollout.budget_rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], engine="refill", max_batch=4, **kw)
+    static = rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], **kw)
+    refill = rollouts(model, tok, ["1+1?", "7*8?", "2-9?"], engine="refill", max_batch=4, **kw)
     for field in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "sampled_mask", "lengths",
                   "stop_reason", "budgets", "prompt_index", "prefix_lengths"):
         np.testing.assert_array_equal(getattr(refill, field), getattr(static, field), err_msg=field)
@@ -170,4 +169,4 @@ def test_budget_rollouts_refill_equals_static(tiny_policy, prefix_in_response):
     assert prefix.any() == prefix_in_response
     assert (refill.logprobs[prefix] < 0).all() and (static.scored_mask == static.sampled_mask).all()
     with pytest.raises(ValueError, match="engine must be one of"):
-        rollout.budget_rollouts(model, tok, ["1+1?"], engine="paged", **kw)
+        rollouts(model, tok, ["1+1?"], engine="paged", **kw)

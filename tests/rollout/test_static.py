@@ -298,6 +298,7 @@ def test_a_rows_tokens_do_not_depend_on_its_batch_its_slot_or_its_start(model):
 def test_step_sample_gives_the_same_rows_for_any_max_batch():
     """The training rollout keys each row by its index among the step's rows: cutting the 8 rows
     into sampler calls of 3 (the last padded) changes no token at temperature 1."""
+    from hbpo_jax.rollout.settings import RolloutSettings
     from hbpo_jax.spec import SamplingSpec
     from hbpo_jax.train import step
 
@@ -306,12 +307,12 @@ def test_step_sample_gives_the_same_rows_for_any_max_batch():
     m = create_model(cfg, seed=0)
     m.lm_head[...] = m.lm_head[...].at[:, 2].add(0.6)  # some rows end early
     graphdef, params = nnx.split(m)
-    spec = SamplingSpec(mode="budget", budgets=(24, 32), group=4, samples_per_budget=2, max_prompt_len=64,
-                        max_response_len=24, temperature=1.0, top_p=1.0, top_k=0, prefix_in_response=False,
-                        prefix_loss=False, hard_budget_cap=False, system_prompt=None, max_batch=0)
+    settings = RolloutSettings(max_response_len=24, budgets=(24, 32), samples_per_budget=2, prefix_in_response=False)
+    spec = SamplingSpec(settings, group=4, max_prompt_len=64, prefix_loss=False, prompt_format="template")
     tok, problems, key = char_tokenizer(), ["1+1?", "7*8?"], jax.random.key(9)
     whole = step.sample(spec, graphdef, params, tok, problems, key)
-    chunked = step.sample(dataclasses.replace(spec, max_batch=3), graphdef, params, tok, problems, key)
+    chunked = step.sample(dataclasses.replace(spec, rollout=settings.replace(max_batch=3)), graphdef, params, tok,
+                          problems, key)
     for field in ("response_ids", "lengths", "stop_reason", "response_mask"):
         np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field), err_msg=field)
     np.testing.assert_allclose(chunked.logprobs, whole.logprobs, atol=1e-5)
