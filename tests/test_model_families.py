@@ -196,6 +196,10 @@ def test_family_defaults_and_switches():
         qwen2.replace(model_type="mistral")
     with pytest.raises(ConfigError, match="attention_bias must be False for qwen2"):
         qwen2.replace(attention_bias=True)
+    qwen2_json = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1).to_dict()
+    exported = ModelConfig.from_hf(dict(qwen2_json, attention_bias=True))  # as some exporters write it
+    assert exported.qkv_bias and not exported.o_bias  # transformers' Qwen2 ignores attention_bias too
     with pytest.raises(ConfigError, match="model_type 'gemma' is not supported"):
         ModelConfig.from_hf(dict(_hf_json("llama"), model_type="gemma"))
 

@@ -231,9 +231,6 @@ class ModelConfig:
             raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu').")
         if (hf.get("pretraining_tp") or 1) != 1:
             raise ConfigError(f"{source}: pretraining_tp {hf['pretraining_tp']!r} is not supported (only 1).")
-        if model_type == "qwen2" and hf.get("attention_bias"):
-            raise ConfigError(f"{source}: attention_bias=true is not a Qwen2 setting (its q, k, v biases "
-                              "are always there).")
         eos = hf.get("eos_token_id")
         eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
         kwargs = dict(
@@ -245,6 +242,8 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             head_dim=hf.get("head_dim") or defaults.get("head_dim", 0),
             model_type=model_type,
+            # transformers' Qwen2 ignores attention_bias (q, k, v biases always, none on o); some
+            # exporters write it anyway.
             attention_bias=bool(hf.get("attention_bias", False)) if model_type != "qwen2" else False,
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", defaults["rope_theta"]))),
             rms_norm_eps=float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
