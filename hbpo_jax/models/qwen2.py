@@ -1,4 +1,6 @@
-"""Qwen2 decoder in Flax NNX, numerically equal to transformers' Qwen2ForCausalLM.
+"""The decoder in Flax NNX (Qwen2, Qwen3 and Llama: one class, the family's switches read from
+the config), numerically equal to transformers' Qwen2ForCausalLM, Qwen3ForCausalLM and
+LlamaForCausalLM.
 
 Every parameter carries `logical_axes` metadata (see hbpo_jax/sharding.py for the rule table that
 maps them to mesh axes). Shapes use L = decoder layers, B = batch, T = query tokens, S = key slots
@@ -72,21 +74,25 @@ class KVCache:
 # ----------------------------------------------------------------------------- building blocks
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, eps: float, dtype, *, rngs: nnx.Rngs, axes=("norm",)):
         self.eps = eps
-        self.scale = _param(rngs, _ones, (dim,), ("norm",), dtype)
+        self.scale = _param(rngs, _ones, (dim,), axes, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., E] -> [..., E] in x's dtype; statistics in float32 as transformers does."""
+        """x: [..., N] -> [..., N] in x's dtype (N = dim: E, or D for the q/k norms); statistics in
+        float32 as transformers does."""
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotates x [B, T, N, D] by positions [B, T] (transformers' rotate-half layout)."""
+def rotary_embedding(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
+    """Rotates x [B, T, N, D] by positions [B, T] (transformers' rotate-half layout) at the
+    float32 inverse frequencies inv_freq [D/2] (ModelConfig.rope_inv_freq), or at the default
+    frequencies of a theta given as a number."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+    if jnp.ndim(inv_freq) == 0:
+        inv_freq = 1.0 / (inv_freq ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
@@ -125,16 +131,36 @@ def attention(q, k, v, mask, impl: str = "xla") -> jax.Array:
 
 
 class Attention(nnx.Module):
+    """Grouped-query attention with the family's switches (ModelConfig): biases on q, k, v
+    (qkv_bias) and o (o_bias), and Qwen3's per-head RMSNorm of q and k (qk_norm). A switch that is
+    off creates no parameter."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         e, h, k, d, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.weight_dtype
         self.cfg = cfg
-        self.q_proj = _param(rngs, _normal, (e, h, d), ("embed", "heads", "head_dim"), dt)
-        self.q_bias = _param(rngs, _zeros, (h, d), ("heads", "head_dim"), dt)
-        self.k_proj = _param(rngs, _normal, (e, k, d), ("embed", "kv_heads", "head_dim"), dt)
-        self.k_bias = _param(rngs, _zeros, (k, d), ("kv_heads", "head_dim"), dt)
-        self.v_proj = _param(rngs, _normal, (e, k, d), ("embed", "kv_heads", "head_dim"), dt)
-        self.v_bias = _param(rngs, _zeros, (k, d), ("kv_heads", "head_dim"), dt)
+        # In this order (each parameter draws one key): a Qwen2 of a given seed keeps its weights.
+        for name, n, axis in (("q", h, "heads"), ("k", k, "kv_heads"), ("v", k, "kv_heads")):
+            setattr(self, f"{name}_proj", _param(rngs, _normal, (e, n, d), ("embed", axis, "head_dim"), dt))
+            if cfg.qkv_bias:
+                setattr(self, f"{name}_bias", _param(rngs, _zeros, (n, d), (axis, "head_dim"), dt))
         self.o_proj = _param(rngs, _normal, (h, d, e), ("heads", "head_dim", "embed"), dt)
+        if cfg.o_bias:
+            self.o_bias = _param(rngs, _zeros, (e,), ("embed",), dt)
+        if cfg.qk_norm:  # one [D] scale shared by all heads (transformers' Qwen3 q_norm / k_norm)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dt, rngs=rngs, axes=("head_dim",))
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dt, rngs=rngs, axes=("head_dim",))
+
+    def _project(self, x, name: str, spec: str):
+        """x [B, T, E] through the {name}_proj weight (and its bias when the family has one)."""
+        y = jnp.einsum(spec, x, getattr(self, f"{name}_proj")[...].astype(x.dtype))
+        if self.cfg.qkv_bias:
+            y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
+        return y
+
+    def _output(self, out):
+        """out [B, T, H, D] -> [B, T, E] through o_proj (and its bias)."""
+        y = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(out.dtype))
+        return y + self.o_bias[...].astype(y.dtype) if self.cfg.o_bias else y
 
     def __call__(self, x, positions, mask, kv=None, index=None):
         """x: [B, T, E]; positions: int32 [B, T]; mask: bool [B, T, S].
@@ -146,21 +172,24 @@ class Attention(nnx.Module):
         Returns ([B, T, E], the updated (keys, values, layer) or None).
         """
         dt = x.dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt)) + self.q_bias[...].astype(dt)
-        k = jnp.einsum("bte,ekd->btkd", x, self.k_proj[...].astype(dt)) + self.k_bias[...].astype(dt)
-        v = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dt)) + self.v_bias[...].astype(dt)
-        q = rotary_embedding(q, positions, self.cfg.rope_theta)
-        k = rotary_embedding(k, positions, self.cfg.rope_theta)
+        q = self._project(x, "q", "bte,ehd->bthd")
+        k = self._project(x, "k", "bte,ekd->btkd")
+        v = self._project(x, "v", "bte,ekd->btkd")
+        if self.cfg.qk_norm:  # per head over D, before the rotation (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = self.cfg.rope_inv_freq()  # a float32 [D/2] constant of the trace
+        q = rotary_embedding(q, positions, inv_freq)
+        k = rotary_embedding(k, positions, inv_freq)
         if isinstance(kv, paged.PagedLayer):  # the refilling engine's slots: write, attend what is filled
             out, kv = kv.attend(q, k, v)
-            return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt)), kv
+            return self._output(out), kv
         if kv is not None:
             keys, values, layer = kv
             keys, values = (_write_layer_slots(c, x.astype(c.dtype), layer, index) for c, x in ((keys, k), (values, v)))
             kv = (keys, values, layer)
             k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False).astype(dt) for c in (keys, values))
         out = attention(q, k, v, mask, self.cfg.attention_impl)
-        return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt)), kv
+        return self._output(out), kv
 
 
 def _write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
@@ -275,7 +304,9 @@ def run_layers(layers: DecoderLayer, x, positions, mask, kv=None, index=None, re
 # ----------------------------------------------------------------------------- the model
 
 class Qwen2(nnx.Module):
-    """Qwen2ForCausalLM. `model(input_ids)` returns float32 logits [B, T, V]."""
+    """Qwen2ForCausalLM, Qwen3ForCausalLM or LlamaForCausalLM, by cfg.model_type (the name stays
+    for the code that imports it; `Decoder` is the same class). `model(input_ids)` returns float32
+    logits [B, T, V]."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -354,3 +385,6 @@ class Qwen2(nnx.Module):
         """hidden: [..., E] -> float32 logits [..., V]."""
         w = self.head_weight().astype(hidden.dtype)
         return jnp.einsum("...e,ev->...v", hidden, w, preferred_element_type=jnp.float32)
+
+
+Decoder = Qwen2  # the family-neutral name of the one decoder class

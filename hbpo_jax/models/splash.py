@@ -1,4 +1,4 @@
-"""Splash attention: jax's Pallas TPU flash-attention kernel for Qwen2's causal self-attention.
+"""Splash attention: jax's Pallas TPU flash-attention kernel for the decoder's causal self-attention.
 
 Which calls take it (hbpo_jax/models/qwen2.py): with `attention_impl="splash"`, or "auto" on a
 TPU, `Qwen2.forward` without a KV cache (training, log-prob passes) and a prefill into an empty
@@ -22,6 +22,8 @@ The kernel (jax.experimental.pallas.ops.tpu.splash_attention, called, not copied
 - scale: the kernel does not scale the scores, so q is multiplied by D**-0.5 in float32 first;
 - length: T is padded at the end to a multiple of the block (at most 512) with padding-segment
   rows, which causality hides from every real query, and cut off again;
+- head_dim: 128, and 64 (SmolLM2, Llama 3.2 1B; half a lane tile, which the kernel pads
+  internally) both compile for a TPU, forward and backward (tests/test_model_families.py);
 - on a platform other than TPU the kernel runs in Pallas interpret mode (slow; for tests);
 - precision: the kernel's matmuls take jax's default matmul precision; with
   jax_default_matmul_precision="highest" (the tests' setting) Mosaic rejects float32 contractions

@@ -21,8 +21,13 @@ prompt that asks for reasoning in <think> </think> and a final \\boxed{} answer,
 models that never think on their own. `system_prompt_for` resolves the two into the one system
 prompt every prompt builder takes.
 
-If the rendered template already ends in "<think>" (e.g. DeepSeek-R1-Distill's "<think>\\n"), the
-prefix's own "<think>" is dropped (and the space after it when the template ends in a newline).
+Templates per family (`render_prompt`): Qwen2.5 and Llama/SmolLM2 open the assistant turn plainly
+("<|im_start|>assistant\\n"), so the prefix follows whole. A template that takes
+`enable_thinking` (Qwen3's) is rendered with it true, so the model thinks: Qwen3's hybrid template
+then adds nothing, its thinking-only (2507) templates open "<think>\\n" themselves. If the rendered
+template already ends in "<think>" (those, and DeepSeek-R1-Distill's "<｜Assistant｜><think>\\n"),
+the prefix's own "<think>" is dropped (and the space after it when the template ends in a newline),
+so the turn holds one "<think>".
 """
 from __future__ import annotations
 
@@ -128,6 +133,16 @@ def assistant_prefix(rendered: str, prefix: str) -> str:
     return rest.lstrip(" ") if rendered.endswith("\n") else rest
 
 
+def render_prompt(tokenizer, messages: Sequence[dict]) -> str:
+    """The chat template of `tokenizer` over `messages`, with the assistant turn opened
+    (add_generation_prompt), as text. A template that reads `enable_thinking` (Qwen3's) gets it
+    true: HBPO's prompts ask for reasoning inside <think>, which enable_thinking=false would close
+    empty before the prefix."""
+    template = getattr(tokenizer, "chat_template", None)
+    kwargs = {"enable_thinking": True} if "enable_thinking" in str(template or "") else {}
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **kwargs)
+
+
 def _budgets_for(mode: str, budgets) -> list[int]:
     """The budgets a mode lays out per prompt (K of [P, K, M])."""
     if mode not in MODES:
@@ -168,7 +183,7 @@ def build_prompts(tokenizer, problems: Sequence[str], *, budgets=None, samples_p
             user = problem + USER_SUFFIXES[mode].format(budget=b) if mode in USER_SUFFIXES else problem
             messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
             messages.append({"role": "user", "content": user})
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = render_prompt(tokenizer, messages)
             prefix = PREFIXES.get(mode, "").format(budget=b)
             rendered.append(text)
             prefixes.append(assistant_prefix(text, prefix))
@@ -191,8 +206,7 @@ def build_prompts(tokenizer, problems: Sequence[str], *, budgets=None, samples_p
 def prompt_lengths(tokenizer, problems: Sequence[str], system_prompt: str | None = None) -> np.ndarray:
     """Tokens of each problem's chat-templated prompt (no prefix): int [P]."""
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    rendered = [tokenizer.apply_chat_template(system + [{"role": "user", "content": p}],
-                                              add_generation_prompt=True, tokenize=False) for p in problems]
+    rendered = [render_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in problems]
     ids = tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else []
     return np.fromiter(map(len, ids), np.int64, count=len(ids))
 
@@ -220,5 +234,5 @@ def default_eos_ids(tokenizer, model_cfg=None) -> tuple[int, ...]:
 
 __all__ = ["BUDGET_PREFIX", "BUDGETED", "EFFICIENCY_PREFIX", "L1_MAX_SUFFIX", "L1_SUFFIX", "MODES", "ModeSpec",
            "PREFIXES", "PROMPT_FORMATS", "PromptLayout", "R1_ZERO_SYSTEM", "USER_SUFFIXES", "assistant_prefix",
-           "build_prompts", "default_eos_ids", "parse_modes", "prompt_lengths", "split_long_prompts",
-           "system_prompt_for"]
+           "build_prompts", "default_eos_ids", "parse_modes", "prompt_lengths", "render_prompt",
+           "split_long_prompts", "system_prompt_for"]
