@@ -56,6 +56,7 @@ setup(
             # the CI machines (a looser pin would pull a multi-GB CUDA build).
             "torch==2.13.0",
             "pytest>=8",
+            "ruff>=0.6",  # lint and import order (pyproject.toml), run by .ci/run
             "pytest-xdist>=3.8",  # --no-loadscope-reorder
             "filelock>=3.12",
             "hypothesis>=6.100",

@@ -385,7 +385,8 @@ def _train(config, group: int) -> TrainSpec:
     require(t.steps >= 1, f"train.steps must be at least 1, got {t.steps}.")
     require(t.prompts_per_step >= 1, f"train.prompts_per_step must be at least 1, got {t.prompts_per_step}.")
     require(t.mini_batches >= 1 and t.prompts_per_step % t.mini_batches == 0,
-             f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by train.mini_batches ({t.mini_batches}).")
+            f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by "
+            f"train.mini_batches ({t.mini_batches}).")
     rows = t.prompts_per_step // t.mini_batches * group
     require(t.micro_batch_size >= 1 and rows % t.micro_batch_size == 0,
              f"train.micro_batch_size ({t.micro_batch_size}) must divide the {rows} sequences of a mini-batch.")
