@@ -15,6 +15,7 @@ from flax import nnx
 from hbpo_jax.data import sources
 from hbpo_jax.errors import ConfigError
 from hbpo_jax.models import load_pretrained
+from hbpo_jax.models.hub import resolve_model_path
 from hbpo_jax.rollout import prompting
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ def fitting(records: list, tokenizer, sampling) -> list:
 
 
 def pretrained(spec, mesh, rules) -> Policy:
-    """spec.model.path's model and tokenizer, spec.data's records (prompts that fit)."""
-    path, overrides = spec.model.path, spec.model.overrides()
+    """spec.model.path's model and tokenizer (a local folder, or a hub id resolved to its
+    snapshot in the HF cache), spec.data's records (prompts that fit)."""
+    path, overrides = resolve_model_path(spec.model.path), spec.model.overrides()
     dtype, compute_dtype = overrides.pop("param_dtype", "float32"), overrides.pop("dtype", None)
     model, _, tokenizer = load_pretrained(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules,
                                           **overrides)
