@@ -104,7 +104,16 @@ def topology_mesh(mesh_cfg, topology: str, slices: int = 1):
     compile for that TPU here, without one."""
     from jax.experimental import topologies
     kwargs = {"num_slices": slices} if slices > 1 else {}
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
+    except Exception as e:
+        # A slice smaller than libtpu's default host (v5e: 2x2 chips per host), e.g. Colab's
+        # "v5e:1x1": the host is the slice itself.
+        if "chips_per_host_bounds" not in str(e):
+            raise
+        dims = [int(x) for x in topology.split(":")[1].split("x")]
+        kwargs["chips_per_host_bounds"] = (dims + [1, 1, 1])[:3]
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
     return sharding.make_mesh(tuple(mesh_cfg["shape"]), tuple(mesh_cfg["axes"]), devices=devices)
 
 
