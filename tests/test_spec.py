@@ -241,8 +241,8 @@ def test_each_objective_trains_a_step_on_the_tiny_task(name, tiny_run, tmp_path)
 
 
 def test_lora_section_resolves_and_bad_values_are_one_sentence():
-    config = qwen1_5b.get_config("colab")
-    s = _resolve(config)
+    one_chip = lambda config: spec.resolve(config, num_devices=1)  # noqa: E731  (the colab preset's v5e-1)
+    s = one_chip(qwen1_5b.get_config("colab"))
     assert (s.lora.rank, s.lora.alpha, s.lora.base_dtype) == (16, 32.0, "bfloat16")
     cfg = s.lora.model_config(s.model.config())
     assert (cfg.lora_rank, cfg.lora_scale, cfg.param_dtype) == (16, 2.0, "bfloat16")
@@ -252,5 +252,5 @@ def test_lora_section_resolves_and_bad_values_are_one_sentence():
         config = qwen1_5b.get_config("colab")
         config.lora[key] = value
         with pytest.raises(ConfigError, match=words) as e:
-            _resolve(config)
+            one_chip(config)
         assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
