@@ -6,6 +6,11 @@ Policy Optimization for Adaptive Reasoning", arXiv:2507.15844, training setup).
         --config.data.path=/data/deepscaler.json --workdir=/runs/hbpo
 
 A pod slice: `--config=configs/qwen1_5b.py:pod` (every host runs the same command).
+One Colab v5e-1 chip (16 GiB): `--config=configs/qwen1_5b.py:colab`, LoRA rank 16 on every
+projection with the base frozen in bfloat16, at the real-model notebook's batch and lengths
+(8 prompts x 8 rollouts, prompts of 256 tokens, L_max 1,024, budgets 128-768, micro-batches of
+4); its TPU plan (docs/real_models.md, "What fits a Colab TPU (v5e-1)"):
+    python launch/memory.py --config=configs/qwen1_5b.py:colab --topology=v5e:1x1
 """
 from ml_collections import config_dict
 
@@ -62,6 +67,12 @@ def get_config(arg: str | None = None):
         # slices (sharding.make_mesh), so only the gradient all-reduce crosses DCN. The plan
         # (README, "TPU plan") compares this with (-1, 4, 1), FSDP within a host.
         config.distributed = True
+    elif arg == "colab":
+        config.lora.rank, config.lora.alpha = 16, 32.0  # every projection; the base in bfloat16
+        config.optim.learning_rate = 1e-5  # adapters take larger steps than full fine-tuning
+        r.budgets, r.rollouts_per_prompt = (128, 256, 512, 768), 8
+        r.max_prompt_len, r.max_response_len, r.max_batch = 256, 1024, 0
+        t.prompts_per_step, t.mini_batches, t.micro_batch_size, t.update_width_step = 8, 2, 4, 0
     elif arg:
-        raise ValueError(f"configs/qwen1_5b.py takes no argument or 'pod', got {arg!r}.")
+        raise ValueError(f"configs/qwen1_5b.py takes no argument, 'pod' or 'colab', got {arg!r}.")
     return config

@@ -31,6 +31,13 @@ def base_config() -> config_dict.ConfigDict:
     c.distributed_num_processes = 0
     c.distributed_process_id = 0
 
+    # LoRA (rank 0: full fine-tuning): adapters of rank `rank` on the projections in `targets`
+    # (q, k, v, o, gate, up, down), y = x W + (alpha / rank) (x A) B; only they train and take
+    # optimizer state, the base stays frozen in base_dtype. Checkpoints hold the adapters; the
+    # base is read again from model_path (or the warm start) on resume; the export merges them.
+    c.lora = config_dict.ConfigDict(dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down"),
+                                         base_dtype="bfloat16"))
+
     c.mesh = config_dict.ConfigDict(dict(
         shape=(1, -1, 1), axes=sharding.MESH_AXES, rules=sharding.DEFAULT_RULES))
 

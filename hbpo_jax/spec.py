@@ -22,7 +22,7 @@ from hbpo_jax import objectives, sharding
 from hbpo_jax.data.sources import DataSpec, parse_benchmark, resolve_data
 from hbpo_jax.errors import ConfigError, require
 from hbpo_jax.grading import answers as grading
-from hbpo_jax.models.config import ModelConfig
+from hbpo_jax.models.config import DTYPES, LORA_TARGETS, ModelConfig
 from hbpo_jax.rollout import prompting
 from hbpo_jax.rollout.settings import ENGINES, RolloutSettings
 
@@ -182,6 +182,24 @@ class ModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """LoRA adapters (rank 0: off, full fine-tuning): rank, alpha (the scale is alpha / rank),
+    the projections they sit on (models.config.LORA_TARGETS) and the frozen base's dtype."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    base_dtype: str = "bfloat16"
+
+    def model_config(self, cfg: ModelConfig) -> ModelConfig:
+        """cfg with these adapters and the base in base_dtype (cfg itself when rank is 0)."""
+        if not self.rank:
+            return cfg
+        return cfg.replace(lora_rank=self.rank, lora_alpha=self.alpha, lora_targets=self.targets,
+                           param_dtype=self.base_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshSpec:
     """mesh.shape (-1: the rest of the devices), its axes and the logical-axis rule table."""
 
@@ -244,6 +262,7 @@ class RunSpec:
     mesh: MeshSpec
     task: TaskSpec
     distributed: DistributedSpec
+    lora: LoRASpec = LoRASpec()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=str)
@@ -475,6 +494,22 @@ def resolve_model(config) -> ModelSpec:
     return model
 
 
+def resolve_lora(config) -> LoRASpec:
+    """The lora section (absent: off)."""
+    c = config.get("lora")
+    if c is None:
+        return LoRASpec()
+    rank, alpha, targets = c.get("rank", 0), c.get("alpha", 16.0), tuple(c.get("targets", LORA_TARGETS))
+    base_dtype = c.get("base_dtype", "bfloat16")
+    require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0,
+            f"lora.rank must be an integer ≥ 0 (0 = off), got {rank!r}.")
+    require(isinstance(alpha, (int, float)) and alpha > 0, f"lora.alpha must be positive, got {alpha!r}.")
+    require(len(targets) > 0 and set(targets) <= set(LORA_TARGETS) and len(set(targets)) == len(targets),
+            f"lora.targets must be distinct names from {LORA_TARGETS}, got {targets}.")
+    require(base_dtype in DTYPES, f"lora.base_dtype must be one of {sorted(DTYPES)}, got {base_dtype!r}.")
+    return LoRASpec(rank=int(rank), alpha=float(alpha), targets=targets, base_dtype=base_dtype)
+
+
 def resolve_distributed(config) -> DistributedSpec:
     """The distributed keys; read before anything asks jax for its devices."""
     return DistributedSpec(enabled=bool(config.get("distributed", False)),
@@ -531,7 +566,8 @@ def resolve(config, num_devices: int | None = None, slices: int = 1) -> RunSpec:
         loss=_loss(config, objective, sampling, train.rows_per_minibatch), optim=_optim(config),
         train=train, eval=evaluation, grading_workers=evaluation.grading_workers,
         grading_timeout_s=evaluation.grading_timeout_s, answer_format=evaluation.answer_format,
-        data=data_spec, model=model, mesh=mesh, task=task, distributed=resolve_distributed(config))
+        data=data_spec, model=model, mesh=mesh, task=task, distributed=resolve_distributed(config),
+        lora=resolve_lora(config))
 
 
 def as_dict(spec: Any) -> dict:

@@ -22,13 +22,16 @@ HERE = pathlib.Path(__file__).resolve().parent
 # checkout installed with `pip install -e .`) it installs nothing.
 JAX_VERSION = "0.10.2"  # setup.py's JAX_VERSION: the tpu extra's pin
 INSTALL = f'''\
-# Colab: Runtime > Change runtime type > v5e-1 TPU (or v6e-1). Set REPO_URL to a pip source of
-# hbpo-jax: "git+https://github.com/<owner>/hbpo-jax" (the project's repository or your fork).
-# What fits a v5e-1 (16 GB HBM): this notebook's tiny models, easily. Real models, as planned by
-# launch/memory.py (XLA's compiled plan on a 1-device CPU; no TPU-topology plan exists yet, so TPU
-# numbers may differ): configs/qwen0_5b_instruct.py, train step 48.9 GiB (5.5 GiB of params and
-# AdamW state), sampler 8.3 GiB; configs/qwen1_5b.py, params + AdamW alone 19.9 GiB. Neither
-# training step fits as configured; the 0.5B sampler (evaluation) does.
+# Colab: Runtime > Change runtime type > v5e-1 TPU (or v6e-1). hbpo-jax is installed from the first of:
+#   REPO_URL below (a pip source: "git+https://github.com/<you>/hbpo-jax", or a wheel's URL);
+#   a wheel you built with `python -m build` and uploaded to /content (Files pane): /content/hbpo_jax-*.whl;
+#   the repository in your Google Drive, /content/drive/MyDrive/hbpo-jax (Drive is mounted to look).
+# What fits a v5e-1 (16 GiB HBM), by the TPU plan (`python launch/memory.py --config=... --topology=v5e:1x1`,
+# XLA's compiled plan per chip; docs/real_models.md, "What fits a Colab TPU (v5e-1)"): this notebook's tiny
+# models easily; configs/qwen0_5b_instruct.py full fine-tuning, train step 12.85 GiB (margin 3.15 GiB);
+# configs/qwen1_5b.py:colab (LoRA rank 16, base frozen in bfloat16, the real-model notebook's batch and
+# lengths), largest program 6.75 GiB (margin 9.25 GiB). Full fine-tuning of the 1.5B does not fit: its
+# float32 weights and AdamW state alone are 19.9 GiB.
 REPO_URL = ""
 import glob, importlib.util, os, subprocess, sys
 SMOKE = os.environ.get("HBPO_SMOKE", "0") == "1"  # the test suite's CPU smoke mode
@@ -36,11 +39,27 @@ ON_COLAB = importlib.util.find_spec("google.colab") is not None
 # A Colab TPU VM runtime: its env var, or the chips' device files (/dev/accel* on v2-v4, vfio on v5e/v6e).
 ON_TPU = bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("COLAB_TPU_1VM")
               or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-if ON_COLAB:
+DRIVE_REPO = "/content/drive/MyDrive/hbpo-jax"
+
+
+def hbpo_source():
+    """Where to pip install hbpo-jax from on Colab, or None: REPO_URL, an uploaded wheel, the Drive folder."""
     source = REPO_URL or os.environ.get("HBPO_REPO_URL", "")
-    if not source:
-        raise RuntimeError("Set REPO_URL in this cell to a pip source of hbpo-jax, e.g. "
-                           "git+https://github.com/<owner>/hbpo-jax, then run it again.")
+    wheels = sorted(glob.glob("/content/hbpo_jax-*.whl") + glob.glob("/content/drive/MyDrive/hbpo_jax-*.whl"))
+    if source or wheels:
+        return source or wheels[-1]
+    if not os.path.isdir(DRIVE_REPO) and os.path.isdir("/content"):
+        from google.colab import drive  # asks for access to your Drive once
+        drive.mount("/content/drive")
+    return DRIVE_REPO if os.path.isfile(os.path.join(DRIVE_REPO, "setup.py")) else None
+
+
+if ON_COLAB and importlib.util.find_spec("hbpo_jax") is None:
+    source = hbpo_source()
+    if source is None:
+        raise RuntimeError("hbpo-jax was not found: upload a wheel built with `python -m build` to /content, put the "
+                           f"repository in Google Drive at {{DRIVE_REPO}}, or set REPO_URL in this cell to a git URL, "
+                           "then run this cell again.")
     # On a TPU, the libtpu that matches the tested JAX, resolved together with the package and
     # installed before jax is first imported.
     tpu = ["jax[tpu]=={JAX_VERSION}"] if ON_TPU else []
@@ -273,9 +292,11 @@ cannot. Offline, point `MODEL` at a local Hugging Face folder and `DATA` at `rg:
 (reasoning-gym's problems are generated locally). The test suite runs it in smoke mode
 (`HBPO_SMOKE=1`) on a tiny random model folder and `rg:basic_arithmetic`.
 
-Memory: the 0.5B's train step has only been planned on a CPU (the config's docstring); on the
-chip, if a run does not fit, lower `train.micro_batch_size` or `train.prompts_per_step` in
-`OVERRIDES` below."""),
+Memory, by the TPU plan for one v5e chip (`python launch/memory.py --config=configs/qwen0_5b_instruct.py
+--topology=v5e:1x1`): the 0.5B's full fine-tuning train step peaks at 12.85 GiB of 16 (margin
+3.15 GiB). A 1.5B fits with LoRA: `configs/qwen1_5b.py:colab` (rank 16, the base frozen in
+bfloat16, this notebook's batch and lengths) peaks at 6.75 GiB (margin 9.25). If a run does not fit, lower
+`train.micro_batch_size` or `train.prompts_per_step` in `OVERRIDES` below."""),
         code(INSTALL),
         _parameters("""\
 import os

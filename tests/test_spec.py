@@ -238,3 +238,19 @@ def test_each_objective_trains_a_step_on_the_tiny_task(name, tiny_run, tmp_path)
     row = rows[-1]
     assert np.isfinite(row["reward"]) and np.isfinite(row.get("loss", 0.0))
     assert ("response_len/budget_16" in row) == (name == "hbpo")
+
+
+def test_lora_section_resolves_and_bad_values_are_one_sentence():
+    one_chip = lambda config: spec.resolve(config, num_devices=1)  # noqa: E731  (the colab preset's v5e-1)
+    s = one_chip(qwen1_5b.get_config("colab"))
+    assert (s.lora.rank, s.lora.alpha, s.lora.base_dtype) == (16, 32.0, "bfloat16")
+    cfg = s.lora.model_config(s.model.config())
+    assert (cfg.lora_rank, cfg.lora_scale, cfg.param_dtype) == (16, 2.0, "bfloat16")
+    assert _resolve(qwen1_5b.get_config()).lora.rank == 0  # off by default: full fine-tuning
+    for key, value, words in (("rank", -1, "lora.rank must be an integer"), ("alpha", 0.0, "lora.alpha"),
+                              ("targets", ("q", "qkv"), "lora.targets"), ("base_dtype", "int8", "lora.base_dtype")):
+        config = qwen1_5b.get_config("colab")
+        config.lora[key] = value
+        with pytest.raises(ConfigError, match=words) as e:
+            one_chip(config)
+        assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")

@@ -3,7 +3,8 @@
   * a Hugging Face folder (config.json + safetensors; e.g. a run's `export/`),
   * a params checkpoint (checkpoint.save_params: config.json + params/; e.g. `warmstart/`),
   * a training-checkpoint step folder (`<workdir>/checkpoints/<step>`: its params only), or
-  * a run's workdir (its newest training checkpoint).
+  * a run's workdir (its newest training checkpoint), or
+  * a Hugging Face Hub id `org/name[@revision]` (models.hub: downloaded once into the HF cache).
 
 The tokenizer is the checkpoint's own, else the first one found in the run's workdir, the
 model_path, or the folders above the checkpoint (a tiny run keeps its tokenizer in
@@ -23,6 +24,7 @@ from hbpo_jax import files, sharding
 from hbpo_jax.models import load_pretrained
 from hbpo_jax.models.config import ModelConfig
 from hbpo_jax.models.hf import load_tokenizer, read_hf_config
+from hbpo_jax.models.hub import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def load_policy(checkpoint: str, model_spec, *, workdir: str | None = None, mesh
     naming the path when it is none of them or no tokenizer is found."""
     from flax import nnx
 
-    path = os.fspath(checkpoint)
+    path = resolve_model_path(os.fspath(checkpoint))  # a hub id: its snapshot in the HF cache
     path = os.path.abspath(path) if files.is_local(path) else path
     if not files.isdir(path):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist.")
@@ -101,7 +103,10 @@ def load_policy(checkpoint: str, model_spec, *, workdir: str | None = None, mesh
     parents = [os.fspath(files.path(path).parent), os.fspath(files.path(path).parent.parent)]
     if files.isdir(files.join(path, "state")):
         run_dir = workdir or parents[1]
-        source = next((d for d in (files.join(run_dir, "warmstart"), model_path)
+        warmstart = files.join(run_dir, "warmstart")
+        if model_path and not files.exists(files.join(warmstart, "config.json")):
+            model_path = resolve_model_path(model_path)
+        source = next((d for d in (warmstart, model_path)
                        if d and files.exists(files.join(d, "config.json"))), None)
         if source is None:
             raise FileNotFoundError(f"{path}: a training checkpoint, but no model config.json in "

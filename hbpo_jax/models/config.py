@@ -26,6 +26,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 ROPE_TYPES = ("default", "llama3")
+# The projections a LoRA adapter may sit on: attention q, k, v, o and the MLP's gate, up, down.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # What a config.json may leave out, per family: transformers' own defaults for that class.
 _HF_DEFAULTS = {
     "qwen2": dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=32768),
@@ -75,11 +77,18 @@ class ModelConfig:
     # One lax.scan over the stacked layers (compiled once for any depth), or a Python loop over the
     # same weights (faster for a few layers on a CPU; compile time grows with depth): qwen2.run_layers.
     scan_layers: bool = True
+    # LoRA adapters (models/lora.py) on the projections named in lora_targets (LORA_TARGETS), of
+    # rank lora_rank (0: none), scaled by lora_alpha / lora_rank. Training state only: never in
+    # config.json (an export merges the adapters into the weights).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         self.validate()
 
     def validate(self, where: str = "model") -> None:
@@ -126,6 +135,12 @@ class ModelConfig:
             raise ConfigError(f"{where}.scan_layers must be True or False, got {self.scan_layers!r}.")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"{where}.remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"{where}.lora_rank must be an integer ≥ 0 (0 = no adapters), got {self.lora_rank!r}.")
+        bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if bad or (self.lora_rank and not self.lora_targets):
+            raise ConfigError(f"{where}.lora_targets must be a non-empty subset of {LORA_TARGETS}, got "
+                              f"{self.lora_targets!r}.")
         for i in self.eos_token_ids:
             if not 0 <= i < self.vocab_size:
                 raise ConfigError(f"{where}.eos_token_ids holds {i}, outside the vocabulary of {self.vocab_size}.")
@@ -177,6 +192,11 @@ class ModelConfig:
             middle = ~(wavelen < original / high) & ~long_waves
             inv = np.where(middle, blended, scaled)
         return inv.astype(f32)
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / rank, the factor on every adapter's x A B (0 without adapters)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -18,6 +18,7 @@ from flax import nnx
 from hbpo_jax import files as _files  # `files` is a local name below
 from hbpo_jax import sharding as sharding_lib
 from hbpo_jax.errors import ConfigError
+from hbpo_jax.models import lora
 from hbpo_jax.models.config import DTYPES, ModelConfig
 from hbpo_jax.models.qwen2 import Qwen2
 from hbpo_jax.models.safetensors_io import SafetensorsFile, save_file
@@ -110,6 +111,16 @@ def _get(tree, path):
     for key in path:
         tree = tree[key]
     return tree
+
+
+def _adapter(state, path):
+    """The LoRA adapter (its a / b variables) of the projection weight at `path`, or None."""
+    *parent, name = path
+    if not name.endswith("_proj"):
+        return None
+    tree = _get(state, tuple(parent))
+    key = name[:-len("_proj")] + "_lora"
+    return tree[key] if key in tree else None
 
 
 def _set(tree, path, value):
@@ -283,14 +294,21 @@ def _save_pretrained(model: Qwen2, path: str, *, tokenizer, dtype, max_shard_byt
     if writer:
         os.makedirs(path, exist_ok=True)
 
-    def fetch(entry):
-        array = _get(state, entry.path).get_value()
-        if entry.layer is not None:
-            array = array[entry.layer]  # on device: only this layer crosses to the host
+    def host(array, layer):
+        if layer is not None:
+            array = array[layer]  # on device: only this layer crosses to the host
         if not array.is_fully_addressable:
             from jax.experimental import multihost_utils
             array = multihost_utils.process_allgather(array, tiled=True)
-        return _cast(entry.to_hf(np.asarray(jax.device_get(array))), out_dtype)
+        return np.asarray(jax.device_get(array))
+
+    def fetch(entry):
+        array = host(_get(state, entry.path).get_value(), entry.layer)
+        adapter = _adapter(state, entry.path)
+        if adapter is not None:  # LoRA: W + scale A B, written in the base's dtype (models/lora.py)
+            a, b = (host(adapter[n].get_value(), entry.layer) for n in ("a", "b"))
+            array = _cast(lora.merged_weight(array, a, b, cfg.lora_scale), array.dtype)
+        return _cast(entry.to_hf(array), out_dtype)
 
     nbytes = {e.hf_name: int(np.prod(e.hf_shape)) * out_dtype.itemsize for e in layout}
     shards, current, size = [], [], 0

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hbpo_jax.models import paged, splash
+from hbpo_jax.models import lora, paged, splash
 from hbpo_jax.models.config import ModelConfig
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so fully-masked (padding) rows stay finite
@@ -135,7 +135,7 @@ class Attention(nnx.Module):
     (qkv_bias) and o (o_bias), and Qwen3's per-head RMSNorm of q and k (qk_norm). A switch that is
     off creates no parameter."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora_rngs: nnx.Rngs | None = None):
         e, h, k, d, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.weight_dtype
         self.cfg = cfg
         # In this order (each parameter draws one key): a Qwen2 of a given seed keeps its weights.
@@ -149,10 +149,18 @@ class Attention(nnx.Module):
         if cfg.qk_norm:  # one [D] scale shared by all heads (transformers' Qwen3 q_norm / k_norm)
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dt, rngs=rngs, axes=("head_dim",))
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dt, rngs=rngs, axes=("head_dim",))
+        # LoRA adapters (cfg.lora_targets), drawn from their own stream: the base keeps its draws.
+        shapes = {"q": ((e,), ("embed",), (h, d), ("heads", "head_dim")),
+                  "k": ((e,), ("embed",), (k, d), ("kv_heads", "head_dim")),
+                  "v": ((e,), ("embed",), (k, d), ("kv_heads", "head_dim")),
+                  "o": ((h, d), ("heads", "head_dim"), (e,), ("embed",))}
+        _add_adapters(self, cfg, shapes, lora_rngs)
 
     def _project(self, x, name: str, spec: str):
         """x [B, T, E] through the {name}_proj weight (and its bias when the family has one)."""
         y = jnp.einsum(spec, x, getattr(self, f"{name}_proj")[...].astype(x.dtype))
+        if hasattr(self, f"{name}_lora"):
+            y = y + getattr(self, f"{name}_lora")(x)
         if self.cfg.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
         return y
@@ -160,6 +168,8 @@ class Attention(nnx.Module):
     def _output(self, out):
         """out [B, T, H, D] -> [B, T, E] through o_proj (and its bias)."""
         y = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(out.dtype))
+        if hasattr(self, "o_lora"):
+            y = y + self.o_lora(out)
         return y + self.o_bias[...].astype(y.dtype) if self.cfg.o_bias else y
 
     def __call__(self, x, positions, mask, kv=None, index=None):
@@ -213,27 +223,41 @@ def _write_layer_slots(cache: jax.Array, new: jax.Array, layer: jax.Array, index
     return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache, new, index)
 
 
+def _add_adapters(module: nnx.Module, cfg: ModelConfig, shapes: dict, rngs: nnx.Rngs | None) -> None:
+    """module.<name>_lora = lora.LoRA(...) for each name of cfg.lora_targets among `shapes`
+    (name -> (in_shape, in_axes, out_shape, out_axes)); nothing when cfg.lora_rank is 0."""
+    for name, (in_shape, in_axes, out_shape, out_axes) in shapes.items():
+        if cfg.lora_rank and name in cfg.lora_targets:
+            setattr(module, f"{name}_lora", lora.LoRA(in_shape, in_axes, out_shape, out_axes, cfg.lora_rank,
+                                                      cfg.lora_scale, rngs=rngs or nnx.Rngs(lora=0)))
+
+
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora_rngs: nnx.Rngs | None = None):
         e, m, dt = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype
         self.gate_proj = _param(rngs, _normal, (e, m), ("embed", "mlp"), dt)
         self.up_proj = _param(rngs, _normal, (e, m), ("embed", "mlp"), dt)
         self.down_proj = _param(rngs, _normal, (m, e), ("mlp", "embed"), dt)
+        _add_adapters(self, cfg, {"gate": ((e,), ("embed",), (m,), ("mlp",)),
+                                  "up": ((e,), ("embed",), (m,), ("mlp",)),
+                                  "down": ((m,), ("mlp",), (e,), ("embed",))}, lora_rngs)
+
+    def _proj(self, x, name: str):
+        """x [B, T, N] through {name}_proj (and its adapter when there is one)."""
+        y = x @ getattr(self, f"{name}_proj")[...].astype(x.dtype)
+        return y + getattr(self, f"{name}_lora")(x) if hasattr(self, f"{name}_lora") else y
 
     def __call__(self, x):
         """x: [B, T, E] -> [B, T, E] (SwiGLU)."""
-        dt = x.dtype
-        gate = x @ self.gate_proj[...].astype(dt)
-        up = x @ self.up_proj[...].astype(dt)
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+        return self._proj(jax.nn.silu(self._proj(x, "gate")) * self._proj(x, "up"), "down")
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora_rngs: nnx.Rngs | None = None):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.weight_dtype, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs, lora_rngs=lora_rngs)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.weight_dtype, rngs=rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs, lora_rngs=lora_rngs)
 
     def __call__(self, x, positions, mask, kv=None, index=None):
         h, kv = self.attn(self.input_norm(x), positions, mask, kv, index)
@@ -306,14 +330,17 @@ def run_layers(layers: DecoderLayer, x, positions, mask, kv=None, index=None, re
 class Qwen2(nnx.Module):
     """Qwen2ForCausalLM, Qwen3ForCausalLM or LlamaForCausalLM, by cfg.model_type (the name stays
     for the code that imports it; `Decoder` is the same class). `model(input_ids)` returns float32
-    logits [B, T, V]."""
+    logits [B, T, V]. With cfg.lora_rank > 0 the projections of cfg.lora_targets carry LoRA
+    adapters (models/lora.py), drawn from lora_rngs' "lora" stream (default: seed 0), so the base
+    weights are those of the same seed without adapters."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora_rngs: nnx.Rngs | None = None):
         self.cfg = cfg
+        lora_rngs = lora_rngs or nnx.Rngs(lora=0)
         self.embed = _param(rngs, _normal, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                             cfg.weight_dtype)
         # Built one by one (the same random draws as a list of layers), then stacked [L, ...].
-        self.layers = stack_layers([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = stack_layers([DecoderLayer(cfg, rngs=rngs, lora_rngs=lora_rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.weight_dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, _normal, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hbpo_jax import sharding, spec
-from hbpo_jax.models import Qwen2
+from hbpo_jax.models import Qwen2, lora
 from hbpo_jax.rollout import prompting
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
@@ -36,22 +36,24 @@ def abstract_params(cfg, mesh, rules):
 
 
 def abstract_state(cfg, mesh, rules, optimizer):
-    """(graphdef, TrainState of ShapeDtypeStruct carrying shardings): params per the rule table,
-    Adam moments like their parameters, scalars replicated."""
+    """(graphdef, TrainState of ShapeDtypeStruct carrying shardings, frozen): params per the rule
+    table, Adam moments like their parameters, scalars replicated. With LoRA (cfg.lora_rank) the
+    state's params are the adapters and `frozen` the base (None otherwise), as train.step holds them."""
     graphdef, params = abstract_params(cfg, mesh, rules)
+    params, frozen = lora.split(params) if cfg.lora_rank else (params, None)
     shardings = jax.tree.map(lambda x: x.sharding, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt = jax.eval_shape(optimizer.init, params)
     opt = optax.tree_map_params(optimizer, lambda p, s: _sds(p, s), opt, shardings,
                                 transform_non_params=lambda x: _sds(x, replicated))
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    return graphdef, trainer.TrainState(params, opt, scalar, scalar, scalar)
+    return graphdef, trainer.TrainState(params, opt, scalar, scalar, scalar), frozen
 
 
 def _resolve(config, mesh):
     """(RunSpec, ModelConfig, rules) of `config` for `mesh` (ConfigError naming the key)."""
     run = spec.resolve(config, num_devices=mesh.devices.size, slices=sharding.num_slices(mesh.devices.flat))
-    return run, run.model.config(), run.mesh.rules
+    return run, run.lora.model_config(run.model.config()), run.mesh.rules
 
 
 def lower_train_step(config, mesh):
@@ -61,12 +63,12 @@ def lower_train_step(config, mesh):
     run, cfg, rules = _resolve(config, mesh)
     s, t = run.sampling, run.train
     optimizer = trainer.make_optimizer(run.optim, t.total_updates)
-    graphdef, state = abstract_state(cfg, mesh, rules, optimizer)
+    graphdef, state, frozen = abstract_state(cfg, mesh, rules, optimizer)
     prompt_width = sampler.bucket_length(s.max_prompt_len)  # the rollout's prompts, pad_prompts' default
     batch = batching.abstract_minibatch(t.rows_per_minibatch, t.micro_batch_size, prompt_width,
                                         s.rollout.max_response_len, mesh, rules, with_ref=run.loss.kl_coef > 0)
     return trainer.update.lower(graphdef, state, batch, optimizer=optimizer, prompt_len=prompt_width,
-                                temperature=s.rollout.temperature, loss_kwargs=run.loss.kwargs())
+                                temperature=s.rollout.temperature, loss_kwargs=run.loss.kwargs(), frozen=frozen)
 
 
 def lower_logprobs(config, mesh):
@@ -104,7 +106,16 @@ def topology_mesh(mesh_cfg, topology: str, slices: int = 1):
     compile for that TPU here, without one."""
     from jax.experimental import topologies
     kwargs = {"num_slices": slices} if slices > 1 else {}
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
+    except Exception as e:
+        # A slice smaller than libtpu's default host (v5e: 2x2 chips per host), e.g. Colab's
+        # "v5e:1x1": the host is the slice itself.
+        if "chips_per_host_bounds" not in str(e):
+            raise
+        dims = [int(x) for x in topology.split(":")[1].split("x")]
+        kwargs["chips_per_host_bounds"] = (dims + [1, 1, 1])[:3]
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
     return sharding.make_mesh(tuple(mesh_cfg["shape"]), tuple(mesh_cfg["axes"]), devices=devices)
 
 
@@ -143,7 +154,7 @@ def _settings(s, cfg) -> sampler.SamplerSettings:
 
 def memory_table(config, mesh) -> str:
     """Compiles the training step and the sampler and tabulates XLA's per-device memory plan."""
-    cfg = spec.resolve_model(config).config()
+    cfg = spec.resolve_lora(config).model_config(spec.resolve_model(config).config())
     devices = mesh.devices.size
     param_bytes = cfg.num_params() * jnp.dtype(cfg.param_dtype).itemsize
     lines = [f"config {config.name}: {cfg.num_params():,} parameters ({cfg.param_dtype}), "

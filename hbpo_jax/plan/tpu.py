@@ -348,23 +348,37 @@ def report(config, topology: str, slices: int = 1, only: tuple[str, ...] = PROGR
     return format_report(config, topology, mesh, compile_programs(config, mesh, only))
 
 
+def _margin_lines(programs: dict[str, ProgramPlan], chip: Chip) -> list[str]:
+    """The largest peak of the compiled programs against the chip's HBM, and what is left."""
+    done = [p for p in programs.values() if not p.error]
+    if not done:
+        return []
+    top = max(done, key=lambda p: p.peak)
+    left = chip.hbm_bytes - top.peak
+    verdict = "fits" if left > 0 and len(done) == len(programs) else "does NOT fit"
+    return [f"Largest peak: {top.peak / GiB:.2f} GiB of {chip.hbm_bytes / GiB:.0f} GiB ({top.name}): {verdict}, "
+            f"margin {left / GiB:.2f} GiB (the runtime keeps some HBM for itself)."]
+
+
 def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan]) -> str:
     """The text of `report` from compiled programs (compile_programs on `mesh`)."""
     chip = chip_for(topology)
-    cfg = spec.resolve_model(config).config()
     slices = sharding.num_slices(mesh.devices.flat)
     run = spec.resolve(config, num_devices=mesh.devices.size, slices=slices)
+    cfg = run.lora.model_config(run.model.config())
+    lora = (f", LoRA rank {cfg.lora_rank} on {'/'.join(cfg.lora_targets)} (base frozen in {cfg.param_dtype}, "
+            "adapters and their AdamW state float32)") if cfg.lora_rank else ""
     factors = ", ".join(f"{k} x{p.flops / p.xla_flops if p.xla_flops else 1:.1f} flops / "
                         f"x{p.bytes / p.xla_bytes if p.xla_bytes else 1:.1f} bytes"
                         for k, p in programs.items() if not (p.step_flops or p.step_bytes or p.error))
     lines = [
-        f"TPU plan of {config.name} ({cfg.num_params():,} parameters, {cfg.param_dtype}; compute {cfg.dtype}) on "
+        f"TPU plan of {config.name} ({cfg.num_params():,} parameters, {cfg.param_dtype}; compute {cfg.dtype}{lora}) on "
         f"{topology}{f' x {slices} slices' if slices > 1 else ''}: "
         f"{mesh.devices.size} chips ({mesh.devices.flat[0].device_kind}), mesh {dict(mesh.shape)}.",
         f"Compiled on this machine's CPU for the TPU topology (libtpu {_libtpu_version()}); nothing ran on a TPU.",
         f"Chip {chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 dense, {chip.hbm_bandwidth / 1e12:.3f} TB/s HBM, "
         f"{chip.hbm_bytes / GiB:.0f} GiB HBM ({chip.source}).", "",
-        "Per chip, per call:", *program_table(programs, chip), "",
+        "Per chip, per call:", *program_table(programs, chip), *_margin_lines(programs, chip), "",
         "peak = arguments + outputs + temporaries - aliased (donated) bytes, XLA's memory_analysis. TFLOP and GB "
         "accessed are XLA's cost_analysis, which counts a while-loop body once whatever its trip count; here each "
         f"loop body is scaled by its trip count read from the HLO ({factors}). The decode loop exits on data: "

@@ -2,13 +2,16 @@
 
     python launch/convert.py --to=orbax --src=/models/DeepSeek-R1-Distill-Qwen-1.5B --dst=/ckpt/r1
     python launch/convert.py --to=hf --src=/ckpt/r1 --dst=/export/r1 --dtype=bfloat16
+    python launch/convert.py --to=orbax --src=Qwen/Qwen2.5-0.5B-Instruct@main --dst=/ckpt/q05   # a Hub id
 
 A missing source or a malformed config.json is printed as one line (exit status 2).
 """
 from hbpo_jax import checkpoint, cli
+from hbpo_jax.models.hub import resolve_model_path
 
 cli.flags.DEFINE_enum("to", None, ["orbax", "hf"], "Target format.", required=True)
-cli.flags.DEFINE_string("src", None, "Source folder.", required=True)
+cli.flags.DEFINE_string("src", None, "Source folder (or, --to=orbax, a Hub id org/name[@revision]).",
+                        required=True)
 cli.flags.DEFINE_string("dst", None, "Destination folder.", required=True)
 cli.flags.DEFINE_string("dtype", None, "Parameter dtype to write (default: float32 for orbax, as saved for hf).")
 
@@ -17,7 +20,7 @@ def main(argv):
     del argv
     f = cli.flags.FLAGS
     if f.to == "orbax":
-        cfg = checkpoint.hf_to_orbax(f.src, f.dst, dtype=f.dtype or "float32")
+        cfg = checkpoint.hf_to_orbax(resolve_model_path(f.src), f.dst, dtype=f.dtype or "float32")
     else:
         cfg = checkpoint.orbax_to_hf(f.src, f.dst, dtype=f.dtype)
     print(f"wrote {f.dst}: Qwen2 with {cfg.num_params():,} parameters ({f.to})")

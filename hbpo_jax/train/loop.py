@@ -25,7 +25,7 @@ from hbpo_jax.errors import ConfigError
 from hbpo_jax.eval import report
 from hbpo_jax.eval import run as eval_run
 from hbpo_jax.models import save_pretrained
-from hbpo_jax.policy import Policy, pretrained
+from hbpo_jax.policy import Policy, pretrained, with_adapters
 from hbpo_jax.rollout import static as sampler
 from hbpo_jax.train import metrics as metrics_lib
 from hbpo_jax.train import preemption
@@ -43,13 +43,16 @@ class TrainingError(RuntimeError):
 
 
 def build_policy(spec, workdir, mesh, rules) -> Policy:
-    """The tiny task's warm start (task.name "arithmetic") or spec.model.path with spec.data."""
+    """The tiny task's warm start (task.name "arithmetic") or spec.model.path with spec.data,
+    with LoRA adapters when spec.lora.rank > 0 (the base is read again like this on resume)."""
     if spec.task.name == "arithmetic":
         from hbpo_jax.tasks import warmstart
-        return warmstart.arithmetic_policy(spec, workdir, mesh, rules)
-    if not spec.model.path:
+        policy = warmstart.arithmetic_policy(spec, workdir, mesh, rules)
+    elif not spec.model.path:
         raise ConfigError("model_path is empty: name a Hugging Face model folder (or set task.name).")
-    return pretrained(spec, mesh, rules)
+    else:
+        policy = pretrained(spec, mesh, rules)
+    return with_adapters(policy, spec.lora, seed=spec.seed, mesh=mesh, rules=rules)
 
 
 class _Evaluator:
@@ -104,7 +107,7 @@ def run(config, workdir: str) -> dict:
     base_key = jax.random.key(spec.seed)
     t = spec.train
 
-    state = trainer.init_state(policy.params, step_fn.optimizer)
+    state = trainer.init_state(step_fn.trainable(policy.params), step_fn.optimizer)
     ckpt = checkpoint.TrainCheckpointer(files.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     # The same global batch on every process (see hbpo_jax.train.step).
     batches = prompts.prompt_batches(policy.train_records, batch_size=t.prompts_per_step, seed=spec.seed,
@@ -137,7 +140,7 @@ def run(config, workdir: str) -> dict:
             if step % t.log_every == 0 or step == t.steps:
                 writer.scalars(step, metrics)
             if spec.eval.every and step % spec.eval.every == 0:
-                _periodic_eval(evaluator, state.params, jax.random.fold_in(base_key, _PERIODIC + step),
+                _periodic_eval(evaluator, step_fn.full(state.params), jax.random.fold_in(base_key, _PERIODIC + step),
                                step, writer, workdir)
             if int(state.skipped) > t.max_consecutive_skips:
                 ckpt.save(step, state, _meta(batches, spec, step))
@@ -160,10 +163,10 @@ def run(config, workdir: str) -> dict:
 
     if t.export_hf:
         export = files.join(workdir, "export")
-        save_pretrained(nnx.merge(policy.graphdef, state.params), export, tokenizer=policy.tokenizer)
+        save_pretrained(nnx.merge(policy.graphdef, step_fn.full(state.params)), export, tokenizer=policy.tokenizer)
         summary["export"] = export
     if spec.eval.before_after:
-        after = evaluator(state.params, jax.random.fold_in(base_key, _AFTER))
+        after = evaluator(step_fn.full(state.params), jax.random.fold_in(base_key, _AFTER))
         before = files.read_json(results_path)["before"]
         writer.scalars(step, eval_run.scalars(after, prefix="eval_after"), console=False)
         table = report.before_after_markdown(before, after)

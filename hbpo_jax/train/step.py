@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hbpo_jax import loss, sharding
 from hbpo_jax.grading import hosts
+from hbpo_jax.models import lora
 from hbpo_jax.policy import Policy
 from hbpo_jax.rollout import batch as rollout
 from hbpo_jax.spec import RunSpec, SamplingSpec
@@ -62,7 +63,20 @@ class Step:
         self.optimizer = trainer.make_optimizer(spec.optim, spec.train.total_updates)
         batch_axes = sharding.logical_to_spec(("batch",), rules, mesh)[0]
         self.row_sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
-        self.ref_params = jax.tree.map(jnp.copy, policy.params) if spec.loss.kl_coef > 0 else None
+        # LoRA (spec.lora.rank > 0): the train state holds the adapters; the frozen base stays here.
+        adapters, self.frozen = lora.split(policy.params) if spec.lora.rank else (None, None)
+        self.ref_params = None
+        if spec.loss.kl_coef > 0:  # with LoRA: the base itself, its adapters zeroed (no copy of it)
+            self.ref_params = (lora.join(self.frozen, lora.zeroed(adapters)) if self.frozen is not None
+                               else jax.tree.map(jnp.copy, policy.params))
+
+    def trainable(self, params):
+        """What the train state holds of the policy's full params: all of them, or the adapters."""
+        return params if self.frozen is None else lora.split(params)[0]
+
+    def full(self, trainable):
+        """The policy's full params (to sample, evaluate, export) from the train state's."""
+        return trainable if self.frozen is None else lora.join(self.frozen, trainable)
 
     def _logprobs(self, params, tokens, attn, prompt_len):
         """Log-probs of the whole batch, micro-batch by micro-batch: float32 [R, N]."""
@@ -87,7 +101,8 @@ class Step:
     def __call__(self, state: trainer.TrainState, records: list, key) -> tuple[trainer.TrainState, dict]:
         s, t = self.spec.sampling, self.spec.train
         t0 = time.perf_counter()
-        batch = sample(s, self.policy.graphdef, state.params, self.policy.tokenizer,
+        params = self.full(state.params)
+        batch = sample(s, self.policy.graphdef, params, self.policy.tokenizer,
                        [x["problem"] for x in records], key, mesh=self.mesh, rules=self.rules)
         lengths = np.asarray(batch.lengths)
         t1 = time.perf_counter()
@@ -109,7 +124,7 @@ class Step:
         if self.spec.objective.dynamic_sampling:
             keep = np.asarray(loss.dynamic_sampling_mask(correct.reshape(shape))).repeat(s.group)
         arrays = batching.update_arrays(batch, adv, keep_rows=keep, prefix_loss=s.prefix_loss)
-        arrays["old_logp"] = self._old_logprobs(state.params, arrays)
+        arrays["old_logp"] = self._old_logprobs(params, arrays)
         if self.ref_params is not None:
             arrays["ref_logp"] = self._logprobs(self.ref_params, arrays["tokens"], arrays["attention_mask"],
                                                 arrays["prompt_len"])
@@ -151,6 +166,6 @@ class Step:
                 state, m = trainer.update_pieces(self.policy.graphdef, state, pieces, optimizer=self.optimizer,
                                                  prompt_len=arrays["prompt_len"],
                                                  temperature=self.spec.sampling.rollout.temperature,
-                                                 loss_kwargs=loss_kwargs)
+                                                 loss_kwargs=loss_kwargs, frozen=self.frozen)
                 updates.append(m)
         return state, jax.device_get(updates), empty

@@ -141,8 +141,9 @@ def micro_weights(response_mask: np.ndarray, aggregation: str) -> np.ndarray:
     return (counts / max(counts.sum(), 1)).astype(np.float32)
 
 
-def _micro_loss(params, graphdef, mb, prompt_len, temperature, chunk, loss_kwargs):
-    model = nnx.merge(graphdef, params)
+def _micro_loss(params, graphdef, mb, prompt_len, temperature, chunk, loss_kwargs, frozen=None):
+    # frozen: the LoRA base, merged in but not differentiated (params are then the adapters).
+    model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
     logp, entropy = response_logprobs(model, mb["tokens"], mb["attention_mask"], prompt_len,
                                       temperature, chunk)
     loss, metrics = loss_lib.policy_loss(
@@ -157,7 +158,7 @@ _UPDATE_STATIC = ("graphdef", "optimizer", "prompt_len", "temperature", "chunk",
 
 
 def _accumulate(graphdef, params, acc: tuple, batch: dict, prompt_len: int, temperature: float,
-                loss_kwargs: tuple, chunk: int) -> tuple:
+                loss_kwargs: tuple, chunk: int, frozen=None) -> tuple:
     """acc = (grads, loss, metrics) plus batch's U micro-batches (a scan): gradients and losses
     are summed (each micro-batch's loss carries its weight), metrics summed weighted."""
     kwargs = dict(loss_kwargs)
@@ -165,7 +166,7 @@ def _accumulate(graphdef, params, acc: tuple, batch: dict, prompt_len: int, temp
 
     def step(carry, mb):
         grads, loss_sum = carry
-        (loss, metrics), g = grad_fn(params, graphdef, mb, prompt_len, temperature, chunk, kwargs)
+        (loss, metrics), g = grad_fn(params, graphdef, mb, prompt_len, temperature, chunk, kwargs, frozen)
         return (jax.tree.map(jnp.add, grads, g), loss_sum + loss), metrics
 
     grads, loss, metrics = acc
@@ -201,7 +202,7 @@ def _zero_acc(params) -> tuple:
 
 @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=_UPDATE_STATIC)
 def update(graphdef, state: TrainState, batch: dict, *, optimizer, prompt_len: int,
-           temperature: float, loss_kwargs: tuple, chunk: int = 512):
+           temperature: float, loss_kwargs: tuple, chunk: int = 512, frozen=None):
     """One optimizer update from one mini-batch, accumulated over U micro-batches.
 
     batch: tokens int32 [U, b, L]; attention_mask [U, b, L]; response_mask bool [U, b, N];
@@ -209,34 +210,37 @@ def update(graphdef, state: TrainState, batch: dict, *, optimizer, prompt_len: i
       optional ref_logp float32 [U, b, N].
     loss_kwargs: policy_loss keyword arguments as a tuple of (name, value) pairs (hashable).
     A non-finite loss or gradient leaves params and optimizer state unchanged and counts a skip.
+    frozen: None, or with LoRA the frozen base's nnx.State (state.params then holds the adapters
+      only: gradients, optimizer state and updates are theirs alone).
     Returns (new state, metrics: float32 scalars).
     """
     acc = _accumulate(graphdef, state.params, _zero_acc(state.params), batch, prompt_len, temperature,
-                      loss_kwargs, chunk)
+                      loss_kwargs, chunk, frozen)
     return _apply(state, acc, optimizer)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "temperature", "chunk", "loss_kwargs"))
-def _first_piece(graphdef, params, batch, *, prompt_len, temperature, loss_kwargs, chunk):
-    return _accumulate(graphdef, params, _zero_acc(params), batch, prompt_len, temperature, loss_kwargs, chunk)
+def _first_piece(graphdef, params, batch, *, prompt_len, temperature, loss_kwargs, chunk, frozen=None):
+    return _accumulate(graphdef, params, _zero_acc(params), batch, prompt_len, temperature, loss_kwargs, chunk,
+                       frozen)
 
 
 @functools.partial(jax.jit, donate_argnums=(2,),
                    static_argnames=("graphdef", "prompt_len", "temperature", "chunk", "loss_kwargs"))
-def _next_piece(graphdef, params, acc, batch, *, prompt_len, temperature, loss_kwargs, chunk):
-    return _accumulate(graphdef, params, acc, batch, prompt_len, temperature, loss_kwargs, chunk)
+def _next_piece(graphdef, params, acc, batch, *, prompt_len, temperature, loss_kwargs, chunk, frozen=None):
+    return _accumulate(graphdef, params, acc, batch, prompt_len, temperature, loss_kwargs, chunk, frozen)
 
 
 _apply_jit = jax.jit(_apply, donate_argnums=(0,), static_argnames=("optimizer",))
 
 
 def update_pieces(graphdef, state: TrainState, pieces: list, *, optimizer, prompt_len: int,
-                  temperature: float, loss_kwargs: tuple, chunk: int = 512):
+                  temperature: float, loss_kwargs: tuple, chunk: int = 512, frozen=None):
     """One optimizer update from a mini-batch given as pieces of different response widths
     (batching.minibatches with length grouping): each piece [U_i, b, P + N_i] is accumulated by
     its own program (one compilation per shape), then one AdamW step. One piece is `update`.
     The weights of all pieces together sum to 1, so the gradient is the whole mini-batch's."""
-    kw = dict(prompt_len=prompt_len, temperature=temperature, loss_kwargs=loss_kwargs, chunk=chunk)
+    kw = dict(prompt_len=prompt_len, temperature=temperature, loss_kwargs=loss_kwargs, chunk=chunk, frozen=frozen)
     if len(pieces) == 1:
         return update(graphdef, state, pieces[0], optimizer=optimizer, **kw)
     acc = _first_piece(graphdef, state.params, pieces[0], **kw)
