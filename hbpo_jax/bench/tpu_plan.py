@@ -15,11 +15,12 @@ import time
 from importlib import metadata
 
 import jax
+import numpy as np
 from absl import logging
 
 from hbpo_jax import config as config_lib
 from hbpo_jax import engine, sampler, sharding, spec
-from hbpo_jax.bench import hlo, hlo_cost, plan
+from hbpo_jax.bench import hlo, hlo_cost, ici, lengths, paper_step, plan
 
 GiB = 2**30
 
@@ -33,6 +34,7 @@ class Chip:
     hbm_bandwidth: float
     hbm_bytes: float
     source: str
+    ici_bandwidth: float = 0.0  # bidirectional ICI bytes/s per chip (0: no figure)
 
 
 # Cloud TPU's system-architecture pages, "Peak compute per chip (bf16)" and "HBM capacity and
@@ -42,11 +44,14 @@ class Chip:
 # https://cloud.google.com/tpu/docs/v6e (918 TFLOPs, 32 GB, 1638 GBps).
 # The pages write GB for v5e, v5p and v6e and GiB for v4; HBM comes in GiB-sized stacks, so the
 # capacities are taken as GiB. The runtime keeps part of HBM for itself: a plan near 100% may not fit.
+# ICI: the same pages' "Bidirectional inter-chip interconnect (ICI) bandwidth (per chip)" (read
+# 2026-12-07): v5e 400 GBps, v5p 1,200 GBps, v6e 800 GBps; v4's page gives no per-chip figure
+# in that form, so none is used (its ICI time is left out and the plan says so).
 CHIPS = {
     "v4": Chip("v4", 275e12, 1200e9, 32 * GiB, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("v5e", 197e12, 819e9, 16 * GiB, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("v5p", 459e12, 2765e9, 95 * GiB, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("v6e", 918e12, 1638e9, 32 * GiB, "https://cloud.google.com/tpu/docs/v6e"),
+    "v5e": Chip("v5e", 197e12, 819e9, 16 * GiB, "https://cloud.google.com/tpu/docs/v5e", 400e9),
+    "v5p": Chip("v5p", 459e12, 2765e9, 95 * GiB, "https://cloud.google.com/tpu/docs/v5p", 1200e9),
+    "v6e": Chip("v6e", 918e12, 1638e9, 32 * GiB, "https://cloud.google.com/tpu/docs/v6e", 800e9),
 }
 # Other names of the same chips: topology prefixes and jax's device_kind.
 CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "tpu v4": "v4", "tpu v5 lite": "v5e",
@@ -287,18 +292,41 @@ def collective_lines(text: str) -> list[str]:
     return lines or ["No while loop in the decode program."]
 
 
-def largest_collectives(programs: dict[str, ProgramPlan], top: int = 3) -> list[str]:
-    """Per program, its `top` largest collectives by result size, with how many such
-    instructions its HLO holds (a loop body's counted once)."""
-    lines = ["Largest collectives per program (instructions in the HLO; a loop body's counted once):"]
+def collective_tables(programs: dict[str, ProgramPlan], chips: int, chip: Chip,
+                      calls: dict[str, float] | None = None, top: int = 6) -> list[str]:
+    """Markdown: per program its `top` collectives ranked by bytes sent per chip per call (ici:
+    each collective by its own formula, loops times their trip counts; the decode loop's per
+    decode step), with calls: their bytes per HBPO step ({program: calls per step; "decode":
+    decode calls and steps, as (calls, steps)}) and the time at the chip's ICI bandwidth."""
+    bw = chip.ici_bandwidth
+    head = (f"ICI per chip, bytes sent (ici: all-gather (n-1)/n x result, reduce-scatter and all-to-all "
+            f"(n-1)/n x operand, all-reduce 2(n-1)/n x operand, collective-permute its operand; n the group), "
+            f"every loop's collectives times its trip count; ms at "
+            + (f"{bw / 1e9:,.0f} GB/s bidirectional per chip, half each way ({chip.source}): a lower bound, "
+               "every link of the chip busy." if bw else "no ICI figure for this chip: times left out."))
+    lines = [head, "| program | collective | operand -> result | n | count per call | MiB each | MiB per call "
+             "| per step: count | GiB | ms |", "|---" * 10 + "|"]
     for k, p in programs.items():
         if p.error:
             continue
-        module = hlo.Module(p.text)
-        items = sorted(hlo.group_collectives(hlo.collectives_in(module, module.entry)),
-                       key=lambda cn: -cn[0].result_bytes)[:top]
-        lines.append(f"  {k}: " + "; ".join(f"{n} x {c.opcode} {c.operand_shape} -> {c.result_shape} "
-                                             f"({c.result_bytes / 2**20:,.0f} MiB)" for c, n in items))
+        once, per_iter = ici.traffic(p.text, chips)
+        n_calls, n_steps = 1.0, 0.0
+        if calls is not None:
+            n_calls, n_steps = calls.get(k, (0.0, 0.0)) if k == "decode" else (calls.get(k, 0.0), 0.0)
+        rows = [(c, "call", n_calls) for c in once] + [(c, "decode step", n_steps) for c in per_iter]
+        rows.sort(key=lambda r: -r[0].total * (r[2] if calls is not None else 1.0))
+        for c, per, n in rows[:top]:
+            step = f"{c.count * n:,.0f} | {c.total * n / GiB:.2f} | {ici.ici_seconds(c.total * n, bw) * 1e3:.1f}" \
+                if calls is not None else "| |"
+            lines.append(f"| {k} | {c.opcode}{' (async)' if c.asynchronous else ''} | {c.shapes} | {c.n} "
+                         f"| {c.count:,} per {per} | {c.each / 2**20:.2f} "
+                         f"| {c.total / 2**20:,.1f} | {step} |")
+        total = n_calls * ici.total_bytes(once) + n_steps * ici.total_bytes(per_iter)
+        more = f" ({len(rows) - top} more kinds)" if len(rows) > top else ""
+        lines.append(f"| {k}: all{more} | | | | {sum(c.count for c in once):,} per call"
+                     + (f" + {sum(c.count for c in per_iter):,} per decode step" if per_iter else "")
+                     + f" | | {ici.total_bytes(once) / 2**20:,.1f} | "
+                     + (f"| {total / GiB:.2f} | {ici.ici_seconds(total, bw) * 1e3:.1f} |" if calls is not None else "| | |"))
     return lines
 
 
@@ -335,18 +363,102 @@ def projection_lines(programs: dict[str, ProgramPlan], counts: StepCounts, chip:
     ]
 
 
-def report(config, topology: str, slices: int = 1, only: tuple[str, ...] = PROGRAMS) -> str:
+def _widths(widths: list) -> str:
+    """'16 x 1,024, 8 x 2,048' of the update's micro-batch widths, all mini-batches together."""
+    values, counts = np.unique(np.concatenate([np.asarray(w) for w in widths]), return_counts=True)
+    return ", ".join(f"{c} x {v:,}" for v, c in zip(values, counts))
+
+
+def _terms_line(terms: paper_step.Terms) -> str:
+    return (f"update {terms.update:.1f} + rollout {terms.rollout:.1f} + ici {terms.ici:.1f} + host {terms.host:.1f}")
+
+
+def paper_lines(programs: dict[str, ProgramPlan], run, cfg, chip: Chip, chips: int, hosts: int, topology: str,
+                mix: lengths.LengthMix) -> list[str]:
+    """The projection of one step at `mix` and at the cap, the floor beside it, the collectives
+    per step, and the plan's last line (paper_step, floor): the refill engine's programs."""
+    failed = [p.name for p in programs.values() if p.error]
+    if failed:
+        return [f"No projection: {', '.join(failed)} did not fit this slice at the config's shapes."]
+    terms = paper_step.project(programs, run, cfg, chip, chips, hosts, mix)
+    cap = paper_step.project(programs, run, cfg, chip, chips, hosts, mix.at_cap())
+    fl = paper_step.floor_of(run, cfg, chip, chips, mix)
+    responses = paper_step.rows_of(run, mix)[0]
+    steps, sched, t = run.train.steps, terms.schedule, run.train
+    u0 = t.rows_per_minibatch // t.micro_batch_size
+    hours = lambda x: steps * x / 3600  # noqa: E731
+    work = paper_step.floor_lib.Workload.of(cfg)
+    calls = {"train": t.mini_batches * t.ppo_epochs, "prefill": 1, "admit": terms.admit_equiv,
+             "decode": (sched.segments, sched.decode_steps)}
+    ici_ms = {k: ici.ici_seconds(v[3], chip.ici_bandwidth) for k, v in terms.ici_by_program.items()}
+    return [
+        f"Projection of one step at the length mix: {mix.describe(responses)}. Every program at its roofline "
+        "(max(flops / peak, bytes / HBM bandwidth), XLA's counts) scaled to the rows' work (paper_step):",
+        f"  update:  {t.mini_batches * t.ppo_epochs} mini-batches of {u0} micro-batches cut to the rows' lengths "
+        f"(train.update_width_step={t.update_width_step}): widths {_widths(terms.widths)}, prompt bucket "
+        f"{terms.prompt_width:,} (compiled: {u0} x {sampler.bucket_length(run.sampling.max_prompt_len):,} + "
+        f"{run.sampling.max_response_len:,}) = {terms.update:.2f} s",
+        f"  rollout: refill engine over {run.sampling.max_batch} slots: {sched.admit_calls} admits ({sched.full_fills} "
+        f"fill(s) of every slot, each costed as {run.sampling.max_batch // max(1, run.sampling.max_batch // 16)} "
+        f"admits of the compiled width: {terms.admit_equiv:.0f} admit-equivalents), {sched.segments} decode calls, {sched.decode_steps:,} decode "
+        f"steps at {sched.tokens / max(sched.slot_steps, 1):.0%} slot utilization, KV read as filled (mean "
+        f"{sched.filled.mean() / max(run.sampling.max_batch, 1):,.0f} tokens a slot): prefill {terms.prefill:.2f} + "
+        f"admits {terms.admits:.2f} + decode {terms.decode:.2f} = {terms.rollout:.2f} s",
+        f"  ici:     {terms.ici_total:.2f} s of collectives per step (update {ici_ms['train']:.2f}, admits "
+        f"{ici_ms['admit']:.2f}, decode {ici_ms['decode']:.2f}, prefill {ici_ms['prefill']:.2f}): {terms.ici:.2f} s "
+        "added (synchronous collectives stall the chip and add; asynchronous ones, the windowed einsums' "
+        "collective-permutes, run under their program's compute and add only past it)",
+        f"  host:    {terms.round_trips} round trips x {paper_step.HOST.round_trip * 1e3:.1f} ms + {sched.admit_calls} "
+        f"admit dispatches x {paper_step.HOST.admit_dispatch * 1e3:.1f} ms + grading {len(responses):,} responses x "
+        f"{paper_step.HOST.grade * 1e3:.0f} ms / ({run.grading_workers} workers x {hosts} hosts) {terms.grading:.2f} s "
+        f"= {terms.host:.2f} s (stated latencies, not measured; no page grows: the pool holds every slot's limit)",
+        f"  one step: {terms.step:.1f} s = {_terms_line(terms)}; {steps} steps: {hours(terms.step):.2f} h",
+        f"At the cap (every row to {run.sampling.max_response_len:,} tokens, {cap.schedule.decode_steps:,} decode "
+        f"steps): {cap.step:.1f} s = {_terms_line(cap)}; {steps} steps: {hours(cap.step):.2f} h",
+        f"Floor (floor.py, from the model and the rows, not XLA's counts: {work.matmul_params / 1e9:.3f} B matmul "
+        f"parameters, {work.kv_bytes:,.0f} B of KV a token, x{work.passes:.0f} forward flops to train (remat "
+        f"{cfg.remat}), every chip at peak, no ICI or host): update {fl.update_s:.2f} s ({fl.trained_tokens:,} "
+        f"real tokens), rollout {fl.rollout_s:.2f} s (all rows at once: {fl.decode_steps:,} decode steps of the "
+        f"longest row, each reading {work.weight_bytes / 1e9:.2f} GB of bfloat16 weights and the filled KV per "
+        f"chip) = {fl.step_s:.1f} s; {steps} steps: {hours(fl.step_s):.2f} h; projection / floor "
+        f"{terms.step / fl.step_s:.1f}x",
+        "", *collective_tables(programs, chips, chip, calls), "",
+        f"plan {topology}: paper run {hours(terms.step):.2f} h at mean response {responses.mean():,.0f} tokens (floor "
+        f"{hours(fl.step_s):.2f} h, {terms.step / fl.step_s:.1f}x); step {terms.step:.1f} s = {_terms_line(terms)}",
+    ]
+
+
+def report(config, topology: str, slices: int = 1, only: tuple[str, ...] = PROGRAMS,
+           mean_response: float | None = None) -> str:
     """The plan of `config` on `slices` slices of TPU `topology`, compiled here, as text (markdown
-    tables); `only`: a subset of PROGRAMS. ValueError (before anything compiles) for a chip
-    without figures in CHIPS or an unknown program."""
+    tables); `only`: a subset of PROGRAMS; mean_response: the length mix scaled to that mean
+    (default: the paper's steady state, lengths.LengthMix). ValueError (before anything
+    compiles) for a chip without figures in CHIPS or an unknown program."""
     chip_for(topology)
     if set(only) - set(PROGRAMS):
         raise ValueError(f"unknown programs {sorted(set(only) - set(PROGRAMS))}; choose from {PROGRAMS}")
     mesh = plan.topology_mesh(config.mesh, topology, slices)
-    return format_report(config, topology, mesh, compile_programs(config, mesh, only))
+    return format_report(config, topology, mesh, compile_programs(config, mesh, only), mean_response)
 
 
-def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan]) -> str:
+def length_mix(run, mean_response: float | None = None) -> lengths.LengthMix:
+    """The paper's steady-state mix (lengths.LengthMix) at the run's cap, for its budgets (their
+    means scaled with the budgets when the run's budgets are not the paper's), at `mean_response`."""
+    s = run.sampling
+    mix = lengths.LengthMix(cap=s.max_response_len)
+    budgets = tuple(s.budgets) if s.mode == "budget" and s.budgets else ()
+    paper = np.array([512, 1024, 2048, 2560], float)
+    if not budgets:  # one subgroup: the paper's mean
+        mix = dataclasses.replace(mix, means=(mix.mean_response,))
+    elif budgets != tuple(paper.astype(int)):
+        # Another budget set: each subgroup ends at the paper's length / budget ratio there.
+        ratio = np.interp(budgets, paper, np.array(lengths.PAPER_MEANS) / paper)
+        mix = dataclasses.replace(mix, means=tuple(float(min(b * r, s.max_response_len)) for b, r in zip(budgets, ratio)))
+    return mix.scaled(mean_response) if mean_response else mix
+
+
+def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan],
+                  mean_response: float | None = None) -> str:
     """The text of `report` from compiled programs (compile_programs on `mesh`)."""
     chip = chip_for(topology)
     cfg = config_lib.model_config(config)
@@ -376,8 +488,14 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan])
                   f"(the weights as laid out for decode, the KV cache full at the cap, the slots' state) are "
                   f"{d.args / 1e9:.2f} GB: the step reads {d.step_bytes / d.args:.0%} of them.",
                   *collective_lines(d.text), ""]
-    lines += largest_collectives(programs)
-    if set(programs) >= {"train", "logprobs", "prefill", "decode"}:
+    paper = set(programs) >= {"train", "prefill", "admit", "decode"} and plan.logprob_passes(run) == 0
+    if not paper:
+        lines += collective_tables(programs, mesh.devices.size, chip)
+    if paper:
+        hosts = len({getattr(d, "process_index", 0) for d in mesh.devices.flat})
+        lines += paper_lines(programs, run, cfg, chip, mesh.devices.size, hosts, topology,
+                             length_mix(run, mean_response))
+    elif set(programs) >= {"train", "logprobs", "prefill", "decode"}:
         s = run.sampling
         mean = round(sum(s.budgets) / len(s.budgets)) if s.mode == "budget" and s.engine == "refill" else 0
         lines += ["", *projection_lines(programs, step_counts(run), chip,
