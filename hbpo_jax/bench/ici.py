@@ -77,7 +77,7 @@ def _add(module: hlo.Module, instr: hlo.Instr, mult: int, out: dict, devices: in
     c = hlo.collective(module, instr)
     if c is None:
         return
-    n = group_size(c.groups, devices)
+    n = 2 if c.opcode == "collective-permute" else group_size(c.groups, devices)  # a permute: source and target
     key = (c.opcode, f"{c.operand_shape} -> {c.result_shape}", n, c.asynchronous)
     count, each = out.get(key, (0, bytes_moved(c.opcode, c.operand_bytes, c.result_bytes, n)))
     out[key] = (count + mult, each)
