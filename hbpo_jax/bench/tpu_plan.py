@@ -309,6 +309,9 @@ def collective_tables(programs: dict[str, ProgramPlan], chips: int, chip: Chip,
     for k, p in programs.items():
         if p.error:
             continue
+        if calls is not None and not calls.get(k):
+            lines.append(f"| {k}: not run in a step of this config | | | | | | | 0 | 0.00 | 0.0 |")
+            continue
         once, per_iter = ici.traffic(p.text, chips)
         n_calls, n_steps = 1.0, 0.0
         if calls is not None:
@@ -422,6 +425,9 @@ def paper_lines(programs: dict[str, ProgramPlan], run, cfg, chip: Chip, chips: i
         f"longest row, each reading {work.weight_bytes / 1e9:.2f} GB of bfloat16 weights and the filled KV per "
         f"chip) = {fl.step_s:.1f} s; {steps} steps: {hours(fl.step_s):.2f} h; projection / floor "
         f"{terms.step / fl.step_s:.1f}x",
+        f"Not in the step: compilation, once per run (the update at each of its {len(set(sum(terms.widths, [])))} "
+        f"widths, the engine's programs, the fill admit at {run.sampling.max_batch} rows); this CPU compiled the "
+        f"plan's {len(programs)} programs in {sum(p.compile_cpu_s for p in programs.values()):.0f} CPU-s.",
         "", *collective_tables(programs, chips, chip, calls), "",
         f"plan {topology}: paper run {hours(terms.step):.2f} h at mean response {responses.mean():,.0f} tokens (floor "
         f"{hours(fl.step_s):.2f} h, {terms.step / fl.step_s:.1f}x); step {terms.step:.1f} s = {_terms_line(terms)}",
