@@ -1,6 +1,6 @@
 """The inter-chip (ICI) traffic of a compiled program, from its optimised HLO (hlo): every
-collective's bytes moved per chip by its own formula, loops counted times their trip counts, and
-the time that takes at the chip's ICI bandwidth.
+collective's bytes moved per chip by its own formula, loops counted times their trip counts, the
+time that takes at the chip's ICI bandwidth, and the plan's table of it.
 
 Bytes sent per chip, for a group of n chips (the formulas of ring / pairwise algorithms; XLA's
 own algorithm may differ, none sends less):
@@ -124,3 +124,47 @@ def ici_seconds(nbytes: float, bidirectional: float) -> float:
     sends it also receives; every link of the chip busy: a lower bound, a ring over one torus
     axis uses only some of them)."""
     return nbytes / (bidirectional / 2) if bidirectional else 0.0
+
+
+GiB = 2**30
+
+
+def tables(programs: dict, chips: int, chip,
+                      calls: dict[str, float] | None = None, top: int = 6) -> list[str]:
+    """Markdown: per program (tpu_plan.ProgramPlan, keyed by name) its `top` collectives ranked by bytes sent per chip per call (ici:
+    each collective by its own formula, loops times their trip counts; the decode loop's per
+    decode step), with calls: their bytes per HBPO step ({program: calls per step; "decode":
+    decode calls and steps, as (calls, steps)}) and the time at the chip's ICI bandwidth."""
+    bw = chip.ici_bandwidth
+    head = ("ICI per chip, bytes sent (ici: all-gather (n-1)/n x result, reduce-scatter and all-to-all "
+            "(n-1)/n x operand, all-reduce 2(n-1)/n x operand, collective-permute its operand; n the group), "
+            "every loop's collectives times its trip count; ms at "
+            + (f"{bw / 1e9:,.0f} GB/s bidirectional per chip, half each way ({chip.source}): a lower bound, "
+               "every link of the chip busy." if bw else "no ICI figure for this chip: times left out."))
+    lines = [head, "| program | collective | operand -> result | n | count per call | MiB each | MiB per call "
+             "| per step: count | GiB | ms |", "|---" * 10 + "|"]
+    for k, p in programs.items():
+        if p.error:
+            continue
+        if calls is not None and not calls.get(k):
+            lines.append(f"| {k}: not run in a step of this config | | | | | | | 0 | 0.00 | 0.0 |")
+            continue
+        once, per_iter = traffic(p.text, chips)
+        n_calls, n_steps = 1.0, 0.0
+        if calls is not None:
+            n_calls, n_steps = calls.get(k, (0.0, 0.0)) if k == "decode" else (calls.get(k, 0.0), 0.0)
+        rows = [(c, "call", n_calls) for c in once] + [(c, "decode step", n_steps) for c in per_iter]
+        rows.sort(key=lambda r: -r[0].total * (r[2] if calls is not None else 1.0))
+        for c, per, n in rows[:top]:
+            step = f"{c.count * n:,.0f} | {c.total * n / GiB:.2f} | {ici_seconds(c.total * n, bw) * 1e3:.1f}" \
+                if calls is not None else "| |"
+            lines.append(f"| {k} | {c.opcode}{' (async)' if c.asynchronous else ''} | {c.shapes} | {c.n} "
+                         f"| {c.count:,} per {per} | {c.each / 2**20:.2f} "
+                         f"| {c.total / 2**20:,.1f} | {step} |")
+        total = n_calls * total_bytes(once) + n_steps * total_bytes(per_iter)
+        more = f" ({len(rows) - top} more kinds)" if len(rows) > top else ""
+        lines.append(f"| {k}: all{more} | | | | {sum(c.count for c in once):,} per call"
+                     + (f" + {sum(c.count for c in per_iter):,} per decode step" if per_iter else "")
+                     + f" | | {total_bytes(once) / 2**20:,.1f} | "
+                     + (f"| {total / GiB:.2f} | {ici_seconds(total, bw) * 1e3:.1f} |" if calls is not None else "| | |"))
+    return lines

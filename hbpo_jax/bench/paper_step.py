@@ -1,6 +1,6 @@
-"""The plan's projection of one HBPO step at a length mix (lengths.LengthMix): each compiled
-program's roofline scaled to the work the rows really ask for, its ICI traffic (ici), the host's
-round trips, and the first-principles floor (floor) beside it.
+"""The plan's projection of one HBPO step at a length mix (lengths.LengthMix), and its text: each
+compiled program's roofline scaled to the work the rows really ask for, its ICI traffic (ici),
+the host's round trips, and the first-principles floor (floor) beside it.
 
   update   the compiled mini-batch update (U micro-batches at the prompt bucket + L_max) per
            micro-batch, scaled by forward flops to the widths the loop uses: rows sorted by
@@ -171,3 +171,72 @@ def floor_of(run, cfg, chip, chips: int, mix: lengths.LengthMix) -> floor_lib.Fl
     responses, prompts, row_prompt, _ = rows_of(run, mix)
     return floor_lib.floor(floor_lib.Workload.of(cfg), responses, prompts, row_prompt, chips, chip.peak_flops,
                            chip.hbm_bandwidth, mix.prefix)
+
+
+def _widths(widths: list) -> str:
+    """'16 x 1,024, 8 x 2,048' of the update's micro-batch widths, all mini-batches together."""
+    values, counts = np.unique(np.concatenate([np.asarray(w) for w in widths]), return_counts=True)
+    return ", ".join(f"{c} x {v:,}" for v, c in zip(values, counts))
+
+
+def _terms_line(terms: Terms) -> str:
+    return (f"update {terms.update:.1f} + rollout {terms.rollout:.1f} + ici {terms.ici:.1f} + host {terms.host:.1f}")
+
+
+def lines(programs: dict, run, cfg, chip, chips: int, hosts: int, topology: str,
+          mix: lengths.LengthMix) -> list[str]:
+    """The plan's text: the projection of one step at `mix` and at the cap, the floor beside it,
+    the collectives per step (ici.tables), and the plan's last line; programs: the refill
+    engine's (tpu_plan.ProgramPlan by name), compiled for `chips` chips of `chip` in `hosts` hosts."""
+    failed = [p.name for p in programs.values() if p.error]
+    if failed:
+        return [f"No projection: {', '.join(failed)} did not fit this slice at the config's shapes."]
+    terms = project(programs, run, cfg, chip, chips, hosts, mix)
+    cap = project(programs, run, cfg, chip, chips, hosts, mix.at_cap())
+    fl = floor_of(run, cfg, chip, chips, mix)
+    responses = rows_of(run, mix)[0]
+    steps, sched, t = run.train.steps, terms.schedule, run.train
+    u0 = t.rows_per_minibatch // t.micro_batch_size
+    hours = lambda x: steps * x / 3600  # noqa: E731
+    work = floor_lib.Workload.of(cfg)
+    calls = {"train": t.mini_batches * t.ppo_epochs, "prefill": 1, "admit": terms.admit_equiv,
+             "decode": (sched.segments, sched.decode_steps)}
+    ici_ms = {k: ici.ici_seconds(v[3], chip.ici_bandwidth) for k, v in terms.ici_by_program.items()}
+    return [
+        f"Projection of one step at the length mix: {mix.describe(responses)}. Every program at its roofline "
+        "(max(flops / peak, bytes / HBM bandwidth), XLA's counts) scaled to the rows' work (paper_step):",
+        f"  update:  {t.mini_batches * t.ppo_epochs} mini-batches of {u0} micro-batches cut to the rows' lengths "
+        f"(train.update_width_step={t.update_width_step}): widths {_widths(terms.widths)}, prompt bucket "
+        f"{terms.prompt_width:,} (compiled: {u0} x {sampler.bucket_length(run.sampling.max_prompt_len):,} + "
+        f"{run.sampling.max_response_len:,}) = {terms.update:.2f} s",
+        f"  rollout: refill engine over {run.sampling.max_batch} slots: {sched.admit_calls} admits ({sched.full_fills} "
+        f"fill(s) of every slot, each costed as {run.sampling.max_batch // max(1, run.sampling.max_batch // 16)} "
+        f"admits of the compiled width: {terms.admit_equiv:.0f} admit-equivalents), {sched.segments} decode calls, {sched.decode_steps:,} decode "
+        f"steps at {sched.tokens / max(sched.slot_steps, 1):.0%} slot utilization, KV read as filled (mean "
+        f"{sched.filled.mean() / max(run.sampling.max_batch, 1):,.0f} tokens a slot): prefill {terms.prefill:.2f} + "
+        f"admits {terms.admits:.2f} + decode {terms.decode:.2f} = {terms.rollout:.2f} s",
+        f"  ici:     {terms.ici_total:.2f} s of collectives per step (update {ici_ms['train']:.2f}, admits "
+        f"{ici_ms['admit']:.2f}, decode {ici_ms['decode']:.2f}, prefill {ici_ms['prefill']:.2f}): {terms.ici:.2f} s "
+        "added (synchronous collectives stall the chip and add; asynchronous ones, the windowed einsums' "
+        "collective-permutes, run under their program's compute and add only past it)",
+        f"  host:    {terms.round_trips} round trips x {HOST.round_trip * 1e3:.1f} ms + {sched.admit_calls} "
+        f"admit dispatches x {HOST.admit_dispatch * 1e3:.1f} ms + grading {len(responses):,} responses x "
+        f"{HOST.grade * 1e3:.0f} ms / ({run.grading_workers} workers x {hosts} hosts) {terms.grading:.2f} s "
+        f"= {terms.host:.2f} s (stated latencies, not measured; no page grows: the pool holds every slot's limit)",
+        f"  one step: {terms.step:.1f} s = {_terms_line(terms)}; {steps} steps: {hours(terms.step):.2f} h",
+        f"At the cap (every row to {run.sampling.max_response_len:,} tokens, {cap.schedule.decode_steps:,} decode "
+        f"steps): {cap.step:.1f} s = {_terms_line(cap)}; {steps} steps: {hours(cap.step):.2f} h",
+        f"Floor (floor.py, from the model and the rows, not XLA's counts: {work.matmul_params / 1e9:.3f} B matmul "
+        f"parameters, {work.kv_bytes:,.0f} B of KV a token, x{work.passes:.0f} forward flops to train (remat "
+        f"{cfg.remat}), every chip at peak, no ICI or host): update {fl.update_s:.2f} s ({fl.trained_tokens:,} "
+        f"real tokens), rollout {fl.rollout_s:.2f} s (all rows at once: {fl.decode_steps:,} decode steps of the "
+        f"longest row, each reading {work.weight_bytes / 1e9:.2f} GB of bfloat16 weights and the filled KV per "
+        f"chip) = {fl.step_s:.1f} s; {steps} steps: {hours(fl.step_s):.2f} h; projection / floor "
+        f"{terms.step / fl.step_s:.1f}x",
+        f"Not in the step: compilation, once per run (the update at each of its {len(set(sum(terms.widths, [])))} "
+        f"widths, the engine's programs, the fill admit at {run.sampling.max_batch} rows); this CPU compiled the "
+        f"plan's {len(programs)} programs in {sum(p.compile_cpu_s for p in programs.values()):.0f} CPU-s.",
+        "", *ici.tables(programs, chips, chip, calls), "",
+        f"plan {topology}: paper run {hours(terms.step):.2f} h at mean response {responses.mean():,.0f} tokens (floor "
+        f"{hours(fl.step_s):.2f} h, {terms.step / fl.step_s:.1f}x); step {terms.step:.1f} s = {_terms_line(terms)}",
+    ]

@@ -292,47 +292,6 @@ def collective_lines(text: str) -> list[str]:
     return lines or ["No while loop in the decode program."]
 
 
-def collective_tables(programs: dict[str, ProgramPlan], chips: int, chip: Chip,
-                      calls: dict[str, float] | None = None, top: int = 6) -> list[str]:
-    """Markdown: per program its `top` collectives ranked by bytes sent per chip per call (ici:
-    each collective by its own formula, loops times their trip counts; the decode loop's per
-    decode step), with calls: their bytes per HBPO step ({program: calls per step; "decode":
-    decode calls and steps, as (calls, steps)}) and the time at the chip's ICI bandwidth."""
-    bw = chip.ici_bandwidth
-    head = (f"ICI per chip, bytes sent (ici: all-gather (n-1)/n x result, reduce-scatter and all-to-all "
-            f"(n-1)/n x operand, all-reduce 2(n-1)/n x operand, collective-permute its operand; n the group), "
-            f"every loop's collectives times its trip count; ms at "
-            + (f"{bw / 1e9:,.0f} GB/s bidirectional per chip, half each way ({chip.source}): a lower bound, "
-               "every link of the chip busy." if bw else "no ICI figure for this chip: times left out."))
-    lines = [head, "| program | collective | operand -> result | n | count per call | MiB each | MiB per call "
-             "| per step: count | GiB | ms |", "|---" * 10 + "|"]
-    for k, p in programs.items():
-        if p.error:
-            continue
-        if calls is not None and not calls.get(k):
-            lines.append(f"| {k}: not run in a step of this config | | | | | | | 0 | 0.00 | 0.0 |")
-            continue
-        once, per_iter = ici.traffic(p.text, chips)
-        n_calls, n_steps = 1.0, 0.0
-        if calls is not None:
-            n_calls, n_steps = calls.get(k, (0.0, 0.0)) if k == "decode" else (calls.get(k, 0.0), 0.0)
-        rows = [(c, "call", n_calls) for c in once] + [(c, "decode step", n_steps) for c in per_iter]
-        rows.sort(key=lambda r: -r[0].total * (r[2] if calls is not None else 1.0))
-        for c, per, n in rows[:top]:
-            step = f"{c.count * n:,.0f} | {c.total * n / GiB:.2f} | {ici.ici_seconds(c.total * n, bw) * 1e3:.1f}" \
-                if calls is not None else "| |"
-            lines.append(f"| {k} | {c.opcode}{' (async)' if c.asynchronous else ''} | {c.shapes} | {c.n} "
-                         f"| {c.count:,} per {per} | {c.each / 2**20:.2f} "
-                         f"| {c.total / 2**20:,.1f} | {step} |")
-        total = n_calls * ici.total_bytes(once) + n_steps * ici.total_bytes(per_iter)
-        more = f" ({len(rows) - top} more kinds)" if len(rows) > top else ""
-        lines.append(f"| {k}: all{more} | | | | {sum(c.count for c in once):,} per call"
-                     + (f" + {sum(c.count for c in per_iter):,} per decode step" if per_iter else "")
-                     + f" | | {ici.total_bytes(once) / 2**20:,.1f} | "
-                     + (f"| {total / GiB:.2f} | {ici.ici_seconds(total, bw) * 1e3:.1f} |" if calls is not None else "| | |"))
-    return lines
-
-
 def projection_lines(programs: dict[str, ProgramPlan], counts: StepCounts, chip: Chip,
                      at_budgets: tuple[int, StepCounts] | None = None) -> list[str]:
     """The projection's text; at_budgets: (mean response tokens, their StepCounts) for a second
@@ -363,74 +322,6 @@ def projection_lines(programs: dict[str, ProgramPlan], counts: StepCounts, chip:
         f"  updates:   {counts.updates} x {ms['train']:.1f} ms = {p['updates']:.1f} s",
         f"  one HBPO step: {p['step']:.1f} s; {counts.steps} steps (train.steps): {p['run_hours']:.2f} h",
         *budget_line,
-    ]
-
-
-def _widths(widths: list) -> str:
-    """'16 x 1,024, 8 x 2,048' of the update's micro-batch widths, all mini-batches together."""
-    values, counts = np.unique(np.concatenate([np.asarray(w) for w in widths]), return_counts=True)
-    return ", ".join(f"{c} x {v:,}" for v, c in zip(values, counts))
-
-
-def _terms_line(terms: paper_step.Terms) -> str:
-    return (f"update {terms.update:.1f} + rollout {terms.rollout:.1f} + ici {terms.ici:.1f} + host {terms.host:.1f}")
-
-
-def paper_lines(programs: dict[str, ProgramPlan], run, cfg, chip: Chip, chips: int, hosts: int, topology: str,
-                mix: lengths.LengthMix) -> list[str]:
-    """The projection of one step at `mix` and at the cap, the floor beside it, the collectives
-    per step, and the plan's last line (paper_step, floor): the refill engine's programs."""
-    failed = [p.name for p in programs.values() if p.error]
-    if failed:
-        return [f"No projection: {', '.join(failed)} did not fit this slice at the config's shapes."]
-    terms = paper_step.project(programs, run, cfg, chip, chips, hosts, mix)
-    cap = paper_step.project(programs, run, cfg, chip, chips, hosts, mix.at_cap())
-    fl = paper_step.floor_of(run, cfg, chip, chips, mix)
-    responses = paper_step.rows_of(run, mix)[0]
-    steps, sched, t = run.train.steps, terms.schedule, run.train
-    u0 = t.rows_per_minibatch // t.micro_batch_size
-    hours = lambda x: steps * x / 3600  # noqa: E731
-    work = paper_step.floor_lib.Workload.of(cfg)
-    calls = {"train": t.mini_batches * t.ppo_epochs, "prefill": 1, "admit": terms.admit_equiv,
-             "decode": (sched.segments, sched.decode_steps)}
-    ici_ms = {k: ici.ici_seconds(v[3], chip.ici_bandwidth) for k, v in terms.ici_by_program.items()}
-    return [
-        f"Projection of one step at the length mix: {mix.describe(responses)}. Every program at its roofline "
-        "(max(flops / peak, bytes / HBM bandwidth), XLA's counts) scaled to the rows' work (paper_step):",
-        f"  update:  {t.mini_batches * t.ppo_epochs} mini-batches of {u0} micro-batches cut to the rows' lengths "
-        f"(train.update_width_step={t.update_width_step}): widths {_widths(terms.widths)}, prompt bucket "
-        f"{terms.prompt_width:,} (compiled: {u0} x {sampler.bucket_length(run.sampling.max_prompt_len):,} + "
-        f"{run.sampling.max_response_len:,}) = {terms.update:.2f} s",
-        f"  rollout: refill engine over {run.sampling.max_batch} slots: {sched.admit_calls} admits ({sched.full_fills} "
-        f"fill(s) of every slot, each costed as {run.sampling.max_batch // max(1, run.sampling.max_batch // 16)} "
-        f"admits of the compiled width: {terms.admit_equiv:.0f} admit-equivalents), {sched.segments} decode calls, {sched.decode_steps:,} decode "
-        f"steps at {sched.tokens / max(sched.slot_steps, 1):.0%} slot utilization, KV read as filled (mean "
-        f"{sched.filled.mean() / max(run.sampling.max_batch, 1):,.0f} tokens a slot): prefill {terms.prefill:.2f} + "
-        f"admits {terms.admits:.2f} + decode {terms.decode:.2f} = {terms.rollout:.2f} s",
-        f"  ici:     {terms.ici_total:.2f} s of collectives per step (update {ici_ms['train']:.2f}, admits "
-        f"{ici_ms['admit']:.2f}, decode {ici_ms['decode']:.2f}, prefill {ici_ms['prefill']:.2f}): {terms.ici:.2f} s "
-        "added (synchronous collectives stall the chip and add; asynchronous ones, the windowed einsums' "
-        "collective-permutes, run under their program's compute and add only past it)",
-        f"  host:    {terms.round_trips} round trips x {paper_step.HOST.round_trip * 1e3:.1f} ms + {sched.admit_calls} "
-        f"admit dispatches x {paper_step.HOST.admit_dispatch * 1e3:.1f} ms + grading {len(responses):,} responses x "
-        f"{paper_step.HOST.grade * 1e3:.0f} ms / ({run.grading_workers} workers x {hosts} hosts) {terms.grading:.2f} s "
-        f"= {terms.host:.2f} s (stated latencies, not measured; no page grows: the pool holds every slot's limit)",
-        f"  one step: {terms.step:.1f} s = {_terms_line(terms)}; {steps} steps: {hours(terms.step):.2f} h",
-        f"At the cap (every row to {run.sampling.max_response_len:,} tokens, {cap.schedule.decode_steps:,} decode "
-        f"steps): {cap.step:.1f} s = {_terms_line(cap)}; {steps} steps: {hours(cap.step):.2f} h",
-        f"Floor (floor.py, from the model and the rows, not XLA's counts: {work.matmul_params / 1e9:.3f} B matmul "
-        f"parameters, {work.kv_bytes:,.0f} B of KV a token, x{work.passes:.0f} forward flops to train (remat "
-        f"{cfg.remat}), every chip at peak, no ICI or host): update {fl.update_s:.2f} s ({fl.trained_tokens:,} "
-        f"real tokens), rollout {fl.rollout_s:.2f} s (all rows at once: {fl.decode_steps:,} decode steps of the "
-        f"longest row, each reading {work.weight_bytes / 1e9:.2f} GB of bfloat16 weights and the filled KV per "
-        f"chip) = {fl.step_s:.1f} s; {steps} steps: {hours(fl.step_s):.2f} h; projection / floor "
-        f"{terms.step / fl.step_s:.1f}x",
-        f"Not in the step: compilation, once per run (the update at each of its {len(set(sum(terms.widths, [])))} "
-        f"widths, the engine's programs, the fill admit at {run.sampling.max_batch} rows); this CPU compiled the "
-        f"plan's {len(programs)} programs in {sum(p.compile_cpu_s for p in programs.values()):.0f} CPU-s.",
-        "", *collective_tables(programs, chips, chip, calls), "",
-        f"plan {topology}: paper run {hours(terms.step):.2f} h at mean response {responses.mean():,.0f} tokens (floor "
-        f"{hours(fl.step_s):.2f} h, {terms.step / fl.step_s:.1f}x); step {terms.step:.1f} s = {_terms_line(terms)}",
     ]
 
 
@@ -496,11 +387,11 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan],
                   *collective_lines(d.text), ""]
     paper = set(programs) >= {"train", "prefill", "admit", "decode"} and plan.logprob_passes(run) == 0
     if not paper:
-        lines += collective_tables(programs, mesh.devices.size, chip)
+        lines += ici.tables(programs, mesh.devices.size, chip)
     if paper:
         hosts = len({getattr(d, "process_index", 0) for d in mesh.devices.flat})
-        lines += paper_lines(programs, run, cfg, chip, mesh.devices.size, hosts, topology,
-                             length_mix(run, mean_response))
+        lines += paper_step.lines(programs, run, cfg, chip, mesh.devices.size, hosts, topology,
+                                  length_mix(run, mean_response))
     elif set(programs) >= {"train", "logprobs", "prefill", "decode"}:
         s = run.sampling
         mean = round(sum(s.budgets) / len(s.budgets)) if s.mode == "budget" and s.engine == "refill" else 0
