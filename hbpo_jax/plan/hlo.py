@@ -205,7 +205,8 @@ class Module:
 @dataclasses.dataclass(frozen=True)
 class Collective:
     """One collective instruction: opcode ('all-gather', ...; an async '-start' folded in),
-    operand and result shapes as HLO text, bytes of each (per chip), its replica groups."""
+    operand and result shapes as HLO text, bytes of each (per chip), its replica groups;
+    asynchronous: a '-start' (it runs while other instructions do)."""
 
     opcode: str
     operand_shape: str
@@ -213,24 +214,28 @@ class Collective:
     operand_bytes: float
     result_bytes: float
     groups: str
+    asynchronous: bool = False
 
 
-def _collective(module: Module, instr: Instr) -> Collective | None:
+def collective(module: Module, instr: Instr) -> Collective | None:
+    """The Collective of one instruction (an async '-start' read as its collective), or None."""
     op = instr.opcode.removesuffix("-start")
     if op not in COLLECTIVES:
         return None
     operands = [module.by_name[o].shape for o in instr.operands if o in module.by_name]
     result = instr.shape
     if instr.opcode.endswith("-start") and array_shapes(result):
-        # async start: (operand(s), result(s)[, context]) tuple; the result is the second part
+        # async start: (operand(s), result(s)[, context scalars]) tuple; the result follows the
+        # operands (a collective-permute-start's tuple ends in two u32[] contexts)
         arrays = array_shapes(result)
-        result = " ".join(f"{t}[{','.join(map(str, d))}]" for t, d in arrays[len(arrays) // 2:][:1])
+        n_ops = sum(len(array_shapes(o)) for o in operands) or len(arrays) // 2
+        result = " ".join(f"{t}[{','.join(map(str, d))}]" for t, d in arrays[n_ops:2 * n_ops])
     groups = re.search(r"replica_groups=(mesh\[[^\]]*\] \{[^}]*\}|\{\{.*?\}\}|\[[\d,]+\]<=\[[\d,]+\]\S*?)(?:,|$)",
                        instr.attrs)
     short = lambda s: " ".join(f"{t}[{','.join(map(str, d))}]" for t, d in array_shapes(s))  # noqa: E731
     return Collective(op, short(" ".join(operands)), short(result),
                       sum(shape_bytes(o, tiled=False) for o in operands), shape_bytes(result, tiled=False),
-                      groups.group(1) if groups else "")
+                      groups.group(1) if groups else "", instr.opcode.endswith("-start"))
 
 
 def collectives_in(module: Module, comp: str, *, trips: bool = False) -> list[Collective]:
@@ -238,10 +243,10 @@ def collectives_in(module: Module, comp: str, *, trips: bool = False) -> list[Co
     instruction once, or (trips) a nested loop's times its known trip count (the layer scan
     inside a decode step runs its body once per decoder layer)."""
     if not trips:
-        return [x for c in module.reachable(comp) for x in map(lambda i: _collective(module, i), module.comps[c]) if x]
+        return [x for c in module.reachable(comp) for x in map(lambda i: collective(module, i), module.comps[c]) if x]
     out = []
     for i in module.comps.get(comp, []):
-        out += [x for x in [_collective(module, i)] if x is not None]
+        out += [x for x in [collective(module, i)] if x is not None]
         inner = [x for n in i.called for x in collectives_in(module, n, trips=True)]
         out += inner * ((module.trip_count(i) or 1) if i.opcode == "while" else 1)
     return out

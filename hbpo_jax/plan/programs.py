@@ -56,17 +56,21 @@ def _resolve(config, mesh):
     return run, run.lora.model_config(run.model.config()), run.mesh.rules
 
 
-def lower_train_step(config, mesh):
+def lower_train_step(config, mesh, *, prompt_width: int | None = None, response_width: int | None = None,
+                     rows: int | None = None):
     """The jitted mini-batch update of `config` at its full shapes: the bucketed prompt width plus
     L_max response tokens, rows_per_minibatch rows in micro-batches (with the reference
-    log-probs when the loss has a KL term)."""
+    log-probs when the loss has a KL term); or at `prompt_width` + `response_width` tokens and
+    `rows` rows (a multiple of the micro-batch), as a length-grouped piece runs."""
     run, cfg, rules = _resolve(config, mesh)
     s, t = run.sampling, run.train
     optimizer = trainer.make_optimizer(run.optim, t.total_updates)
     graphdef, state, frozen = abstract_state(cfg, mesh, rules, optimizer)
-    prompt_width = sampler.bucket_length(s.max_prompt_len)  # the rollout's prompts, pad_prompts' default
-    batch = batching.abstract_minibatch(t.rows_per_minibatch, t.micro_batch_size, prompt_width,
-                                        s.rollout.max_response_len, mesh, rules, with_ref=run.loss.kl_coef > 0)
+    # The rollout's prompts, pad_prompts' default bucket.
+    prompt_width = prompt_width or sampler.bucket_length(s.max_prompt_len)
+    batch = batching.abstract_minibatch(rows or t.rows_per_minibatch, t.micro_batch_size, prompt_width,
+                                        response_width or s.rollout.max_response_len, mesh, rules,
+                                        with_ref=run.loss.kl_coef > 0)
     return trainer.update.lower(graphdef, state, batch, optimizer=optimizer, prompt_len=prompt_width,
                                 temperature=s.rollout.temperature, loss_kwargs=run.loss.kwargs(), frozen=frozen)
 

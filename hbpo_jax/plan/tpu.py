@@ -15,10 +15,11 @@ import time
 from importlib import metadata
 
 import jax
+import numpy as np
 from absl import logging
 
 from hbpo_jax import sharding, spec
-from hbpo_jax.plan import hlo, hlo_cost
+from hbpo_jax.plan import hlo, hlo_cost, ici, lengths, paper_step
 from hbpo_jax.plan import programs as plan
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
@@ -35,6 +36,7 @@ class Chip:
     hbm_bandwidth: float
     hbm_bytes: float
     source: str
+    ici_bandwidth: float = 0.0  # bidirectional ICI bytes/s per chip (0: no figure)
 
 
 # Cloud TPU's system-architecture pages, "Peak compute per chip (bf16)" and "HBM capacity and
@@ -44,11 +46,14 @@ class Chip:
 # https://cloud.google.com/tpu/docs/v6e (918 TFLOPs, 32 GB, 1638 GBps).
 # The pages write GB for v5e, v5p and v6e and GiB for v4; HBM comes in GiB-sized stacks, so the
 # capacities are taken as GiB. The runtime keeps part of HBM for itself: a plan near 100% may not fit.
+# ICI: the same pages' "Bidirectional inter-chip interconnect (ICI) bandwidth (per chip)" (read
+# 2026-12-07): v5e 400 GBps, v5p 1,200 GBps, v6e 800 GBps; v4's page gives no per-chip figure
+# in that form, so none is used (its ICI time is left out and the plan says so).
 CHIPS = {
     "v4": Chip("v4", 275e12, 1200e9, 32 * GiB, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("v5e", 197e12, 819e9, 16 * GiB, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("v5p", 459e12, 2765e9, 95 * GiB, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("v6e", 918e12, 1638e9, 32 * GiB, "https://cloud.google.com/tpu/docs/v6e"),
+    "v5e": Chip("v5e", 197e12, 819e9, 16 * GiB, "https://cloud.google.com/tpu/docs/v5e", 400e9),
+    "v5p": Chip("v5p", 459e12, 2765e9, 95 * GiB, "https://cloud.google.com/tpu/docs/v5p", 1200e9),
+    "v6e": Chip("v6e", 918e12, 1638e9, 32 * GiB, "https://cloud.google.com/tpu/docs/v6e", 800e9),
 }
 # Other names of the same chips: topology prefixes and jax's device_kind.
 CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "tpu v4": "v4", "tpu v5 lite": "v5e",
@@ -289,21 +294,6 @@ def collective_lines(text: str) -> list[str]:
     return lines or ["No while loop in the decode program."]
 
 
-def largest_collectives(programs: dict[str, ProgramPlan], top: int = 3) -> list[str]:
-    """Per program, its `top` largest collectives by result size, with how many such
-    instructions its HLO holds (a loop body's counted once)."""
-    lines = ["Largest collectives per program (instructions in the HLO; a loop body's counted once):"]
-    for k, p in programs.items():
-        if p.error:
-            continue
-        module = hlo.Module(p.text)
-        items = sorted(hlo.group_collectives(hlo.collectives_in(module, module.entry)),
-                       key=lambda cn: -cn[0].result_bytes)[:top]
-        lines.append(f"  {k}: " + "; ".join(f"{n} x {c.opcode} {c.operand_shape} -> {c.result_shape} "
-                                             f"({c.result_bytes / 2**20:,.0f} MiB)" for c, n in items))
-    return lines
-
-
 def projection_lines(programs: dict[str, ProgramPlan], counts: StepCounts, chip: Chip,
                      at_budgets: tuple[int, StepCounts] | None = None) -> list[str]:
     """The projection's text; at_budgets: (mean response tokens, their StepCounts) for a second
@@ -337,15 +327,17 @@ def projection_lines(programs: dict[str, ProgramPlan], counts: StepCounts, chip:
     ]
 
 
-def report(config, topology: str, slices: int = 1, only: tuple[str, ...] = PROGRAMS) -> str:
+def report(config, topology: str, slices: int = 1, only: tuple[str, ...] = PROGRAMS,
+           mean_response: float | None = None) -> str:
     """The plan of `config` on `slices` slices of TPU `topology`, compiled here, as text (markdown
-    tables); `only`: a subset of PROGRAMS. ValueError (before anything compiles) for a chip
-    without figures in CHIPS or an unknown program."""
+    tables); `only`: a subset of PROGRAMS; mean_response: the length mix scaled to that mean
+    (default: the paper's steady state, lengths.LengthMix). ValueError (before anything
+    compiles) for a chip without figures in CHIPS or an unknown program."""
     chip_for(topology)
     if set(only) - set(PROGRAMS):
         raise ValueError(f"unknown programs {sorted(set(only) - set(PROGRAMS))}; choose from {PROGRAMS}")
     mesh = plan.topology_mesh(config.mesh, topology, slices)
-    return format_report(config, topology, mesh, compile_programs(config, mesh, only))
+    return format_report(config, topology, mesh, compile_programs(config, mesh, only), mean_response)
 
 
 def _margin_lines(programs: dict[str, ProgramPlan], chip: Chip) -> list[str]:
@@ -360,7 +352,25 @@ def _margin_lines(programs: dict[str, ProgramPlan], chip: Chip) -> list[str]:
             f"margin {left / GiB:.2f} GiB (the runtime keeps some HBM for itself)."]
 
 
-def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan]) -> str:
+def length_mix(run, mean_response: float | None = None) -> lengths.LengthMix:
+    """The paper's steady-state mix (lengths.LengthMix) at the run's cap, for its budgets (their
+    means scaled with the budgets when the run's budgets are not the paper's), at `mean_response`."""
+    s = run.sampling.rollout
+    mix = lengths.LengthMix(cap=s.max_response_len)
+    budgets = tuple(s.budgets) if s.mode == "budget" and s.budgets else ()
+    paper = np.array([512, 1024, 2048, 2560], float)
+    if not budgets:  # one subgroup: the paper's mean
+        mix = dataclasses.replace(mix, means=(mix.mean_response,))
+    elif budgets != tuple(paper.astype(int)):
+        # Another budget set: each subgroup ends at the paper's length / budget ratio there.
+        ratio = np.interp(budgets, paper, np.array(lengths.PAPER_MEANS) / paper)
+        means = tuple(float(min(b * r, s.max_response_len)) for b, r in zip(budgets, ratio))
+        mix = dataclasses.replace(mix, means=means)
+    return mix.scaled(mean_response) if mean_response else mix
+
+
+def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan],
+                  mean_response: float | None = None) -> str:
     """The text of `report` from compiled programs (compile_programs on `mesh`)."""
     chip = chip_for(topology)
     slices = sharding.num_slices(mesh.devices.flat)
@@ -392,8 +402,14 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan])
                   f"(the weights as laid out for decode, the KV cache full at the cap, the slots' state) are "
                   f"{d.args / 1e9:.2f} GB: the step reads {d.step_bytes / d.args:.0%} of them.",
                   *collective_lines(d.text), ""]
-    lines += largest_collectives(programs)
-    if set(programs) >= {"train", "logprobs", "prefill", "decode"}:
+    paper = set(programs) >= {"train", "prefill", "admit", "decode"} and plan.logprob_passes(run) == 0
+    if not paper:
+        lines += ici.tables(programs, mesh.devices.size, chip)
+    if paper:
+        hosts = len({getattr(d, "process_index", 0) for d in mesh.devices.flat})
+        lines += paper_step.lines(programs, run, cfg, chip, mesh.devices.size, hosts, topology,
+                                  length_mix(run, mean_response))
+    elif set(programs) >= {"train", "logprobs", "prefill", "decode"}:
         s = run.sampling
         mean = round(sum(s.rollout.budgets) / len(s.rollout.budgets)) if s.rollout.mode == "budget" and s.rollout.engine == "refill" else 0
         lines += ["", *projection_lines(programs, step_counts(run), chip,

@@ -2,13 +2,15 @@
 abstract arrays (no weights allocated) (hbpo_jax.plan.programs), on a mesh of the local devices, or
 with --topology the TPU plan (hbpo_jax.plan.tpu): the train step, the old-log-prob pass and
 the sampler compiled on this machine for a TPU topology (libtpu installed, no TPU needed), per
-chip: memory against the chip's HBM, flops and bytes, a roofline time, the decode loop's
-collectives, and a roofline projection of the run.
+chip: memory against the chip's HBM, flops and bytes, a roofline time, every program's ICI
+traffic, and a projection of a step at a length mix (--mean_response) beside its floor, ending in
+one line: `plan <topology>: paper run <H> h ...`.
 
     python launch/memory.py --config=configs/qwen1_5b.py
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python launch/memory.py --config=configs/qwen1_5b.py
     pip install -e ".[tpu]"   # libtpu, for --topology
     python launch/memory.py --config=configs/qwen1_5b.py --topology=v5p:2x2x4   # also v5e:4x4, v6e:2x4, v4:2x2x4
+    python launch/memory.py --config=configs/qwen1_5b.py --topology=v5p:2x2x2 --mean_response=1900
     python launch/memory.py --config=configs/qwen1_5b.py:pod --topology=v5e:4x4 --slices=2 --programs=train
 
 The config's mesh.shape (-1 = the rest) is laid on the topology's chips. A configuration error is
@@ -22,6 +24,9 @@ cli.define_config("configs/qwen1_5b.py", "Config file (get_config).")
 cli.flags.DEFINE_string("topology", "", "A TPU topology to compile for on this machine (e.g. v5p:2x2x4, v5e:4x4, "
                         "v6e:2x4, v4:2x2x4; needs libtpu); empty: XLA's plan on the local devices.")
 cli.flags.DEFINE_integer("slices", 1, "With --topology: that many slices of it (multislice, joined by DCN).")
+cli.flags.DEFINE_float("mean_response", 0.0, "With --topology: project a step at this mean response length "
+                       "(tokens; the paper's steady-state mix, ~1,400, scaled; 1,900 is the paper run's average); "
+                       "0: the steady state.")
 cli.flags.DEFINE_list("programs", ["train", "logprobs", "sampler"],
                       "With --topology: the programs to compile (train, logprobs, sampler); the "
                       "projection of the run needs all three.")
@@ -44,7 +49,9 @@ def main(argv):
         import importlib.util
         if importlib.util.find_spec("libtpu") is None:
             raise ConfigError(f"--topology={topology} compiles with libtpu: pip install -e \".[tpu]\".")
-        print(tpu_plan.report(config, topology, flags.slices, tuple(flags.programs)))
+        if flags.mean_response < 0:
+            raise ConfigError(f"--mean_response must be ≥ 0 tokens, got {flags.mean_response}.")
+        print(tpu_plan.report(config, topology, flags.slices, tuple(flags.programs), flags.mean_response or None))
     else:
         print(plan.memory_table(config, sharding.mesh_from_config(config.mesh)))
 

@@ -311,7 +311,8 @@ def test_small_model_compiles_for_a_tpu_topology(monkeypatch):
     lines = tpu_plan.program_table(programs, chip) + tpu_plan.collective_lines(decode.text)
     assert len(lines) > 6 and "| engine decode loop: one decode step |" in "\n".join(lines)
     text = tpu_plan.format_report(config, "v5e:2x2", mesh, programs)
-    assert "One decode step moves" in text and "one HBPO step" in text
+    assert "One decode step moves" in text and "  one step: " in text and "At the cap (every row" in text
+    assert text.splitlines()[-1].startswith("plan v5e:2x2: paper run ")  # the plan's last line
     # The static sampler's programs (the update and the log-prob pass are the same as above).
     static = _small_config("static")
     sampling = tpu_plan.compile_programs(static, mesh, only=("sampler",))
