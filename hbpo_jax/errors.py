@@ -13,4 +13,9 @@ class DataError(ValueError):
     """A data source that cannot be read or yields no usable rows; the message names it."""
 
 
-__all__ = ["ConfigError", "DataError"]
+class WorkdirError(ValueError):
+    """The workdir cannot be used as asked: in use by another run, holding checkpoints of another
+    spec, not writable or full; the message names the path."""
+
+
+__all__ = ["ConfigError", "DataError", "WorkdirError"]

@@ -10,6 +10,8 @@ The workdir is a local path or gs://bucket/run: every file in it goes through hb
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -20,8 +22,9 @@ from flax import nnx
 
 from hbpo_jax import checkpoint, files, sharding
 from hbpo_jax import spec as spec_lib
+from hbpo_jax import workdir as workdir_lib
 from hbpo_jax.data import loader as prompts
-from hbpo_jax.errors import ConfigError
+from hbpo_jax.errors import ConfigError, WorkdirError
 from hbpo_jax.eval import report
 from hbpo_jax.eval import run as eval_run
 from hbpo_jax.models import save_pretrained
@@ -87,17 +90,84 @@ def _cached_before(spec, evaluator: _Evaluator, params, key) -> list[dict]:
     return before
 
 
-def run(config, workdir: str) -> dict:
-    """Trains as `config` says, in `workdir` (resuming from its checkpoints). Returns a summary."""
+def run(config, workdir: str, allow_spec_change: tuple[str, ...] = ()) -> dict:
+    """Trains as `config` says, in `workdir` (resuming from its checkpoints). Returns a summary.
+
+    The workdir is locked for the run (hbpo_jax.workdir.Lock), and a resume that would change what
+    its checkpoints mean is refused (hbpo_jax.workdir.check_resume) unless `allow_spec_change`
+    names the changed keys (or prefixes; "*" = all). Both before anything is written."""
     _initialize_distributed(config)
     checkpoint.quiet_orbax_logs()
     spec = spec_lib.resolve(config)
     workdir = _absolute(workdir)
-    files.makedirs(workdir)
+    lock = workdir_lib.Lock(workdir)
+    _on_process_zero(lock.acquire)
+    try:
+        with _workdir_errors(workdir):
+            return _run(config, spec, workdir, tuple(allow_spec_change))
+    finally:
+        lock.release()
+
+
+def _on_process_zero(fn):
+    """fn() on process 0 alone; a WorkdirError it raises is raised on every process (collective)."""
+    error = result = None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except WorkdirError as e:
+            error = e
+    if preemption.any_process(error is not None):
+        raise error or WorkdirError("process 0 refused the workdir (its message says why).")
+    return result
+
+
+_FULL = ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded")
+
+
+@contextlib.contextmanager
+def _workdir_errors(workdir: str):
+    """A full disk or a read-only workdir, however deep (Orbax wraps tensorstore's errors), as one
+    WorkdirError naming the workdir; everything else as it is."""
+    try:
+        yield
+    except WorkdirError:
+        raise
+    except Exception as e:
+        chain, seen = [], e
+        while seen is not None and len(chain) < 20:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        for err in chain:
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                raise workdir_lib.os_error(err, workdir) from e
+        if any(marker in str(err) for err in chain for marker in _FULL):
+            raise WorkdirError(f"no space left to write {workdir} ({workdir_lib.free_bytes(workdir)} bytes free); "
+                               "free some space or choose another --workdir, then rerun to resume.") from e
+        raise
+
+
+def _recorded_spec(config, spec) -> dict:
+    """What spec.json records and a resume is checked against: the run spec, plus the model and
+    task sections until the RunSpec holds them (its own, once it does, win)."""
+    recorded = spec_lib.as_dict(spec)
+    model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    recorded.setdefault("model", {"path": config.model_path, "overrides": model})
+    recorded.setdefault("task", config.task.to_dict())
+    return json.loads(json.dumps(recorded, default=str))
+
+
+def _check_and_record_spec(config, spec, workdir, allow) -> None:
+    recorded = _recorded_spec(config, spec)
+    _, history = workdir_lib.check_resume(workdir, recorded, allow)
+    path = workdir_lib.write_spec(workdir, recorded, history)
+    log.info("run spec: %s", path)
+
+
+def _run(config, spec, workdir: str, allow_spec_change: tuple[str, ...]) -> dict:
     writer_process = jax.process_index() == 0
-    log.info("run spec:\n%s", spec.to_json())
-    if writer_process:
-        files.write_json(files.join(workdir, "spec.json"), spec_lib.as_dict(spec))
+    log.debug("run spec:\n%s", spec.to_json())
+    _on_process_zero(lambda: _check_and_record_spec(config, spec, workdir, allow_spec_change))
     mesh = sharding.mesh_from_config(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     policy = build_policy(config, spec, workdir, mesh, rules)
@@ -128,13 +198,15 @@ def run(config, workdir: str) -> dict:
             before = _cached_before(spec, evaluator, policy.params, jax.random.fold_in(base_key, _BEFORE))
             if writer_process:
                 files.write_json(results_path, {"before": before})
-        writer.scalars(0, eval_run.scalars(files.read_json(results_path)["before"], prefix="eval_before"),
-                       console=False)
+        if start == 0:  # a resumed run's metrics.jsonl has it already
+            writer.scalars(0, eval_run.scalars(files.read_json(results_path)["before"], prefix="eval_before"),
+                           console=False)
 
     step = start
     with preemption.StopSignal() as stop_signal:
         for step in range(start + 1, t.steps + 1):
             state, metrics = step_fn(state, next(batches), jax.random.fold_in(base_key, step))
+            summary.update({k: float(metrics[k]) for k in ("reward", "accuracy") if k in metrics})
             if step % t.log_every == 0 or step == t.steps:
                 writer.scalars(step, metrics)
             if spec.eval.every and step % spec.eval.every == 0:
@@ -154,10 +226,12 @@ def run(config, workdir: str) -> dict:
             if stop:
                 ckpt.close()
                 writer.close()
-                summary.update(stopped_at=step, preempted=True)
+                summary.update(stopped_at=step, preempted=True, checkpoint=files.join(ckpt.directory, str(step)))
                 return summary
     ckpt.close()
     summary["steps"] = step
+    if ckpt.steps():
+        summary["checkpoint"] = files.join(ckpt.directory, str(ckpt.steps()[-1]))
 
     if t.export_hf:
         export = files.join(workdir, "export")
@@ -174,7 +248,19 @@ def run(config, workdir: str) -> dict:
         writer.text("eval/table", table, step)
         summary["table"] = table
     writer.close()
+    if writer_process:
+        summary["figure"] = _figure(workdir)
     return summary
+
+
+def _figure(workdir: str) -> str | None:
+    """<workdir>/training.png (hbpo_jax.train.figure); a figure that fails to draw is a warning."""
+    from hbpo_jax.train import figure
+    try:
+        return figure.write(workdir)
+    except Exception as e:  # the run's results are written; a plot is not worth failing it
+        log.warning("could not draw %s/training.png: %s: %s", workdir, type(e).__name__, e)
+        return None
 
 
 def _periodic_eval(evaluator: _Evaluator, params, key, step: int, writer, workdir: str) -> None:
