@@ -34,11 +34,24 @@ ATOMICITY = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_F
                                          allow_legacy_atomic_rename=True)
 
 
+# A full disk, in Orbax's (tensorstore's) words.
+DISK_FULL = ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded")
+
+
 class _BelowWarningFromOrbax(logging.Filter):
-    """Drops Orbax's INFO/DEBUG records (a real run printed ~20 lines per checkpoint save)."""
+    """Drops Orbax's INFO/DEBUG records (a real run printed ~20 lines per checkpoint save), and its
+    error records of a full disk: each of its threads logged the same traceback (a thousand lines
+    for one save), and the training loop reports it in one sentence (HBPO_VERBOSE=1 keeps them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        if os.environ.get("HBPO_VERBOSE", "") in ("", "0") and record.exc_info:
+            error = record.exc_info[1]
+            return not any(marker in f"{record.getMessage()} {error}" for marker in DISK_FULL)
+        return True
 
 
 def quiet_orbax_logs() -> None:

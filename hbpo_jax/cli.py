@@ -108,10 +108,34 @@ def _program() -> str:
     return os.path.basename(sys.argv[0])
 
 
-def fail(message: str, status: int = 2) -> None:
-    """Prints `message` as the program's one line on stderr and exits with `status`."""
+def fail(message: str, status: int = 2, *, at_once: bool = False) -> None:
+    """Prints `message` as the program's one line on stderr and exits with `status`.
+
+    at_once: exit without the interpreter's shutdown (os._exit, after flushing), where background
+    threads may still run (an Orbax save cut short by a full disk or a second Ctrl-C would print
+    their tracebacks while Python shuts down); a one-process program only, as a jax.distributed
+    one must leave through its shutdown barrier."""
     print(f"{_program()}: {message}", file=sys.stderr, flush=True)
+    if at_once and not _distributed():
+        sys.stdout.flush()
+        os._exit(status)
     sys.exit(status)
+
+
+def _without_closed_event_loops(hook):
+    """sys.excepthook, less tensorstore's reports of a callback into the closed event loop of an
+    Orbax operation that already failed (a full disk: its error is reported once, by the loop)."""
+    def excepthook(kind, value, tb):
+        if not (kind is RuntimeError and str(value) == "Event loop is closed") or _verbose():
+            hook(kind, value, tb)
+    return excepthook
+
+
+def _distributed() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import distributed  # its state has no public accessor
+    return distributed.global_state.client is not None
 
 
 def run(main: Callable[[list], None], *, doc: str | None = None, tpu_probe: bool = False) -> None:
@@ -134,17 +158,18 @@ def run(main: Callable[[list], None], *, doc: str | None = None, tpu_probe: bool
         except USER_ERRORS as e:
             if _verbose():
                 raise
-            fail(f"{type(e).__name__}: {e}")
+            fail(f"{type(e).__name__}: {e}", at_once=isinstance(e, WorkdirError))
         except OSError as e:
             if _verbose() or e.errno not in _USER_ERRNOS:
                 raise
             from hbpo_jax.workdir import os_error
-            fail(f"{type(e).__name__}: {os_error(e, e.filename or '')}")
+            fail(f"{type(e).__name__}: {os_error(e, e.filename or '')}", at_once=True)
         except KeyboardInterrupt as e:
             if _verbose():
                 raise
-            fail(f"interrupted{': ' + str(e) if str(e) else ''}.", status=130)
+            fail(f"interrupted{': ' + str(e) if str(e) else ''}.", status=130, at_once=True)
     _resolve_config_argument()
+    sys.excepthook = _without_closed_event_loops(sys.excepthook)
     if not tpu_probe:
         from hbpo_jax import host
         host.skip_absent_tpu()

@@ -71,7 +71,8 @@ def test_contract_changes_are_refused_free_ones_accepted_and_recorded(tmp_path):
     for key in ("objective.name", "train.prompts_per_step", "model.path"):
         assert key in message
     assert "--allow_spec_change=model.path,objective.name,train.prompts_per_step" in message
-    diff, history = workdir.check_resume(str(tmp_path), new, allow=("objective", "model.path", "train.prompts_per_step"))
+    allow = ("objective", "model.path", "train.prompts_per_step")
+    diff, history = workdir.check_resume(str(tmp_path), new, allow=allow)
     assert diff["train.steps"] == [10, 20] and history[-1]["from_step"] == 5 and history[0]["event"] == "start"
     free = _spec(steps=30)
     free["optim"]["learning_rate"], free["eval"]["every"] = 2e-6, 5

@@ -122,9 +122,6 @@ def _on_process_zero(fn):
     return result
 
 
-_FULL = ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded")
-
-
 @contextlib.contextmanager
 def _workdir_errors(workdir: str):
     """A full disk or a read-only workdir, however deep (Orbax wraps tensorstore's errors), as one
@@ -141,7 +138,7 @@ def _workdir_errors(workdir: str):
         for err in chain:
             if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
                 raise workdir_lib.os_error(err, workdir) from e
-        if any(marker in str(err) for err in chain for marker in _FULL):
+        if any(marker in str(err) for err in chain for marker in checkpoint.DISK_FULL):
             raise WorkdirError(f"no space left to write {workdir} ({workdir_lib.free_bytes(workdir)} bytes free); "
                                "free some space or choose another --workdir, then rerun to resume.") from e
         raise
@@ -157,17 +154,17 @@ def _recorded_spec(config, spec) -> dict:
     return json.loads(json.dumps(recorded, default=str))
 
 
-def _check_and_record_spec(config, spec, workdir, allow) -> None:
-    recorded = _recorded_spec(config, spec)
-    _, history = workdir_lib.check_resume(workdir, recorded, allow)
-    path = workdir_lib.write_spec(workdir, recorded, history)
-    log.info("run spec: %s", path)
+def _record_spec(workdir: str, recorded: dict, history: list) -> None:
+    log.info("run spec: %s", workdir_lib.write_spec(workdir, recorded, history))
 
 
 def _run(config, spec, workdir: str, allow_spec_change: tuple[str, ...]) -> dict:
     writer_process = jax.process_index() == 0
     log.debug("run spec:\n%s", spec.to_json())
-    _on_process_zero(lambda: _check_and_record_spec(config, spec, workdir, allow_spec_change))
+    # Checked before anything is written; recorded once the checkpoint restored (a checkpoint of
+    # another model is refused too, and leaves spec.json as it was).
+    recorded = _recorded_spec(config, spec)
+    history = _on_process_zero(lambda: workdir_lib.check_resume(workdir, recorded, allow_spec_change)[1])
     mesh = sharding.mesh_from_config(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     policy = build_policy(config, spec, workdir, mesh, rules)
@@ -187,6 +184,8 @@ def _run(config, spec, workdir: str, allow_spec_change: tuple[str, ...]) -> dict
         start, state, meta = restored
         batches.set_state(meta["data"])
         log.info("resumed from step %d in %s", start, ckpt.directory)
+    if writer_process:
+        _record_spec(workdir, recorded, history)
 
     writer = metrics_lib.MetricsWriter(workdir, t.steps, start)
     summary: dict = {"workdir": workdir}

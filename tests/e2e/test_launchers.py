@@ -64,6 +64,7 @@ def test_no_tpu_initialization_errors_where_there_is_no_tpu():
     # libtpu (the test extra) is installed here, but this machine has no TPU.
     import glob
     import importlib.util
+
     from hbpo_jax import host
     if importlib.util.find_spec("libtpu") is None or any(glob.glob(p) for p in host.TPU_DEVICE_FILES):
         pytest.skip("needs libtpu installed on a machine without a TPU")

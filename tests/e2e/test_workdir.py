@@ -147,6 +147,7 @@ def test_ctrl_c_checkpoints_a_second_run_is_refused_and_a_stale_lock_is_taken_ov
     try:
         _wait_for_rows(proc, copy, stopped + 1)
         before = _checkpoints(copy)
+        assert not (copy / "lock.json").exists() or json.loads((copy / "lock.json").read_text())["pid"] == proc.pid
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
@@ -157,7 +158,9 @@ def test_ctrl_c_checkpoints_a_second_run_is_refused_and_a_stale_lock_is_taken_ov
     assert "is stale" in err and "taking it over" in err, err[-3000:]
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("train.py: interrupted"), err[-3000:]
-    assert _checkpoints(copy) == before
+    # The committed checkpoints are untouched (a save the second Ctrl-C cut short stays uncommitted).
+    committed = [s for s in _checkpoints(copy) if (copy / "checkpoints" / str(s) / "commit_success.txt").exists()]
+    assert set(before) <= set(committed) and len(committed) <= len(before) + 1
 
 
 def _mount_tmpfs(path, size) -> bool:
@@ -221,3 +224,49 @@ def test_convert_refuses_a_non_empty_destination(tmp_path):
     line = _one_sentence(done)
     assert f"--dst={dst} is not empty" in line and "--overwrite" in line, line
     assert _snapshot(dst) == before
+
+
+@pytest.mark.slow
+def test_resuming_with_another_model_is_refused_and_nothing_is_touched(tmp_path):
+    # Row 1: model_path a 2-layer Qwen2 on a 3-layer run's checkpoint used to set the good checkpoint
+    # aside as damaged, train from step 0 and overwrite export/.
+    import dataclasses
+
+    from hbpo_jax import config as config_lib
+    from hbpo_jax.data import readers as data
+    from hbpo_jax.errors import WorkdirError
+    from hbpo_jax.models import ModelConfig, create_model, save_pretrained
+    from hbpo_jax.tasks import arithmetic
+    from hbpo_jax.tasks import tokenizer as tokenizer_lib
+    from hbpo_jax.train import loop
+
+    tok = tokenizer_lib.build_tokenizer(arithmetic.corpus_texts(200, 0), vocab_size=128)
+    cfg = ModelConfig(vocab_size=-(-len(tok) // 8) * 8, hidden_size=32, intermediate_size=64, num_layers=3,
+                      num_heads=4, num_kv_heads=2, eos_token_ids=(tok.eos_token_id,))
+    save_pretrained(create_model(cfg, seed=0), str(tmp_path / "three"), tokenizer=tok)
+    save_pretrained(create_model(dataclasses.replace(cfg, num_layers=2), seed=0), str(tmp_path / "two"), tokenizer=tok)
+    rows = [{"problem": r["problem"], "answer": r["answer"], "solution": ""} for r in arithmetic.make_dataset(24, 1)]
+    data.write_jsonl(tmp_path / "train.jsonl", rows)
+
+    config = config_lib.base_config()
+    config.model_path = str(tmp_path / "three")
+    config.model = {}
+    config.data.path = str(tmp_path / "train.jsonl")
+    r = config.rollout
+    r.budgets, r.rollouts_per_prompt, r.max_prompt_len, r.max_response_len = (16, 32), 4, 64, 48
+    config.objective.l_max = 48
+    t = config.train
+    t.steps, t.prompts_per_step, t.mini_batches, t.micro_batch_size, t.checkpoint_every = 1, 4, 2, 8, 1
+    config.grading.workers = 0
+    work = tmp_path / "work"
+    loop.run(config, str(work))
+    before = _snapshot(work)
+    assert "export/config.json" in before and _checkpoints(work) == [1]
+
+    config.model_path, config.train.steps = str(tmp_path / "two"), 2
+    with pytest.raises(WorkdirError, match=r"holds checkpoints \(up to step 1\).*model.path"):
+        loop.run(config, str(work))
+    assert _snapshot(work) == before
+    with pytest.raises(WorkdirError, match="holds a state of other shapes than this run's model"):
+        loop.run(config, str(work), allow_spec_change=("model",))
+    assert _snapshot(work) == before and not list((work / "checkpoints").glob("damaged-*"))
