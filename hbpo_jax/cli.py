@@ -123,12 +123,13 @@ def fail(message: str, status: int = 2, *, at_once: bool = False) -> None:
 
 
 def _without_closed_event_loops(hook):
-    """sys.excepthook, less tensorstore's reports of a callback into the closed event loop of an
-    Orbax operation that already failed (a full disk: its error is reported once, by the loop)."""
-    def excepthook(kind, value, tb):
-        if not (kind is RuntimeError and str(value) == "Event loop is closed") or _verbose():
-            hook(kind, value, tb)
-    return excepthook
+    """sys.unraisablehook, less tensorstore's reports of a callback into the closed event loop of
+    an Orbax operation that already failed (a full disk: its error is reported once, by the loop)."""
+    def unraisablehook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed") or _verbose():
+            hook(unraisable)
+    return unraisablehook
 
 
 def _distributed() -> bool:
@@ -169,7 +170,7 @@ def run(main: Callable[[list], None], *, doc: str | None = None, tpu_probe: bool
                 raise
             fail(f"interrupted{': ' + str(e) if str(e) else ''}.", status=130, at_once=True)
     _resolve_config_argument()
-    sys.excepthook = _without_closed_event_loops(sys.excepthook)
+    sys.unraisablehook = _without_closed_event_loops(sys.unraisablehook)
     if not tpu_probe:
         from hbpo_jax import host
         host.skip_absent_tpu()

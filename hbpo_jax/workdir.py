@@ -1,16 +1,7 @@
-"""A run's workdir is its contract: one run at a time (`Lock`), and a resume that keeps what the
-checkpoints mean (`check_resume`), with `<workdir>/spec.json` keeping each accepted change.
-
-The lock is `<workdir>/lock.json` ({host, pid, started}), taken before anything else is written.
-Locally it is created with O_EXCL (atomic); a lock whose pid is dead on this host is taken over
-with a warning. On gs:// it is check-then-write through etils.epath (GCS's generation match is
-not reachable through epath): two runs started within the same second may both start, a run
-started later is refused; a stale remote lock from another host must be deleted by hand.
-
-The contract works on the spec as a JSON dict (`spec.as_dict(run_spec)`), flattened to dotted
-keys: a key is free to change (steps, learning-rate schedule, evaluation, logging, mesh,
-performance knobs: `FREE`) or else part of the contract (model, objective, loss, sampling, data,
-task, shapes: everything not listed, so a new spec section is protected until declared free).
+"""A run's workdir is its contract: one run at a time (`Lock`, `<workdir>/lock.json`), and a
+resume that keeps what the checkpoints mean (`check_resume`), with `<workdir>/spec.json` keeping
+each accepted change. The contract works on the spec as a JSON dict flattened to dotted keys: a
+key in `FREE` may change, every other key (a new spec section included) is the contract.
 """
 from __future__ import annotations
 
@@ -109,6 +100,9 @@ class Lock:
         return self
 
     def _take(self) -> None:
+        # Locally O_EXCL makes taking the lock atomic. On gs:// it is check-then-write (epath does
+        # not reach GCS's generation-matched writes): two runs started within the same second may
+        # both start; a stale lock of another host cannot be told from a live one (delete it).
         text = json.dumps(self.mine)
         if files.is_local(self.path):
             try:

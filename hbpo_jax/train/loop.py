@@ -218,7 +218,8 @@ def _run(config, spec, workdir: str, allow_spec_change: tuple[str, ...]) -> dict
                 raise TrainingError(
                     f"{int(state.skipped)} consecutive steps had a non-finite loss or gradient "
                     f"(train.max_consecutive_skips={t.max_consecutive_skips}); the last good state "
-                    f"is checkpointed at step {step} in {ckpt.directory}.")
+                    f"is checkpointed at step {step} in {ckpt.directory} (a rerun with other objective, loss "
+                    "or rollout settings resumes from it with --allow_spec_change=<their keys>).")
             stop = stop_signal.should_stop(step)  # the same on every process (collective)
             if step % t.checkpoint_every == 0 or step == t.steps or stop:
                 ckpt.save(step, state, _meta(batches, spec, step))

@@ -1,6 +1,6 @@
 """The launchers' own user errors, each one sentence with exit status 2 and no traceback, and a
 --help that lists each program's flags (issue 31, rows 8, 9, 11; the run-time ones are in
-tests/e2e/test_workdir.py)."""
+tests/e2e/test_workdir_contract.py)."""
 import os
 import pathlib
 import subprocess

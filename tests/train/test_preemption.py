@@ -1,6 +1,6 @@
 """Ctrl-C as a stop request (hbpo_jax.train.preemption.StopSignal): checkpoint after the step, a
 second Ctrl-C aborts; with JAX's preemption service it goes through the same SIGTERM every host
-agrees on. (End to end: tests/e2e/test_workdir.py; SIGTERM on one host of two: test_multiprocess.py.)"""
+agrees on. (End to end: tests/e2e/test_workdir_contract.py; SIGTERM on one host of two: test_multiprocess.py.)"""
 import signal
 
 import pytest
