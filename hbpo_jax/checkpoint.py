@@ -21,6 +21,7 @@ from flax import nnx
 
 from hbpo_jax import files
 from hbpo_jax import sharding as sharding_lib
+from hbpo_jax.errors import WorkdirError
 from hbpo_jax.models.config import ModelConfig
 from hbpo_jax.models.hf import read_hf_config
 from hbpo_jax.models.qwen2 import Qwen2
@@ -33,11 +34,24 @@ ATOMICITY = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_F
                                          allow_legacy_atomic_rename=True)
 
 
+# A full disk, in Orbax's (tensorstore's) words.
+DISK_FULL = ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded")
+
+
 class _BelowWarningFromOrbax(logging.Filter):
-    """Drops Orbax's INFO/DEBUG records (a real run printed ~20 lines per checkpoint save)."""
+    """Drops Orbax's INFO/DEBUG records (a real run printed ~20 lines per checkpoint save), and its
+    error records of a full disk: each of its threads logged the same traceback (a thousand lines
+    for one save), and the training loop reports it in one sentence (HBPO_VERBOSE=1 keeps them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        if os.environ.get("HBPO_VERBOSE", "") in ("", "0") and record.exc_info:
+            error = record.exc_info[1]
+            return not any(marker in f"{record.getMessage()} {error}" for marker in DISK_FULL)
+        return True
 
 
 def quiet_orbax_logs() -> None:
@@ -146,7 +160,8 @@ class TrainCheckpointer:
         abstract_state: the TrainState tree of jax.ShapeDtypeStruct with shardings to restore into.
         A checkpoint that fails to restore is set aside (`set_aside`: copied to `damaged-<step>`
         for inspection, then deleted, out of the way of the step's next save) and the one before
-        it is tried.
+        it is tried. A checkpoint whose arrays are readable but of other shapes or another tree
+        than `abstract_state` is not damaged: a WorkdirError says so and nothing is moved.
         """
         self._manager.reload()
         damaged = []
@@ -158,6 +173,12 @@ class TrainCheckpointer:
                 result = step, restored.state, dict(restored.meta)
                 break
             except Exception as e:  # a damaged checkpoint: try the one before it
+                if is_mismatch(e):
+                    first = str(e).strip().splitlines()[0][:300]
+                    raise WorkdirError(
+                        f"checkpoint {self.directory}/{step} holds a state of other shapes than this run's "
+                        f"model ({first}); resume with the model it was trained with, or use a new "
+                        "--workdir.") from None
                 log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying an older one.",
                             self.directory, step, type(e).__name__, str(e)[:300])
                 damaged.append(step)
@@ -177,6 +198,15 @@ class TrainCheckpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+# Orbax's words for a readable checkpoint that does not fit the requested tree (not damage).
+_MISMATCH = ("not compatible with the stored shape", "tree structures do not match")
+
+
+def is_mismatch(error: BaseException) -> bool:
+    """True when a restore failed because the checkpoint is of another model, not damaged."""
+    return any(marker in str(error) for marker in _MISMATCH)
 
 
 def set_aside(directory: str, step: int) -> str:

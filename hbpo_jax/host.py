@@ -29,3 +29,29 @@ def use_huge_pages() -> None:
         os.execv(sys.executable, sys.orig_argv)
     except OSError:
         return
+
+
+# Where a TPU VM exposes its chips: /dev/accel* (v4, v5p and earlier), /dev/vfio (v5e, v6e).
+TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio")
+
+
+def skip_absent_tpu() -> str | None:
+    """On a machine with libtpu installed but no TPU (no TPU_DEVICE_FILES), JAX would still try
+    the TPU backend first and print libtpu's initialization errors ("unexpected worker hostname",
+    "Unable to initialize backend 'tpu'") at every start. There this sets JAX's platforms to "cpu",
+    unless the user chose platforms (JAX_PLATFORMS) or a GPU plugin is installed (its platforms
+    are left to JAX). Call before JAX's first backend use. Returns the platforms set, or None."""
+    import glob
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or any(glob.glob(p) for p in TPU_DEVICE_FILES):
+        return None
+    if importlib.util.find_spec("libtpu") is None:
+        return None
+    if any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                              "jax_rocm60_plugin", "jax_plugins")):
+        return None
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # jax read the environment when it was imported
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+    return "cpu"

@@ -12,6 +12,12 @@ number of distinct budgets work.
 
 Dtypes: rewards and advantages are float32; lengths and budgets int32 (any integer or float
 dtype is accepted and cast to float32 for arithmetic); correct / format_ok are bool.
+
+Misuse: on concrete inputs (numpy arrays, Python numbers, jax arrays outside a trace) the length
+rewards raise ValueError for a negative length or budget and for a budget above `l_max` (HBPO's
+cosine turns negative past l_max: a correct answer would be paid less than a wrong one). Under
+jit / vmap / grad the inputs are tracers and are not checked: check them before tracing (the
+run spec does: rollout.budgets < rollout.max_response_len = objective.l_max).
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "budget_ceiling", "budget_reward", "hierarchical_advantages", "grpo_advantages",
     "policy_loss", "classic_reward", "cosine_reward", "l1_exact_reward", "l1_max_reward",
-    "dapo_reward", "dapo_overlong_penalty", "dynamic_sampling_mask", "AGGREGATIONS", "REWARD_VARIANTS",
+    "dapo_reward", "dapo_overlong_penalty", "dynamic_sampling_mask", "check_lengths", "AGGREGATIONS",
+    "REWARD_VARIANTS",
 ]
 
 # The paper's constants (Lyu et al. 2025, arXiv 2507.15844).
@@ -32,6 +40,29 @@ BETA = 4.0
 L_MAX = 4096
 REWARD_VARIANTS = ("code", "paper")
 AGGREGATIONS = ("token-mean", "sequence-mean-token-mean", "token-sum-norm")
+
+
+def _concrete(x) -> np.ndarray | None:
+    """x as a numpy array, or None for a tracer (a value known only when the program runs)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def check_lengths(lengths=None, budgets=None, *, l_max: int | None = None) -> None:
+    """ValueError for concrete negative lengths or budgets, or budgets above l_max (see the
+    module docstring); tracers pass unchecked."""
+    if l_max is not None and not l_max > 0:
+        raise ValueError(f"l_max must be positive, got {l_max}.")
+    for name, x in (("lengths", lengths), ("budgets", budgets)):
+        v = None if x is None else _concrete(x)
+        if v is None or v.size == 0:
+            continue
+        if (v < 0).any():
+            raise ValueError(f"{name} must be ≥ 0, got {v.min()}.")
+        if name == "budgets" and l_max is not None and (v > l_max).any():
+            raise ValueError(f"budgets above l_max={l_max} (got {v.max()}): the reward's cosine turns negative "
+                             "past l_max; pass l_max = the rollout's max_response_len.")
 
 
 def _f32(x) -> jax.Array:
@@ -50,7 +81,10 @@ def budget_ceiling(budgets, *, beta: float = BETA, l_max: int = L_MAX) -> jax.Ar
       budgets: int32 array, any shape (token budgets b).
     Returns:
       float32 array of the same shape. f2(512, 1024, 2048, 2560) = 3.9231, 3.6955, 2.8284, 2.2223.
+    Raises:
+      ValueError: concrete budgets negative or above l_max.
     """
+    check_lengths(budgets=budgets, l_max=l_max)
     return _cos_len(budgets, beta, l_max)
 
 
@@ -75,10 +109,11 @@ def budget_reward(correct, format_ok, lengths, budgets, *, beta: float = BETA,
     Returns:
       float32 array [...] of rewards.
     Raises:
-      ValueError: unknown `variant`.
+      ValueError: unknown `variant`; concrete lengths or budgets negative, budgets above l_max.
     """
     if variant not in REWARD_VARIANTS:
         raise ValueError(f"unknown HBPO reward variant {variant!r}; expected one of {REWARD_VARIANTS}")
+    check_lengths(lengths, budgets, l_max=l_max)
     alpha = 1.0 / l_max if alpha is None else alpha
     n, b = _f32(lengths), _f32(budgets)
     f1 = _cos_len(n, beta, l_max) - alpha * jnp.abs(n - b)
@@ -293,6 +328,7 @@ def cosine_reward(correct, format_ok, lengths, *, l_max: int = L_MAX, r_min: flo
     Args:
       correct, format_ok: bool [...]; lengths: int32 [...]. Returns float32 [...].
     """
+    check_lengths(lengths, l_max=l_max)
     n = jnp.minimum(_f32(lengths), float(l_max))
     r = jnp.where(jnp.asarray(correct, bool), _cos_schedule(n, l_max, r_max, r_min),
                   _cos_schedule(n, l_max, wrong_r0, wrong_rl))
@@ -304,6 +340,7 @@ def l1_exact_reward(correct, format_ok, lengths, budgets, *, alpha: float = 0.00
 
     Args: correct, format_ok: bool [...]; lengths n, budgets N: int32 [...]. Returns float32 [...].
     """
+    check_lengths(lengths, budgets)
     gap = jnp.abs(_f32(budgets) - _f32(lengths))
     return classic_reward(correct, format_ok) - alpha * gap
 
@@ -313,6 +350,7 @@ def l1_max_reward(correct, format_ok, lengths, budgets, *, alpha: float = 0.0003
 
     Args: correct, format_ok: bool [...]; lengths n, budgets N: int32 [...]. Returns float32 [...].
     """
+    check_lengths(lengths, budgets)
     soft = jnp.clip(0.5 + 0.5 * alpha * (_f32(budgets) - _f32(lengths)), 0.0, 1.0)
     return classic_reward(correct, format_ok) * soft
 
@@ -326,6 +364,7 @@ def dapo_overlong_penalty(lengths, *, max_len: int, cache_len: int) -> jax.Array
     """
     if cache_len < 0 or cache_len > max_len:
         raise ValueError(f"cache_len must be in [0, max_len={max_len}], got {cache_len}")
+    check_lengths(lengths)
     n = _f32(lengths)
     start = float(max_len - cache_len)
     over = (n - start) / max(cache_len, 1)  # cache_len = 0: a hard step at max_len

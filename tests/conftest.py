@@ -148,8 +148,7 @@ class TinyRun:
 
     @staticmethod
     def metrics(workdir) -> dict[int, dict]:
-        """The last row logged for each step (a resumed run logs re-run steps again), without
-        the timing metrics."""
+        """The last row logged for each step, without the timing metrics."""
         rows = {}
         for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)

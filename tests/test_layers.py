@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Lowest first. An import may go to its own group or to any group of a lower layer.
 LAYERS = (
     ("errors", "files", "host", "loss", "sharding"),  # no hbpo_jax imports but errors
-    ("models", "objectives", "config"),
+    ("models", "objectives", "config", "workdir"),
     ("checkpoint", "rollout", "data", "grading"),
     ("cli", "spec", "policy"),
     ("tasks",),

@@ -344,3 +344,22 @@ def test_dapo_overlong_penalty():
 def test_dynamic_sampling_mask():
     c = jnp.array([[True, True], [False, False], [True, False]])
     np.testing.assert_array_equal(np.asarray(L.dynamic_sampling_mask(c)), [False, False, True])
+
+
+def test_length_rewards_refuse_concrete_misuse_and_leave_tracers_alone():
+    # Budgets above l_max used to pay a correct answer -1.4 to -4.0, silently (issue 31, row 12).
+    ok = np.ones(3, bool)
+    with pytest.raises(ValueError, match="budgets above l_max=4096"):
+        L.budget_reward(ok, ok, np.array([100, 200, 300]), np.array([512, 8192, 8192]))
+    with pytest.raises(ValueError, match="lengths must be ≥ 0"):
+        L.budget_reward(ok, ok, np.array([-1, 2, 3]), np.array([512, 512, 512]), l_max=1024)
+    with pytest.raises(ValueError, match="budgets above l_max"):
+        L.budget_ceiling(np.array([5000]))
+    with pytest.raises(ValueError, match="lengths must be ≥ 0"):
+        L.l1_exact_reward(ok, ok, np.array([-5, 1, 1]), np.array([8, 8, 8]))
+    with pytest.raises(ValueError, match="lengths must be ≥ 0"):
+        L.dapo_overlong_penalty(np.array([-5]), max_len=16, cache_len=4)
+    # Under jit the inputs are tracers: not checked (the run spec checks budgets < l_max).
+    traced = jax.jit(lambda n, b: L.budget_reward(ok, ok, n, b))(np.array([1, 2, 3]), np.array([512, 8192, 8192]))
+    assert traced.shape == (3,)
+    assert float(L.budget_reward(True, True, 100, 512, l_max=8192)) > 0

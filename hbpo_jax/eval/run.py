@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Sequence
 
 import jax
@@ -98,12 +99,17 @@ def evaluate(eval_spec, graphdef, params, tokenizer, benchmarks: Sequence, key: 
         max_positions = sampler.graphdef_cfg(graphdef, params).max_position_embeddings
     e = eval_spec
     results = []
+    units, done, t0 = len(benchmarks) * len(e.modes), 0, time.time()
     for b, bench in enumerate(benchmarks):
         problems = [x["problem"] for x in bench.records]
         n = evaluation.max_new_tokens(e.rollout.max_response_len, max_positions,
                                       _longest_prompt(tokenizer, problems, e.modes, e.rollout.system_prompt))
         settings = e.rollout.replace(max_response_len=n)
         for k, mode in enumerate(e.modes):
+            # Progress with an ETA: a real model's evaluation takes minutes per benchmark and mode.
+            eta = "" if not done else f", ETA {(time.time() - t0) / done * (units - done) / 60:.1f} min"
+            log.info("eval %d/%d: %s / %s, %d problems x %d samples (%.0f s so far%s)", done + 1, units,
+                     bench.name, mode.name, len(problems), e.samples, time.time() - t0, eta)
             texts, lengths = evaluation.generate(
                 (graphdef, params), tokenizer, problems, mode, settings,
                 key=jax.random.fold_in(jax.random.fold_in(key, b), k), batch_size=e.batch_size,
@@ -115,6 +121,7 @@ def evaluate(eval_spec, graphdef, params, tokenizer, benchmarks: Sequence, key: 
             s = results[-1].summary()
             log.info("eval %s / %s: accuracy %.1f%%, mean tokens %.1f (%d problems x %d samples)",
                      bench.name, mode.name, s["accuracy"], s["mean_tokens"], s["problems"], s["samples"])
+            done += 1
     return results
 
 

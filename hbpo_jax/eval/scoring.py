@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from typing import Sequence
 
 import jax
@@ -172,7 +173,12 @@ def generate(policy, tokenizer, problems: Sequence[str], mode: ModeSpec, setting
     prompt-major. Every process must call it (the sampler is collective)."""
     settings = settings.replace(mode=mode.mode, budgets=(mode.budget,) if mode.budget else ())
     texts, lengths = [], []
+    batches, t0 = -(-len(problems) // batch_size), time.time()
     for start in range(0, len(problems), batch_size):
+        done = start // batch_size
+        if batches > 1:  # a real model's batch takes minutes: show where it is, with an ETA
+            eta = f", ETA {(time.time() - t0) / done * (batches - done) / 60:.1f} min" if done else ""
+            log.info("eval %s: batch %d/%d (%.0f s so far%s)", mode.name, done + 1, batches, time.time() - t0, eta)
         key, sub = jax.random.split(key)
         batch = rollout.budget_rollouts(policy, tokenizer, list(problems[start:start + batch_size]), settings,
                                         key=sub, mesh=mesh, rules=rules)

@@ -58,7 +58,7 @@ def main(argv):
 
 def run() -> None:
     """The program (`hbpo-memory`, `python -m hbpo_jax.scripts.memory`, `python launch/memory.py`)."""
-    cli.run(main)
+    cli.run(main, tpu_probe=True)  # --topology compiles with libtpu on a machine without a TPU
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def check_settings(warm: str, wanted: dict) -> None:
     cached = {**{k: v for k, v in defaults.items() if k in wanted}, **files.read_json(path)}
     diff = [f"{k}: cached {cached.get(k)!r}, config {v!r}" for k, v in sorted(wanted.items()) if cached.get(k) != v]
     if diff:
-        raise ValueError(f"{warm} was built with other settings ({'; '.join(diff)}). Use a new --workdir, "
+        raise config_lib.ConfigError(f"{warm} was built with other settings ({'; '.join(diff)}). Use a new --workdir, "
                          f"or delete {warm} to rebuild the warm start there.")
 
 

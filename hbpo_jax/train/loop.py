@@ -10,6 +10,8 @@ The workdir is a local path or gs://bucket/run: every file in it goes through hb
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -20,8 +22,9 @@ from flax import nnx
 
 from hbpo_jax import checkpoint, files
 from hbpo_jax import spec as spec_lib
+from hbpo_jax import workdir as workdir_lib
 from hbpo_jax.data import loader as prompts
-from hbpo_jax.errors import ConfigError
+from hbpo_jax.errors import ConfigError, WorkdirError
 from hbpo_jax.eval import report
 from hbpo_jax.eval import run as eval_run
 from hbpo_jax.models import save_pretrained
@@ -90,17 +93,71 @@ def _cached_before(spec, evaluator: _Evaluator, params, key) -> list[dict]:
     return before
 
 
-def run(config, workdir: str) -> dict:
-    """Trains as `config` says, in `workdir` (resuming from its checkpoints). Returns a summary."""
+def run(config, workdir: str, allow_spec_change: tuple[str, ...] = ()) -> dict:
+    """Trains as `config` says, in `workdir` (resuming from its checkpoints). Returns a summary.
+
+    The workdir is locked for the run (hbpo_jax.workdir.Lock), and a resume that would change what
+    its checkpoints mean is refused (hbpo_jax.workdir.check_resume) unless `allow_spec_change`
+    names the changed keys (or prefixes; "*" = all). Both before anything is written."""
     _initialize_distributed(spec_lib.resolve_distributed(config))
     checkpoint.quiet_orbax_logs()
     spec = spec_lib.resolve(config)  # the config goes no further
     workdir = _absolute(workdir)
-    files.makedirs(workdir)
+    lock = workdir_lib.Lock(workdir)
+    _on_process_zero(lock.acquire)
+    try:
+        with _workdir_errors(workdir):
+            return _run(spec, workdir, tuple(allow_spec_change))
+    finally:
+        lock.release()
+
+
+def _on_process_zero(fn):
+    """fn() on process 0 alone; a WorkdirError it raises is raised on every process (collective)."""
+    error = result = None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except WorkdirError as e:
+            error = e
+    if preemption.any_process(error is not None):
+        raise error or WorkdirError("process 0 refused the workdir (its message says why).")
+    return result
+
+
+@contextlib.contextmanager
+def _workdir_errors(workdir: str):
+    """A full disk or a read-only workdir, however deep (Orbax wraps tensorstore's errors), as one
+    WorkdirError naming the workdir; everything else as it is."""
+    try:
+        yield
+    except WorkdirError:
+        raise
+    except Exception as e:
+        chain, seen = [], e
+        while seen is not None and len(chain) < 20:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        for err in chain:
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                raise workdir_lib.os_error(err, workdir) from e
+        if any(marker in str(err) for err in chain for marker in checkpoint.DISK_FULL):
+            raise WorkdirError(f"no space left to write {workdir} ({workdir_lib.free_bytes(workdir)} bytes free); "
+                               "free some space or choose another --workdir, then rerun to resume.") from e
+        raise
+
+
+def _record_spec(workdir: str, recorded: dict, history: list) -> None:
+    log.info("run spec: %s", workdir_lib.write_spec(workdir, recorded, history))
+
+
+def _run(spec, workdir: str, allow_spec_change: tuple[str, ...]) -> dict:
     writer_process = jax.process_index() == 0
-    log.info("run spec:\n%s", spec.to_json())
-    if writer_process:
-        files.write_json(files.join(workdir, "spec.json"), spec_lib.as_dict(spec))
+    log.debug("run spec:\n%s", spec.to_json())
+    # Checked before anything is written; recorded once the checkpoint restored (a checkpoint of
+    # another model is refused too, and leaves spec.json as it was).
+    recorded = spec_lib.as_dict(spec)
+    history = _on_process_zero(lambda: workdir_lib.check_resume(workdir, recorded, allow_spec_change)[1])
     mesh, rules = spec.mesh.make(), spec.mesh.rules
     policy = build_policy(spec, workdir, mesh, rules)
     step_fn = Step(spec, policy, mesh, rules)
@@ -119,6 +176,8 @@ def run(config, workdir: str) -> dict:
         start, state, meta = restored
         batches.set_state(meta["data"])
         log.info("resumed from step %d in %s", start, ckpt.directory)
+    if writer_process:
+        _record_spec(workdir, recorded, history)
 
     writer = metrics_lib.MetricsWriter(workdir, t.steps, start)
     summary: dict = {"workdir": workdir}
@@ -130,13 +189,15 @@ def run(config, workdir: str) -> dict:
             before = _cached_before(spec, evaluator, policy.params, jax.random.fold_in(base_key, _BEFORE))
             if writer_process:
                 files.write_json(results_path, {"before": before})
-        writer.scalars(0, eval_run.scalars(files.read_json(results_path)["before"], prefix="eval_before"),
-                       console=False)
+        if start == 0:  # a resumed run's metrics.jsonl has it already
+            writer.scalars(0, eval_run.scalars(files.read_json(results_path)["before"], prefix="eval_before"),
+                           console=False)
 
     step = start
     with preemption.StopSignal() as stop_signal:
         for step in range(start + 1, t.steps + 1):
             state, metrics = step_fn(state, next(batches), jax.random.fold_in(base_key, step))
+            summary.update({k: float(metrics[k]) for k in ("reward", "accuracy") if k in metrics})
             if step % t.log_every == 0 or step == t.steps:
                 writer.scalars(step, metrics)
             if spec.eval.every and step % spec.eval.every == 0:
@@ -149,17 +210,20 @@ def run(config, workdir: str) -> dict:
                 raise TrainingError(
                     f"{int(state.skipped)} consecutive steps had a non-finite loss or gradient "
                     f"(train.max_consecutive_skips={t.max_consecutive_skips}); the last good state "
-                    f"is checkpointed at step {step} in {ckpt.directory}.")
+                    f"is checkpointed at step {step} in {ckpt.directory} (a rerun with other objective, loss "
+                    "or rollout settings resumes from it with --allow_spec_change=<their keys>).")
             stop = stop_signal.should_stop(step)  # the same on every process (collective)
             if step % t.checkpoint_every == 0 or step == t.steps or stop:
                 ckpt.save(step, state, _meta(batches, spec, step))
             if stop:
                 ckpt.close()
                 writer.close()
-                summary.update(stopped_at=step, preempted=True)
+                summary.update(stopped_at=step, preempted=True, checkpoint=files.join(ckpt.directory, str(step)))
                 return summary
     ckpt.close()
     summary["steps"] = step
+    if ckpt.steps():
+        summary["checkpoint"] = files.join(ckpt.directory, str(ckpt.steps()[-1]))
 
     if t.export_hf:
         export = files.join(workdir, "export")
@@ -176,7 +240,19 @@ def run(config, workdir: str) -> dict:
         writer.text("eval/table", table, step)
         summary["table"] = table
     writer.close()
+    if writer_process:
+        summary["figure"] = _figure(workdir)
     return summary
+
+
+def _figure(workdir: str) -> str | None:
+    """<workdir>/training.png (hbpo_jax.train.figure); a figure that fails to draw is a warning."""
+    from hbpo_jax.train import figure
+    try:
+        return figure.write(workdir)
+    except Exception as e:  # the run's results are written; a plot is not worth failing it
+        log.warning("could not draw %s/training.png: %s: %s", workdir, type(e).__name__, e)
+        return None
 
 
 def _periodic_eval(evaluator: _Evaluator, params, key, step: int, writer, workdir: str) -> None:

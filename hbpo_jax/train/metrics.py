@@ -8,6 +8,11 @@ for a remote workdir both files are written in a local staging folder and copied
 `close()`; a resumed run first downloads the workdir's metrics.jsonl and appends to it. A crash
 loses at most the last sync_secs of metrics (the checkpoint is unaffected). Local workdirs are
 written in place, as before.
+
+A run that starts at step `start_step` (a resume) first cuts metrics.jsonl to the rows of steps up
+to it (the steps after the checkpoint are run again and logged anew), and starts its event file
+with TensorBoard's purge_step = start_step + 1, so TensorBoard hides the older files' events of the
+steps run again (the older event files themselves are kept).
 """
 from __future__ import annotations
 
@@ -41,6 +46,26 @@ def _summary_writer():
     return SummaryWriter
 
 
+def truncate_jsonl(path: str, start_step: int) -> int:
+    """Keeps the rows of metrics.jsonl at `path` whose step is ≤ start_step (none when it is 0: a
+    fresh start logs everything again); returns how many rows were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = [line for line in lines if start_step and _step_of(line) <= start_step]
+    if len(kept) < len(lines):
+        files.write_text(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a torn last line (a crash mid-write): dropped
+
+
 class MetricsWriter:
     """Writes scalars to `<workdir>/tensorboard` (event files) and `<workdir>/metrics.jsonl` (one
     JSON object per call: {"step": ..., name: value, ...}), and shows progress on the console.
@@ -69,7 +94,9 @@ class MetricsWriter:
                 if files.exists(remote_jsonl):  # a resumed run appends to the existing rows
                     files.copy_file(remote_jsonl, os.path.join(local, "metrics.jsonl"))
             os.makedirs(local, exist_ok=True)
-            self._writer = SummaryWriter(os.path.join(local, "tensorboard"), flush_secs=10)
+            truncate_jsonl(os.path.join(local, "metrics.jsonl"), start_step)
+            self._writer = SummaryWriter(os.path.join(local, "tensorboard"), flush_secs=10,
+                                         purge_step=start_step + 1 if start_step else None)
             self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a")
 
     def scalars(self, step: int, values: Mapping[str, float], console: bool = True) -> None:

@@ -170,3 +170,37 @@ def test_checkpoints_cross_process_counts_and_the_stopped_run_resumes_exactly(ti
     assert sorted(resumed) == list(range(1, STEPS + 1))
     _assert_close(resumed, reference, range(saved[0] + 1, STEPS + 1))
     _assert_close(tiny_run.metrics(one_to_two), reference, [3])
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_host_stops_both_and_a_third_run_is_refused(tiny_run, tmp_path):
+    """Ctrl-C reaching one process of two goes through the same collective stop as SIGTERM (both
+    checkpoint the same step and exit 0), and while they run the workdir's lock (taken by process
+    0) refuses another run in one sentence."""
+    workdir = tiny_run.warm(tmp_path)
+    procs = _start_two(tiny_run, workdir, 50, "--config.train.checkpoint_every=100")
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 400
+    while time.time() < deadline and procs[1].poll() is None:
+        if metrics.exists() and any('"step": 2,' in line and "loss" in line
+                                    for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.1)
+    try:
+        third = subprocess.run(_command(tiny_run, workdir, 50), cwd=tiny_run.root, env=_env(4), capture_output=True,
+                               text=True, timeout=120)
+        assert third.returncode == 2 and "Traceback" not in third.stderr, third.stderr[-3000:]
+        assert f"is in use by pid {procs[0].pid} on host" in third.stderr.strip().splitlines()[-1]
+        assert procs[1].poll() is None, "the run ended before it could be signalled"
+        procs[1].send_signal(signal.SIGINT)
+    except BaseException:
+        _finish(procs, 1)
+        raise
+    errs = _finish(procs, 180)
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 2 <= saved[0] < 50, saved
+    assert "Ctrl-C" in errs[1]
+    for err in errs:
+        assert f"checkpoints step {saved[0]} and stops" in err, err[-2000:]
+    assert sorted(tiny_run.metrics(workdir)) == list(range(1, saved[0] + 1))
+    assert not (workdir / "lock.json").exists()
