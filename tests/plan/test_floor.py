@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from hbpo_jax import config as config_lib
+from hbpo_jax import spec as spec_lib
 from hbpo_jax.plan import floor, lengths
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_floor_by_hand():
 
 
 def test_workload_of_the_paper_model():
-    cfg = config_lib.model_config(qwen1_5b.get_config())
+    cfg = spec_lib.resolve_model(qwen1_5b.get_config()).config()
     work = floor.Workload.of(cfg)
     assert work.matmul_params == 1_543_569_408  # 28 layers of projections + the LM head (DESIGN: 1.544 B)
     assert work.kv_bytes == 28_672 and work.weight_bytes == 2 * 1_543_569_408
@@ -53,7 +53,7 @@ def test_workload_of_the_paper_model():
 def test_paper_floor_near_design(chips, peak, bandwidth, design_hours):
     """The paper's 629 steps at the steady-state mix: within 25% of DESIGN.md's first-principles
     figures (ours counts full remat's recompute and attention's flops: a little above them)."""
-    cfg = config_lib.model_config(qwen1_5b.get_config())
+    cfg = spec_lib.resolve_model(qwen1_5b.get_config()).config()
     mix = lengths.LengthMix()
     responses, prompts = mix.responses(64, 4), mix.prompt_lengths(64)
     f = floor.floor(floor.Workload.of(cfg), responses, prompts, np.repeat(np.arange(64), 16), chips, peak,
