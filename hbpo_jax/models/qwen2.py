@@ -18,10 +18,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hbpo_jax import sharding
 from hbpo_jax.models import paged, splash
 from hbpo_jax.models.config import ModelConfig
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so fully-masked (padding) rows stay finite
+
+# Activation layouts at the points MaxText's decoder pins them (sharding.constrain: identity
+# outside sharding.logical_rules, i.e. everywhere but the update and the log-prob pass).
+_HIDDEN = ("batch", "act_seq", "act_embed")
+_HEADS = ("batch", "act_seq", "act_heads", None)
+_KV_HEADS = ("batch", "act_seq", "act_kv_heads", None)
+_MLP = ("batch", "act_seq", "act_mlp")
 
 
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
@@ -108,8 +116,8 @@ def attention(q, k, v, mask, impl: str = "xla") -> jax.Array:
         impl = splash.resolve_impl(impl, q)  # "auto": splash (TPU), cudnn (GPU, 16-bit) or xla
         k, v = k[:, :t], v[:, :t]
         if impl == "splash":
-            return splash.splash_attention(q, k, v, mask.valid)
-        mask = splash.dense_mask(mask.valid)
+            return splash.splash_attention(q, k, v, mask.valid, mask.ids)
+        mask = splash.dense_mask(mask.valid, mask.ids)
     elif impl in ("auto", "splash"):
         impl = "xla"  # attention over a filled cache (decode, the engine's admit) stays on XLA
     if impl in ("dot_product", "cudnn"):
@@ -149,8 +157,9 @@ class Attention(nnx.Module):
         q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt)) + self.q_bias[...].astype(dt)
         k = jnp.einsum("bte,ekd->btkd", x, self.k_proj[...].astype(dt)) + self.k_bias[...].astype(dt)
         v = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dt)) + self.v_bias[...].astype(dt)
-        q = rotary_embedding(q, positions, self.cfg.rope_theta)
-        k = rotary_embedding(k, positions, self.cfg.rope_theta)
+        q = sharding.constrain(rotary_embedding(q, positions, self.cfg.rope_theta), _HEADS)
+        k = sharding.constrain(rotary_embedding(k, positions, self.cfg.rope_theta), _KV_HEADS)
+        v = sharding.constrain(v, _KV_HEADS)
         if isinstance(kv, paged.PagedLayer):  # the refilling engine's slots: write, attend what is filled
             out, kv = kv.attend(q, k, v)
             return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt)), kv
@@ -194,8 +203,8 @@ class MLP(nnx.Module):
     def __call__(self, x):
         """x: [B, T, E] -> [B, T, E] (SwiGLU)."""
         dt = x.dtype
-        gate = x @ self.gate_proj[...].astype(dt)
-        up = x @ self.up_proj[...].astype(dt)
+        gate = sharding.constrain(x @ self.gate_proj[...].astype(dt), _MLP)
+        up = sharding.constrain(x @ self.up_proj[...].astype(dt), _MLP)
         return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
 
 
@@ -208,8 +217,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, mask, kv=None, index=None):
         h, kv = self.attn(self.input_norm(x), positions, mask, kv, index)
-        x = x + h
-        return x + self.mlp(self.post_attention_norm(x)), kv
+        x = x + sharding.constrain(h, _HIDDEN)
+        return x + sharding.constrain(self.mlp(self.post_attention_norm(x)), _HIDDEN), kv
 
 
 def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
@@ -250,12 +259,15 @@ def run_layers(layers: DecoderLayer, x, positions, mask, kv=None, index=None, re
     def body(carry, xs):
         x, kv = carry
         params, i = xs
-        layer = nnx.merge(graphdef, params)
+        # FSDP: this layer's weights gathered whole for its matmuls (each at full K, its output
+        # written once), their gradients reduce-scattered (sharding.gather_weights).
+        layer = nnx.merge(graphdef, sharding.gather_weights(params))
+        x = sharding.constrain(x, _HIDDEN)
         if isinstance(kv, paged.PagedKVCache):  # the engine's pages: layer i writes and reads its own
             x, written = layer(x, positions, None, kv.layer(i), None)
             return (x, written.cache), None
         x, kv = layer(x, positions, mask, None if kv is None else (*kv, i), index)
-        return (x, None if kv is None else kv[:2]), None
+        return (sharding.constrain(x, _HIDDEN), None if kv is None else kv[:2]), None
 
     if remat != "none":
         # prevent_cse=False: the scan's loop already keeps XLA from merging the recomputation
@@ -295,7 +307,7 @@ class Qwen2(nnx.Module):
         return logits
 
     def forward(self, input_ids, positions=None, attention_mask=None, cache: KVCache | None = None,
-                *, return_hidden: bool = False, empty_cache: bool = False):
+                *, return_hidden: bool = False, empty_cache: bool = False, segment_ids=None):
         """The decoder with an optional KV cache.
 
         input_ids: int32 [B, T]. attention_mask: [B, T] (1 = token, 0 = padding); default all ones.
@@ -308,10 +320,14 @@ class Qwen2(nnx.Module):
         empty_cache: the caller's promise that `cache` holds nothing yet (KVCache.init: index 0, no
           valid slot), so the tokens attend only among themselves: with attention_impl "auto" or
           "splash", the fused kernel of the no-cache forward (models/splash.py) applies.
+        segment_ids: int32 [B, T], rows packed end to end (no cache; the packed update): each token
+          attends causally within its segment, 0 marking padding; give each row's positions.
         Returns (float32 logits [B, T, V], or final hidden states [B, T, E] in the compute dtype
         when return_hidden, and the updated cache or None).
         """
         b, t = input_ids.shape
+        if segment_ids is not None:
+            attention_mask = segment_ids > 0
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         token_valid = attention_mask.astype(bool)
@@ -326,13 +342,18 @@ class Qwen2(nnx.Module):
             index = cache.index
             slots = jnp.atleast_1d(index)[:, None] + jnp.arange(t)  # [B or 1, T]
             key_valid = _write_slots(cache.valid, token_valid, index)
-        if self.cfg.attention_impl in ("auto", "splash") and (cache is None or empty_cache):
+        if segment_ids is not None:
+            mask = splash.TokenSegments(token_valid, segment_ids)  # packed rows: splash or a dense mask
+        elif self.cfg.attention_impl in ("auto", "splash") and (cache is None or empty_cache):
             mask = splash.TokenSegments(token_valid)  # within the T tokens: a fused kernel (attention())
         else:
             key_slots = jnp.arange(key_valid.shape[1])
             mask = (key_slots[None, None, :] <= jnp.atleast_2d(slots)[:, :, None]) & key_valid[:, None, :]  # [B, T, S]
 
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
+        # The table gathered whole over FSDP for the lookup (its gradient reduce-scattered), so the
+        # rows come out over the batch axes, not E-sharded like the stored table.
+        table = sharding.gather_weight(self.embed[...], ("vocab", "embed"))
+        x = sharding.constrain(jnp.take(table, input_ids, axis=0).astype(self.cfg.compute_dtype), _HIDDEN)
         if is_paged:
             x, cache = run_layers(self.layers, x, positions, None, cache, None, self.cfg.remat,
                                   self.cfg.scan_layers)
@@ -341,7 +362,7 @@ class Qwen2(nnx.Module):
             kv = None if cache is None else (cache.keys, cache.values)
             x, kv = run_layers(self.layers, x, positions, mask, kv, index, self.cfg.remat, self.cfg.scan_layers)
             new_cache = None if cache is None else KVCache(kv[0], kv[1], key_valid, index + t)
-        x = self.final_norm(x)
+        x = sharding.constrain(self.final_norm(x), _HIDDEN)
         if return_hidden:
             return x, new_cache
         return self.logits(x), new_cache

@@ -23,6 +23,7 @@ from hbpo_jax.rollout import prompting
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
 from hbpo_jax.train import minibatches as batching
+from hbpo_jax.train import packing
 from hbpo_jax.train import update as trainer
 
 
@@ -64,10 +65,14 @@ def lower_train_step(config, mesh):
     optimizer = trainer.make_optimizer(run.optim, t.total_updates)
     graphdef, state = abstract_state(cfg, mesh, rules, optimizer)
     prompt_width = sampler.bucket_length(s.max_prompt_len)  # the rollout's prompts, pad_prompts' default
-    batch = batching.abstract_minibatch(t.rows_per_minibatch, t.micro_batch_size, prompt_width, s.max_response_len,
-                                        mesh, rules, with_ref=run.loss.kl_coef > 0)
+    if t.pack_rows:  # every micro-batch full: the packed update's most (its empty ones are skipped)
+        lanes, lane_len, micro_batches = packing.layout_for(run)
+        batch = packing.abstract(lanes, lane_len, micro_batches, mesh, rules, with_ref=run.loss.kl_coef > 0)
+    else:
+        batch = batching.abstract_minibatch(t.rows_per_minibatch, t.micro_batch_size, prompt_width,
+                                            s.max_response_len, mesh, rules, with_ref=run.loss.kl_coef > 0)
     return trainer.update.lower(graphdef, state, batch, optimizer=optimizer, prompt_len=prompt_width,
-                                temperature=s.temperature, loss_kwargs=run.loss.kwargs())
+                                temperature=s.temperature, loss_kwargs=run.loss.kwargs(), rules=rules)
 
 
 def lower_logprobs(config, mesh):
@@ -83,7 +88,7 @@ def lower_logprobs(config, mesh):
     tokens = jax.ShapeDtypeStruct((t.micro_batch_size, prompt_width + s.max_response_len), jnp.int32,
                                   sharding=rows)
     return trainer.compute_logprobs.lower(graphdef, params, tokens, tokens, prompt_len=prompt_width,
-                                          temperature=s.temperature)
+                                          temperature=s.temperature, rules=rules)
 
 
 def logprob_passes(run) -> int:
