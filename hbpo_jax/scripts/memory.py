@@ -44,7 +44,15 @@ def main(argv):
         import importlib.util
         if importlib.util.find_spec("libtpu") is None:
             raise ConfigError(f"--topology={topology} compiles with libtpu: pip install -e \".[tpu]\".")
-        print(tpu_plan.report(config, topology, flags.slices, tuple(flags.programs)))
+        from hbpo_jax import config as config_lib
+        from hbpo_jax import spec
+        from hbpo_jax.plan.update_line import update_line
+        mesh = plan.topology_mesh(config.mesh, topology, flags.slices)
+        programs = tpu_plan.compile_programs(config, mesh, tuple(flags.programs))
+        print(tpu_plan.format_report(config, topology, mesh, programs))
+        if "train" in programs:  # the update's verdict: seconds, TB per chip, bound
+            run = spec.resolve(config, num_devices=mesh.devices.size, slices=sharding.num_slices(mesh.devices.flat))
+            print(update_line(programs["train"], tpu_plan.chip_for(topology), run, config_lib.model_config(config)))
     else:
         print(plan.memory_table(config, sharding.mesh_from_config(config.mesh)))
 
