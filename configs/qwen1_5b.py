@@ -47,7 +47,12 @@ def get_config(arg: str | None = None):
     t.prompts_per_step = 64
     t.mini_batches = 4  # PPO mini-batch of 16 prompts = 256 sequences
     t.micro_batch_size = 16  # sequences per forward/backward (gradient accumulation)
-    t.update_width_step = 1024  # micro-batches grouped by length, cut to 1,024 / 2,048 / 3,072 / 4,096
+    t.update_width_step = 1024  # (rows layout only) micro-batches grouped by length, cut to 1,024 ... 4,096
+    # Rows packed by tokens (train/packing.py): micro-batches of 16 lanes x 5,120 tokens (the
+    # unpacked micro-batch at the cap, whose memory the plan compiles), empty ones skipped: the
+    # update pays for real tokens (11% padding at HBPO's mix against 44% grouped by width:
+    # launch/bench_packing.py) and compiles one program per run.
+    t.pack_rows = True
     t.ppo_epochs = 1
 
     o = config.optim
@@ -66,13 +71,25 @@ def get_config(arg: str | None = None):
         # chips. Over several slices (multislice) the shape is per slice and `data` runs across
         # slices (sharding.make_mesh), so only the gradient all-reduce crosses DCN. The plan
         # (README, "TPU plan") compares this with (-1, 4, 1), FSDP within a host.
+        # The update's plan (launch/memory.py --config=configs/qwen1_5b.py:pod --topology=...
+        # --programs=train, `update:`), with each layer's weights gathered whole over FSDP and
+        # rows packed by tokens: FSDP over all chips stays the default, the update now compute
+        # bound on v5p-32 (2.13 s per mini-batch, 2.47 TB per chip; 3.26 s and 9.0 TB before) and
+        # v5e-16 (4.97 s, 2.73 TB; 11.25 s memory bound before), and memory bound by a third on
+        # v6e-8 (2.82 s vs 2.13 s of compute, 4.62 TB; 6.61 s before).
+        # remat "dots" (matmul outputs saved, the rest recomputed) fits every slice planned: peak
+        # 10.3 GiB of 95 (v5p-32), 10.1 GiB of 16 (v5e-16), 20.7 GiB of 32 (v6e-8: two lanes per
+        # chip), and moves a fifth fewer bytes and 13% fewer flops than "full" (v5p-32: 3.10 TB,
+        # 2.46 s). The one-host default keeps "full" (a v5e-8 would hold two lanes per chip).
         config.distributed = True
+        config.model.remat = "dots"
     elif arg == "colab":
         config.lora.rank, config.lora.alpha = 16, 32.0  # every projection; the base in bfloat16
         config.optim.learning_rate = 1e-5  # adapters take larger steps than full fine-tuning
         r.budgets, r.rollouts_per_prompt = (128, 256, 512, 768), 8
         r.max_prompt_len, r.max_response_len, r.max_batch = 256, 1024, 0
         t.prompts_per_step, t.mini_batches, t.micro_batch_size, t.update_width_step = 8, 2, 4, 0
+        t.pack_rows = False  # the plan of this shape (docs/real_models.md) was compiled with rows at their widths
     elif arg:
         raise ValueError(f"configs/qwen1_5b.py takes no argument, 'pod' or 'colab', got {arg!r}.")
     return config

@@ -109,7 +109,11 @@ def base_config() -> config_dict.ConfigDict:
         # w > 0: a mini-batch's rows grouped by length into micro-batches, each cut to its longest
         # row rounded up to a multiple of w, so the update pays for real tokens, not padding (at
         # most max_response_len / w widths, each compiled once). The same gradient either way.
-        update_width_step=0))
+        update_width_step=0,
+        # True: rows packed by tokens instead (train/packing.py): each micro-batch a fixed budget
+        # of micro_batch_size lanes of max prompt + max response tokens holding several rows, empty
+        # micro-batches skipped: the update pays for real tokens and compiles once per run.
+        pack_rows=False))
 
     # format: the answer-format policy (grading.FORMATS): "paper" (the answer after </think>; no
     # think block = format error) or "lenient" (also the last \boxed{} of a response that never

@@ -250,13 +250,36 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+    per_token, pg, m, stats = token_losses(logp, old_logp, advantages, mask, clip_low=clip_low,
+                                           clip_high=clip_high, dual_clip=dual_clip, ref_logp=ref_logp,
+                                           kl_coef=kl_coef)
+    loss = _aggregate(per_token, m, aggregation, loss_scale_tokens)
+    metrics = {k: _masked_mean(v, m) for k, v in stats.items()}
+    metrics["pg_loss"] = _aggregate(pg, m, aggregation, loss_scale_tokens)
+    if dual_clip is None:
+        metrics["clip_frac_dual"] = jnp.float32(0.0)
+    return loss, jax.tree_util.tree_map(jax.lax.stop_gradient, metrics)
+
+
+def token_losses(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.28,
+                 dual_clip: float | None = 3.0, ref_logp=None, kl_coef: float = 0.0):
+    """policy_loss's per-token terms, before any aggregation (the packed update weighs each token
+    itself: hbpo_jax/train/update.py).
+
+    Args: as policy_loss (advantages [batch] or [batch, tokens]; any batch shape [..., tokens]).
+    Returns (per_token, pg, m, stats): per_token float32 [...] the loss of each token (surrogate +
+    kl_coef * k3 to the reference), pg float32 [...] the surrogate alone, m float32 [...] the mask
+    as 0/1, stats: float32 [...] per-token statistics (gradient-stopped) whose masked means are
+    policy_loss's metrics: clip_frac_low, clip_frac_high, clip_frac_dual (when dual_clip),
+    approx_kl, ratio_mean, ref_kl (when ref_logp). Every value is 0 where the mask is.
+    """
     m_bool = jnp.asarray(mask).astype(bool)
     m = m_bool.astype(jnp.float32)
     logp = jnp.where(m_bool, _f32(logp), 0.0)
     old = jax.lax.stop_gradient(jnp.where(m_bool, _f32(old_logp), 0.0))
     adv = _f32(advantages)
-    if adv.ndim == 1:
-        adv = adv[:, None]
+    if adv.ndim == m.ndim - 1:
+        adv = adv[..., None]
     adv = jax.lax.stop_gradient(jnp.where(m_bool, jnp.broadcast_to(adv, m.shape), 0.0))
 
     log_r = jnp.clip(logp - old, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
@@ -267,26 +290,21 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
         pg = jnp.where(neg, jnp.minimum(pg, -adv * dual_clip), pg)
     per_token = pg
 
-    metrics: dict[str, jax.Array] = {}
+    stats: dict[str, jax.Array] = {}
     if ref_logp is not None:
         ref = jax.lax.stop_gradient(jnp.where(m_bool, _f32(ref_logp), 0.0))
         k3_ref = _k3(jnp.clip(ref - logp, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-        metrics["ref_kl"] = _masked_mean(k3_ref, m)
+        stats["ref_kl"] = k3_ref
         if kl_coef > 0:
             per_token = per_token + kl_coef * k3_ref
-
-    loss = _aggregate(per_token, m, aggregation, loss_scale_tokens)
     pos = adv > 0
-    metrics.update(
-        pg_loss=_aggregate(pg, m, aggregation, loss_scale_tokens),
-        clip_frac_low=_masked_mean((neg & (ratio < 1.0 - clip_low)).astype(jnp.float32), m),
-        clip_frac_high=_masked_mean((pos & (ratio > 1.0 + clip_high)).astype(jnp.float32), m),
-        clip_frac_dual=(_masked_mean((neg & (ratio > dual_clip)).astype(jnp.float32), m)
-                        if dual_clip is not None else jnp.float32(0.0)),
-        approx_kl=_masked_mean(_k3(log_r), m),  # KL(old || new) ~ E_old[r - 1 - log r]
-        ratio_mean=_masked_mean(ratio, m),
-    )
-    return loss, jax.tree_util.tree_map(jax.lax.stop_gradient, metrics)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    stats.update(clip_frac_low=f32(neg & (ratio < 1.0 - clip_low)), clip_frac_high=f32(pos & (ratio > 1.0 + clip_high)),
+                 approx_kl=_k3(log_r), ratio_mean=ratio)  # approx_kl: KL(old || new) ~ E_old[r - 1 - log r]
+    if dual_clip is not None:
+        stats["clip_frac_dual"] = f32(neg & (ratio > dual_clip))
+    stats = {k: jax.lax.stop_gradient(v * m) for k, v in stats.items()}
+    return per_token * m, pg * m, m, stats
 
 
 # ----------------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ class TrainSpec:
     recompute_old_logprobs: str
     export_hf: bool
     update_width_step: int = 0
+    pack_rows: bool = False  # rows packed by tokens (train/packing.py); update_width_step unused then
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,7 +422,7 @@ def _train(config, group: int) -> TrainSpec:
         checkpoint_every=int(t.checkpoint_every), keep_checkpoints=int(t.keep_checkpoints),
         max_consecutive_skips=int(t.max_consecutive_skips),
         recompute_old_logprobs=t.recompute_old_logprobs, export_hf=bool(t.export_hf),
-        update_width_step=width_step)
+        update_width_step=width_step, pack_rows=bool(t.get("pack_rows", False)))
 
 
 def resolve_eval(config) -> EvalSpec:

@@ -28,7 +28,7 @@ HISTORY_KEY = "history"  # spec.json's list of the run's starts and accepted cha
 FREE = (
     "name", "train.steps", "train.total_updates", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.export_hf", "train.max_consecutive_skips", "train.micro_batch_size",
-    "train.update_width_step", "optim.learning_rate", "optim.schedule", "optim.warmup_steps",
+    "train.update_width_step", "train.pack_rows", "optim.learning_rate", "optim.schedule", "optim.warmup_steps",
     "eval", "grading_workers", "grading_timeout_s", "sampling.rollout.max_batch", "sampling.rollout.engine",
     "sampling.rollout.kv_tokens", "mesh", "distributed",
     # How the model computes, not what it is: attention kernel, rematerialisation, layer loop, compute dtype.

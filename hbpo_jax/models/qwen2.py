@@ -20,10 +20,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hbpo_jax import sharding
 from hbpo_jax.models import lora, paged, splash
 from hbpo_jax.models.config import ModelConfig
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so fully-masked (padding) rows stay finite
+
+# Activation layouts at the points MaxText's decoder pins them (sharding.constrain: identity
+# outside sharding.logical_rules, i.e. everywhere but the update and the log-prob pass).
+_HIDDEN = ("batch", "act_seq", "act_embed")
+_HEADS = ("batch", "act_seq", "act_heads", None)
+_KV_HEADS = ("batch", "act_seq", "act_kv_heads", None)
+_MLP = ("batch", "act_seq", "act_mlp")
 
 
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
@@ -114,8 +122,8 @@ def attention(q, k, v, mask, impl: str = "xla") -> jax.Array:
         impl = splash.resolve_impl(impl, q)  # "auto": splash (TPU), cudnn (GPU, 16-bit) or xla
         k, v = k[:, :t], v[:, :t]
         if impl == "splash":
-            return splash.splash_attention(q, k, v, mask.valid)
-        mask = splash.dense_mask(mask.valid)
+            return splash.splash_attention(q, k, v, mask.valid, mask.ids)
+        mask = splash.dense_mask(mask.valid, mask.ids)
     elif impl in ("auto", "splash"):
         impl = "xla"  # attention over a filled cache (decode, the engine's admit) stays on XLA
     if impl in ("dot_product", "cudnn"):
@@ -188,8 +196,9 @@ class Attention(nnx.Module):
         if self.cfg.qk_norm:  # per head over D, before the rotation (Qwen3)
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = self.cfg.rope_inv_freq()  # a float32 [D/2] constant of the trace
-        q = rotary_embedding(q, positions, inv_freq)
-        k = rotary_embedding(k, positions, inv_freq)
+        q = sharding.constrain(rotary_embedding(q, positions, inv_freq), _HEADS)
+        k = sharding.constrain(rotary_embedding(k, positions, inv_freq), _KV_HEADS)
+        v = sharding.constrain(v, _KV_HEADS)
         if isinstance(kv, paged.PagedLayer):  # the refilling engine's slots: write, attend what is filled
             out, kv = kv.attend(q, k, v)
             return self._output(out), kv
@@ -249,7 +258,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         """x: [B, T, E] -> [B, T, E] (SwiGLU)."""
-        return self._proj(jax.nn.silu(self._proj(x, "gate")) * self._proj(x, "up"), "down")
+        gate = sharding.constrain(self._proj(x, "gate"), _MLP)
+        up = sharding.constrain(self._proj(x, "up"), _MLP)
+        return self._proj(jax.nn.silu(gate) * up, "down")
 
 
 class DecoderLayer(nnx.Module):
@@ -261,8 +272,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, mask, kv=None, index=None):
         h, kv = self.attn(self.input_norm(x), positions, mask, kv, index)
-        x = x + h
-        return x + self.mlp(self.post_attention_norm(x)), kv
+        x = x + sharding.constrain(h, _HIDDEN)
+        return x + sharding.constrain(self.mlp(self.post_attention_norm(x)), _HIDDEN), kv
 
 
 def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
@@ -303,12 +314,15 @@ def run_layers(layers: DecoderLayer, x, positions, mask, kv=None, index=None, re
     def body(carry, xs):
         x, kv = carry
         params, i = xs
-        layer = nnx.merge(graphdef, params)
+        # FSDP: this layer's weights gathered whole for its matmuls (each at full K, its output
+        # written once), their gradients reduce-scattered (sharding.gather_weights).
+        layer = nnx.merge(graphdef, sharding.gather_weights(params))
+        x = sharding.constrain(x, _HIDDEN)
         if isinstance(kv, paged.PagedKVCache):  # the engine's pages: layer i writes and reads its own
             x, written = layer(x, positions, None, kv.layer(i), None)
             return (x, written.cache), None
         x, kv = layer(x, positions, mask, None if kv is None else (*kv, i), index)
-        return (x, None if kv is None else kv[:2]), None
+        return (sharding.constrain(x, _HIDDEN), None if kv is None else kv[:2]), None
 
     if remat != "none":
         # prevent_cse=False: the scan's loop already keeps XLA from merging the recomputation
@@ -353,7 +367,7 @@ class Qwen2(nnx.Module):
         return logits
 
     def forward(self, input_ids, positions=None, attention_mask=None, cache: KVCache | None = None,
-                *, return_hidden: bool = False, empty_cache: bool = False):
+                *, return_hidden: bool = False, empty_cache: bool = False, segment_ids=None):
         """The decoder with an optional KV cache.
 
         input_ids: int32 [B, T]. attention_mask: [B, T] (1 = token, 0 = padding); default all ones.
@@ -366,10 +380,14 @@ class Qwen2(nnx.Module):
         empty_cache: the caller's promise that `cache` holds nothing yet (KVCache.init: index 0, no
           valid slot), so the tokens attend only among themselves: with attention_impl "auto" or
           "splash", the fused kernel of the no-cache forward (models/splash.py) applies.
+        segment_ids: int32 [B, T], rows packed end to end (no cache; the packed update): each token
+          attends causally within its segment, 0 marking padding; give each row's positions.
         Returns (float32 logits [B, T, V], or final hidden states [B, T, E] in the compute dtype
         when return_hidden, and the updated cache or None).
         """
         b, t = input_ids.shape
+        if segment_ids is not None:
+            attention_mask = segment_ids > 0
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         token_valid = attention_mask.astype(bool)
@@ -384,13 +402,18 @@ class Qwen2(nnx.Module):
             index = cache.index
             slots = jnp.atleast_1d(index)[:, None] + jnp.arange(t)  # [B or 1, T]
             key_valid = _write_slots(cache.valid, token_valid, index)
-        if self.cfg.attention_impl in ("auto", "splash") and (cache is None or empty_cache):
+        if segment_ids is not None:
+            mask = splash.TokenSegments(token_valid, segment_ids)  # packed rows: splash or a dense mask
+        elif self.cfg.attention_impl in ("auto", "splash") and (cache is None or empty_cache):
             mask = splash.TokenSegments(token_valid)  # within the T tokens: a fused kernel (attention())
         else:
             key_slots = jnp.arange(key_valid.shape[1])
             mask = (key_slots[None, None, :] <= jnp.atleast_2d(slots)[:, :, None]) & key_valid[:, None, :]  # [B, T, S]
 
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_dtype)
+        # The table gathered whole over FSDP for the lookup (its gradient reduce-scattered), so the
+        # rows come out over the batch axes, not E-sharded like the stored table.
+        table = sharding.gather_weight(self.embed[...], ("vocab", "embed"))
+        x = sharding.constrain(jnp.take(table, input_ids, axis=0).astype(self.cfg.compute_dtype), _HIDDEN)
         if is_paged:
             x, cache = run_layers(self.layers, x, positions, None, cache, None, self.cfg.remat,
                                   self.cfg.scan_layers)
@@ -399,7 +422,7 @@ class Qwen2(nnx.Module):
             kv = None if cache is None else (cache.keys, cache.values)
             x, kv = run_layers(self.layers, x, positions, mask, kv, index, self.cfg.remat, self.cfg.scan_layers)
             new_cache = None if cache is None else KVCache(kv[0], kv[1], key_valid, index + t)
-        x = self.final_norm(x)
+        x = sharding.constrain(self.final_norm(x), _HIDDEN)
         if return_hidden:
             return x, new_cache
         return self.logits(x), new_cache

@@ -73,16 +73,20 @@ GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 @dataclasses.dataclass
 class TokenSegments:
     """The splash path's mask, in place of the dense one: valid bool [B, T], True for tokens and
-    False for padding; attention is causal over the T positions within each of the two segments."""
+    False for padding; attention is causal over the T positions within each of the two segments.
+    ids: None, or int32 [B, T] for rows packed end to end (the packed update): each token attends
+    causally within its own id, 0 marking padding (valid = ids > 0)."""
 
     valid: jax.Array
+    ids: jax.Array | None = None
 
 
-def dense_mask(valid: jax.Array) -> jax.Array:
+def dense_mask(valid: jax.Array, ids: jax.Array | None = None) -> jax.Array:
     """The XLA/cuDNN form of TokenSegments: bool [B, T, T], query i may attend key j when j <= i
-    and j is a token (padding queries attend nothing there)."""
+    and j is a token (padding queries attend nothing there), of the same segment when ids is given."""
     t = valid.shape[1]
-    return jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    return mask if ids is None else mask & (ids[:, :, None] == ids[:, None, :])
 
 
 # ----------------------------------------------------------------------------- where it runs
@@ -164,11 +168,13 @@ def _local_attention(q, k, v, segments, *, groups: int, head_axes, interpret: bo
     return heads_major(out)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
+                     ids: jax.Array | None = None) -> jax.Array:
     """Causal grouped-query self-attention with padding.
 
     q: [B, T, H, D]; k, v: [B, T, K, D] (H a multiple of K), all in the compute dtype; valid: bool
-    [B, T] (True = token). Returns [B, T, H, D] in q's dtype; padding rows hold finite values that
+    [B, T] (True = token); ids: None, or int32 [B, T] segment ids of packed rows (0 = padding),
+    the kernel's segment ids as they are. Returns [B, T, H, D] in q's dtype; padding rows hold finite values that
     no token reads.
     """
     b, t, h, d = q.shape
@@ -176,7 +182,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array)
     platform = target_platform(q)
     q = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)
     length = -(-t // block_size(t)) * block_size(t)
-    segments = jnp.where(valid, SEGMENT_TOKEN, SEGMENT_PAD).astype(jnp.int32)
+    segments = (jnp.where(valid, SEGMENT_TOKEN, SEGMENT_PAD) if ids is None else ids).astype(jnp.int32)
     if length != t:
         q, k, v = (jnp.pad(a, ((0, 0), (0, length - t), (0, 0), (0, 0))) for a in (q, k, v))
         segments = jnp.pad(segments, ((0, 0), (0, length - t)), constant_values=SEGMENT_PAD)

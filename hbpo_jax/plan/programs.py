@@ -22,6 +22,7 @@ from hbpo_jax.rollout import prompting
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
 from hbpo_jax.train import minibatches as batching
+from hbpo_jax.train import packing
 from hbpo_jax.train import update as trainer
 
 
@@ -68,11 +69,16 @@ def lower_train_step(config, mesh, *, prompt_width: int | None = None, response_
     graphdef, state, frozen = abstract_state(cfg, mesh, rules, optimizer)
     # The rollout's prompts, pad_prompts' default bucket.
     prompt_width = prompt_width or sampler.bucket_length(s.max_prompt_len)
-    batch = batching.abstract_minibatch(rows or t.rows_per_minibatch, t.micro_batch_size, prompt_width,
-                                        response_width or s.rollout.max_response_len, mesh, rules,
-                                        with_ref=run.loss.kl_coef > 0)
+    if t.pack_rows and not (rows or response_width):  # every micro-batch full: the packed update's most
+        lanes, lane_len, micro_batches = packing.layout_for(run)
+        batch = packing.abstract(lanes, lane_len, micro_batches, mesh, rules, with_ref=run.loss.kl_coef > 0)
+    else:
+        batch = batching.abstract_minibatch(rows or t.rows_per_minibatch, t.micro_batch_size, prompt_width,
+                                            response_width or s.rollout.max_response_len, mesh, rules,
+                                            with_ref=run.loss.kl_coef > 0)
     return trainer.update.lower(graphdef, state, batch, optimizer=optimizer, prompt_len=prompt_width,
-                                temperature=s.rollout.temperature, loss_kwargs=run.loss.kwargs(), frozen=frozen)
+                                temperature=s.rollout.temperature, loss_kwargs=run.loss.kwargs(), rules=rules,
+                                frozen=frozen)
 
 
 def lower_logprobs(config, mesh):
@@ -88,7 +94,7 @@ def lower_logprobs(config, mesh):
     tokens = jax.ShapeDtypeStruct((t.micro_batch_size, prompt_width + s.rollout.max_response_len), jnp.int32,
                                   sharding=rows)
     return trainer.compute_logprobs.lower(graphdef, params, tokens, tokens, prompt_len=prompt_width,
-                                          temperature=s.rollout.temperature)
+                                          temperature=s.rollout.temperature, rules=rules)
 
 
 def logprob_passes(run) -> int:

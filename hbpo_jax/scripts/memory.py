@@ -51,7 +51,15 @@ def main(argv):
             raise ConfigError(f"--topology={topology} compiles with libtpu: pip install -e \".[tpu]\".")
         if flags.mean_response < 0:
             raise ConfigError(f"--mean_response must be ≥ 0 tokens, got {flags.mean_response}.")
-        print(tpu_plan.report(config, topology, flags.slices, tuple(flags.programs), flags.mean_response or None))
+        from hbpo_jax import spec
+        from hbpo_jax.plan.update_line import update_line
+        mesh = plan.topology_mesh(config.mesh, topology, flags.slices)
+        programs = tpu_plan.compile_programs(config, mesh, tuple(flags.programs))
+        print(tpu_plan.format_report(config, topology, mesh, programs, flags.mean_response or None))
+        if "train" in programs:  # the update's verdict: seconds, TB per chip, bound
+            run = spec.resolve(config, num_devices=mesh.devices.size, slices=sharding.num_slices(mesh.devices.flat))
+            print(update_line(programs["train"], tpu_plan.chip_for(topology), run,
+                              run.lora.model_config(run.model.config())))
     else:
         print(plan.memory_table(config, sharding.mesh_from_config(config.mesh)))
 

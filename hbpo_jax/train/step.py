@@ -26,6 +26,7 @@ from hbpo_jax.policy import Policy
 from hbpo_jax.rollout import batch as rollout
 from hbpo_jax.spec import RunSpec, SamplingSpec
 from hbpo_jax.train import minibatches as batching
+from hbpo_jax.train import packing
 from hbpo_jax.train import update as trainer
 
 L1_MODES = ("l1", "l1_max")
@@ -84,7 +85,8 @@ class Step:
         out = [trainer.compute_logprobs(self.policy.graphdef, params,
                                         jax.device_put(tokens[i:i + mb], self.row_sharding),
                                         jax.device_put(attn[i:i + mb], self.row_sharding),
-                                        prompt_len=prompt_len, temperature=self.spec.sampling.rollout.temperature)
+                                        prompt_len=prompt_len, temperature=self.spec.sampling.rollout.temperature,
+                                        rules=sharding.normalize_rules(self.rules))
                for i in range(0, len(tokens), mb)]
         return np.concatenate([sharding.to_host(x) for x in out])
 
@@ -99,7 +101,7 @@ class Step:
         return fresh if mode == "always" else np.where(arrays["scored_mask"], old, fresh)
 
     def __call__(self, state: trainer.TrainState, records: list, key) -> tuple[trainer.TrainState, dict]:
-        s, t = self.spec.sampling, self.spec.train
+        s = self.spec.sampling
         t0 = time.perf_counter()
         params = self.full(state.params)
         batch = sample(s, self.policy.graphdef, params, self.policy.tokenizer,
@@ -137,9 +139,7 @@ class Step:
             format_error_rate=float(1 - format_ok.mean()), response_len=float(lengths.mean()),
             response_len_max=float(lengths.max()), advantage_abs=float(np.abs(adv).mean()),
             generated_tokens_per_s=float(lengths.sum() / max(t1 - t0, 1e-9)),
-            update_padded_fraction=batching.padded_fraction(
-                batching.response_lengths(arrays), t.rows_per_minibatch, t.micro_batch_size,
-                arrays["response_mask"].shape[1], t.update_width_step),
+            update_padded_fraction=self._padded_fraction(arrays),
             time_rollout=t1 - t0, time_grading=t2 - t1, time_update=t3 - t2,
             skipped_total=float(state.skipped_total), empty_minibatches=float(empty),
             grading_timeouts=float(hosts.count_status(grades, "timeout")))
@@ -150,6 +150,25 @@ class Step:
                 metrics.update(_per_budget(values, budgets, name))
         return state, metrics
 
+    def _padded_fraction(self, arrays: dict) -> float:
+        """The share of the update's token slots (packed) or response slots (rows) without a token."""
+        t = self.spec.train
+        if t.pack_rows:
+            lanes, lane_len, _ = packing.layout_for(self.spec)
+            return packing.padded_fraction(arrays, t.rows_per_minibatch, lanes=lanes, lane_len=lane_len)
+        return batching.padded_fraction(batching.response_lengths(arrays), t.rows_per_minibatch, t.micro_batch_size,
+                                        arrays["response_mask"].shape[1], t.update_width_step)
+
+    def _packed_minibatches(self, arrays: dict):
+        """The step's mini-batches packed by tokens (train/packing.py): one dict of [U, k, S] fields
+        each, or None for a mini-batch without a loss token."""
+        t = self.spec.train
+        lanes, lane_len, u = packing.layout_for(self.spec)
+        for start in range(0, len(arrays["tokens"]), t.rows_per_minibatch):
+            yield packing.pack(arrays, slice(start, start + t.rows_per_minibatch), lanes=lanes, lane_len=lane_len,
+                               micro_batches=u, aggregation=self.spec.loss.aggregation,
+                               loss_scale_tokens=self.spec.loss.loss_scale_tokens, micro=t.micro_batch_size)
+
     def _update(self, state, arrays: dict):
         """ppo_epochs passes over the mini-batches; a mini-batch with no loss token (all its groups
         dropped by dynamic sampling) takes no optimizer step: weights, moments and counters stay.
@@ -157,6 +176,18 @@ class Step:
         t, loss_kwargs = self.spec.train, self.spec.loss.kwargs()
         updates, empty = [], 0
         for _ in range(t.ppo_epochs):
+            if t.pack_rows:  # one program for the run: every mini-batch has the same [U, k, S] shapes
+                for mb in self._packed_minibatches(arrays):
+                    if mb is None:
+                        empty += 1
+                        continue
+                    state, m = trainer.update(self.policy.graphdef, state, batching.put(mb, self.mesh, self.rules),
+                                              optimizer=self.optimizer, prompt_len=0,
+                                              temperature=self.spec.sampling.rollout.temperature,
+                                              loss_kwargs=loss_kwargs, rules=sharding.normalize_rules(self.rules),
+                                              frozen=self.frozen)
+                    updates.append(m)
+                continue
             for mb in batching.minibatches(arrays, t.rows_per_minibatch, t.micro_batch_size,
                                            self.spec.loss.aggregation, width_step=t.update_width_step):
                 if mb is None:
@@ -166,6 +197,6 @@ class Step:
                 state, m = trainer.update_pieces(self.policy.graphdef, state, pieces, optimizer=self.optimizer,
                                                  prompt_len=arrays["prompt_len"],
                                                  temperature=self.spec.sampling.rollout.temperature,
-                                                 loss_kwargs=loss_kwargs, frozen=self.frozen)
+                                                 loss_kwargs=loss_kwargs, rules=self.rules, frozen=self.frozen)
                 updates.append(m)
         return state, jax.device_get(updates), empty

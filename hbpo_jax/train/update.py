@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hbpo_jax import loss as loss_lib
 from hbpo_jax import sharding as sharding_lib
@@ -87,21 +90,61 @@ def chunked_logprobs(hidden, head, targets, temperature: float = 1.0, chunk: int
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
     hs = hidden.reshape(b, -1, c, e).swapaxes(0, 1)  # [chunks, B, c, E]
     ts = targets.reshape(b, -1, c).swapaxes(0, 1)
+    layout = _vocab_parallel(head, b)
+    if layout is not None:
+        head = jax.lax.with_sharding_constraint(head, layout["head"])
 
     @jax.checkpoint
     def one(args):
         h, t = args
-        logits = jnp.einsum("bce,ev->bcv", h, head.astype(h.dtype),
-                            preferred_element_type=jnp.float32) / temperature
+        if layout is not None:  # every row of the chunk on each chip, the vocabulary split
+            h = jax.lax.with_sharding_constraint(h, layout["rows"])
+        logits = jnp.einsum("bce,ev->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32) / temperature
+        if layout is not None:
+            logits = jax.lax.with_sharding_constraint(logits, layout["logits"])
         lse = jax.nn.logsumexp(logits, axis=-1)
-        logp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
+        # The target's logit as a masked sum over the vocabulary: one fused pass over a sharded V.
+        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
+        logp = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1) - lse
         probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
         entropy = jax.lax.stop_gradient(lse) - jnp.sum(probs * jax.lax.stop_gradient(logits), -1)
         return logp, entropy
 
     logp, entropy = jax.lax.map(one, (hs, ts))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, -1)[:, :n]
-    return unchunk(logp), unchunk(entropy)
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, -1)[:, :n]  # noqa: E731
+    logp, entropy = unchunk(logp), unchunk(entropy)
+    if layout is not None:
+        logp, entropy = (jax.lax.with_sharding_constraint(x, layout["out"]) for x in (logp, entropy))
+    return logp, entropy
+
+
+def _vocab_parallel(head, rows: int) -> dict | None:
+    """The lm head's layout for the chunked log-probs under sharding.logical_rules: vocabulary-
+    parallel over the weights' FSDP axes (the `embed` rule's) and `tensor`. Gathering the head
+    whole for each chunk (as each layer's weights are) would read the [E, V] head (467 MB in
+    bfloat16 for Qwen2-1.5B) and all-reduce its gradient at every chunk, most of the update's
+    bytes; split on V, the non-contracting dimension, each chip reads its 1/n of the head, its
+    gradient stays local, and what moves is a chunk's hidden rows (all-gathered over FSDP, a few
+    MB) and per-row softmax statistics. The head itself is resharded E -> V once per call (an
+    all-to-all of 1/n of it per chip), its gradient back once.
+    Returns NamedShardings head [E, V], rows [B, c, E], logits [B, c, V], out [B, N]; None
+    outside logical_rules, without a mesh, or when the axes do not divide V and the rows."""
+    rules, mesh = sharding_lib.active_rules(), sharding_lib.array_mesh(head)
+    if rules is None or mesh is None:
+        return None
+    table = dict(rules)
+    live = lambda axes: tuple(a for a in axes if mesh.shape.get(a, 1) > 1)  # noqa: E731
+    fsdp = live(table.get("embed", ()))
+    vocab = fsdp + tuple(a for a in live(table.get("vocab", ())) if a not in fsdp)
+    batch = live(table.get("batch", ()))
+    keep = tuple(a for a in batch if a not in vocab)  # row axes the vocabulary does not use (data)
+    split = math.prod(mesh.shape[a] for a in vocab)
+    if not vocab or head.shape[1] % split or rows % math.prod(mesh.shape[a] for a in batch):
+        return None
+    spec = lambda *dims: NamedSharding(mesh, P(*dims))  # noqa: E731
+    axes = lambda a: None if not a else a if len(a) > 1 else a[0]  # noqa: E731
+    return dict(head=spec(None, axes(vocab)), rows=spec(axes(keep), None, None),
+                logits=spec(axes(keep), None, axes(vocab)), out=spec(axes(batch), None))
 
 
 def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperature: float = 1.0,
@@ -113,16 +156,23 @@ def response_logprobs(model, tokens, attention_mask, prompt_len: int, temperatur
     Returns float32 (logp, entropy) [B, N]: logp[:, j] = log p(tokens[:, P + j] | tokens[:, :P + j]).
     """
     hidden, _ = model.forward(tokens, attention_mask=attention_mask, return_hidden=True)
-    h = hidden[:, prompt_len - 1: -1]
-    return chunked_logprobs(h, model.head_weight(), tokens[:, prompt_len:], temperature, chunk)
+    h = sharding_lib.constrain(hidden[:, prompt_len - 1: -1], ("batch", "act_seq", "act_embed"))
+    return chunked_logprobs(h, head_weight(model), tokens[:, prompt_len:], temperature, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "temperature", "chunk"))
+def head_weight(model):
+    """The output projection [E, V] as the log-probs read it (chunked_logprobs lays it out)."""
+    return model.head_weight()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "temperature", "chunk", "rules"))
 def compute_logprobs(graphdef, params, tokens, attention_mask, *, prompt_len: int,
-                     temperature: float = 1.0, chunk: int = 512):
-    """Jitted response_logprobs for a batch (old or reference log-probs): float32 [B, N]."""
-    logp, _ = response_logprobs(nnx.merge(graphdef, params), tokens, attention_mask, prompt_len,
-                                temperature, chunk)
+                     temperature: float = 1.0, chunk: int = 512, rules=None):
+    """Jitted response_logprobs for a batch (old or reference log-probs): float32 [B, N].
+    rules: the mesh's rule table (normalised, hashable; None: sharding.DEFAULT_RULES)."""
+    with sharding_lib.logical_rules(rules):
+        logp, _ = response_logprobs(nnx.merge(graphdef, params), tokens, attention_mask, prompt_len,
+                                    temperature, chunk)
     return logp
 
 
@@ -154,20 +204,43 @@ def _micro_loss(params, graphdef, mb, prompt_len, temperature, chunk, loss_kwarg
     return loss * mb["weight"], metrics
 
 
-_UPDATE_STATIC = ("graphdef", "optimizer", "prompt_len", "temperature", "chunk", "loss_kwargs")
+_UPDATE_STATIC = ("graphdef", "optimizer", "prompt_len", "temperature", "chunk", "loss_kwargs", "rules")
+
+
+def pin_like(tree, params, rules=None):
+    """tree (params' structure: gradients, new parameters) constrained to the parameters' stored
+    (FSDP-sharded) layouts under jit, so the gradient accumulator stays sharded (each micro-batch's
+    weight gradients reduce-scattered, never all-reduced to a replica) and the update's outputs
+    keep the layouts its inputs have. Identity without a mesh."""
+    shardings = sharding_lib.param_shardings(params, rules)
+    if shardings is None:
+        return tree
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
+
+
+def pin_opt_state(opt_state, params, optimizer, rules=None):
+    """The optimizer state's per-parameter entries (Adam's moments) pinned like their parameters."""
+    shardings = sharding_lib.param_shardings(params, rules)
+    if shardings is None:
+        return opt_state
+    return optax.tree_map_params(optimizer, jax.lax.with_sharding_constraint, opt_state, shardings,
+                                 transform_non_params=lambda x: x)
 
 
 def _accumulate(graphdef, params, acc: tuple, batch: dict, prompt_len: int, temperature: float,
-                loss_kwargs: tuple, chunk: int, frozen=None) -> tuple:
+                loss_kwargs: tuple, chunk: int, rules=None, frozen=None) -> tuple:
     """acc = (grads, loss, metrics) plus batch's U micro-batches (a scan): gradients and losses
-    are summed (each micro-batch's loss carries its weight), metrics summed weighted."""
+    are summed (each micro-batch's loss carries its weight), metrics summed weighted. The model
+    is traced under `rules` (sharding.logical_rules: activations pinned, weights gathered)."""
     kwargs = dict(loss_kwargs)
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
     def step(carry, mb):
         grads, loss_sum = carry
-        (loss, metrics), g = grad_fn(params, graphdef, mb, prompt_len, temperature, chunk, kwargs, frozen)
-        return (jax.tree.map(jnp.add, grads, g), loss_sum + loss), metrics
+        with sharding_lib.logical_rules(rules):
+            (loss, metrics), g = grad_fn(params, graphdef, mb, prompt_len, temperature, chunk, kwargs, frozen)
+        grads = pin_like(jax.tree.map(jnp.add, grads, g), params, rules)
+        return (grads, loss_sum + loss), metrics
 
     grads, loss, metrics = acc
     (grads, loss), per_micro = jax.lax.scan(step, (grads, loss), batch)
@@ -176,7 +249,62 @@ def _accumulate(graphdef, params, acc: tuple, batch: dict, prompt_len: int, temp
     return grads, loss, metrics
 
 
-def _apply(state: TrainState, acc: tuple, optimizer) -> tuple[TrainState, dict]:
+# ----------------------------------------------------------------------------- the packed update
+
+_TOKEN_LOSS_KEYS = ("clip_low", "clip_high", "dual_clip", "kl_coef")
+
+
+def _packed_micro_loss(params, graphdef, mb, temperature, chunk, loss_kwargs, frozen=None):
+    """One packed micro-batch (train/packing.py: [k, S] fields): (sum of weight x per-token loss,
+    (metric means over its loss tokens, the sum of weight x surrogate))."""
+    model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+    hidden, _ = model.forward(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"],
+                              return_hidden=True)
+    hidden = sharding_lib.constrain(hidden, ("batch", "act_seq", "act_embed"))
+    logp, entropy = chunked_logprobs(hidden, head_weight(model), mb["targets"], temperature, chunk)
+    per_token, pg, m, stats = loss_lib.token_losses(
+        logp, mb["old_logp"], mb["advantages"], mb["loss_mask"], ref_logp=mb.get("ref_logp"),
+        **{k: v for k, v in loss_kwargs.items() if k in _TOKEN_LOSS_KEYS})
+    count = jnp.maximum(jnp.sum(m), 1.0)
+    means = {k: jnp.sum(v) / count for k, v in stats.items()}
+    means["entropy"] = jnp.sum(jax.lax.stop_gradient(entropy) * m) / count
+    if loss_kwargs.get("dual_clip", 3.0) is None:
+        means["clip_frac_dual"] = jnp.float32(0.0)
+    return jnp.sum(per_token * mb["loss_weight"]), (means, jax.lax.stop_gradient(jnp.sum(pg * mb["loss_weight"])))
+
+
+def _accumulate_packed(graphdef, params, batch: dict, temperature: float, loss_kwargs: tuple, chunk: int,
+                       rules=None, frozen=None) -> tuple:
+    """(grads, loss, metrics) of a packed mini-batch [U, k, S] (a scan over its U micro-batches).
+    Each micro-batch's loss already carries its tokens' weights in the mini-batch's aggregation,
+    so gradients and losses are plain sums; a micro-batch of weight 0 (packing left it empty) is
+    skipped (lax.cond), so the update costs the micro-batches that hold tokens. Metrics: token
+    means weighted by each micro-batch's share of loss tokens; pg_loss summed like the loss."""
+    kwargs = dict(loss_kwargs)
+    grad_fn = jax.value_and_grad(_packed_micro_loss, has_aux=True)
+
+    def compute(mb):
+        with sharding_lib.logical_rules(rules):
+            (loss, (means, pg)), g = grad_fn(params, graphdef, mb, temperature, chunk, kwargs, frozen)
+        metrics = {k: v * mb["weight"] for k, v in means.items()}
+        return pin_like(g, params, rules), loss, dict(metrics, pg_loss=pg)
+
+    first = jax.tree.map(lambda x: x[0], batch)
+    shapes = jax.eval_shape(compute, first)
+    skip = lambda mb: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+
+    def step(carry, mb):
+        g, loss, metrics = jax.lax.cond(mb["weight"] > 0, compute, skip, mb)
+        grads = pin_like(jax.tree.map(jnp.add, carry[0], g), params, rules)
+        return (grads, carry[1] + loss, jax.tree.map(jnp.add, carry[2], metrics)), None
+
+    init = (pin_like(jax.tree.map(jnp.zeros_like, params), params, rules), jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2]))
+    acc, _ = jax.lax.scan(step, init, batch)
+    return acc
+
+
+def _apply(state: TrainState, acc: tuple, optimizer, rules=None) -> tuple[TrainState, dict]:
     """One AdamW step from accumulated (grads, loss, metrics); a non-finite loss or gradient
     leaves params and optimizer state unchanged and counts a skip."""
     grads, loss, metrics = acc
@@ -186,8 +314,8 @@ def _apply(state: TrainState, acc: tuple, optimizer) -> tuple[TrainState, dict]:
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = TrainState(
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state),
+        params=pin_like(keep(new_params, state.params), state.params, rules),
+        opt_state=pin_opt_state(keep(new_opt, state.opt_state), state.params, optimizer, rules),
         step=state.step + finite.astype(jnp.int32),
         skipped=jnp.where(finite, 0, state.skipped + 1),
         skipped_total=state.skipped_total + (~finite).astype(jnp.int32),
@@ -202,48 +330,57 @@ def _zero_acc(params) -> tuple:
 
 @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=_UPDATE_STATIC)
 def update(graphdef, state: TrainState, batch: dict, *, optimizer, prompt_len: int,
-           temperature: float, loss_kwargs: tuple, chunk: int = 512, frozen=None):
+           temperature: float, loss_kwargs: tuple, chunk: int = 512, rules=None, frozen=None):
     """One optimizer update from one mini-batch, accumulated over U micro-batches.
 
     batch: tokens int32 [U, b, L]; attention_mask [U, b, L]; response_mask bool [U, b, N];
       old_logp float32 [U, b, N]; advantages float32 [U, b]; weight float32 [U] (micro_weights);
-      optional ref_logp float32 [U, b, N].
+      optional ref_logp float32 [U, b, N]. Or packed rows (train/packing.py: [U, k, S] fields
+      with segment_ids, weight [U]): the same loss and gradient, paying for real tokens.
     loss_kwargs: policy_loss keyword arguments as a tuple of (name, value) pairs (hashable).
+    rules: the mesh's rule table, normalised (sharding.normalize_rules; None: the default).
     A non-finite loss or gradient leaves params and optimizer state unchanged and counts a skip.
     frozen: None, or with LoRA the frozen base's nnx.State (state.params then holds the adapters
       only: gradients, optimizer state and updates are theirs alone).
     Returns (new state, metrics: float32 scalars).
     """
-    acc = _accumulate(graphdef, state.params, _zero_acc(state.params), batch, prompt_len, temperature,
-                      loss_kwargs, chunk, frozen)
-    return _apply(state, acc, optimizer)
+    if "segment_ids" in batch:  # packed rows (train/packing.py); prompt_len unused
+        acc = _accumulate_packed(graphdef, state.params, batch, temperature, loss_kwargs, chunk, rules, frozen)
+    else:
+        acc = _accumulate(graphdef, state.params, _zero_acc(state.params), batch, prompt_len, temperature,
+                          loss_kwargs, chunk, rules, frozen)
+    return _apply(state, acc, optimizer, rules)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "temperature", "chunk", "loss_kwargs"))
-def _first_piece(graphdef, params, batch, *, prompt_len, temperature, loss_kwargs, chunk, frozen=None):
+_PIECE_STATIC = ("graphdef", "prompt_len", "temperature", "chunk", "loss_kwargs", "rules")
+
+
+@functools.partial(jax.jit, static_argnames=_PIECE_STATIC)
+def _first_piece(graphdef, params, batch, *, prompt_len, temperature, loss_kwargs, chunk, rules=None, frozen=None):
     return _accumulate(graphdef, params, _zero_acc(params), batch, prompt_len, temperature, loss_kwargs, chunk,
-                       frozen)
+                       rules, frozen)
 
 
-@functools.partial(jax.jit, donate_argnums=(2,),
-                   static_argnames=("graphdef", "prompt_len", "temperature", "chunk", "loss_kwargs"))
-def _next_piece(graphdef, params, acc, batch, *, prompt_len, temperature, loss_kwargs, chunk, frozen=None):
-    return _accumulate(graphdef, params, acc, batch, prompt_len, temperature, loss_kwargs, chunk, frozen)
+@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=_PIECE_STATIC)
+def _next_piece(graphdef, params, acc, batch, *, prompt_len, temperature, loss_kwargs, chunk, rules=None,
+                frozen=None):
+    return _accumulate(graphdef, params, acc, batch, prompt_len, temperature, loss_kwargs, chunk, rules, frozen)
 
 
-_apply_jit = jax.jit(_apply, donate_argnums=(0,), static_argnames=("optimizer",))
+_apply_jit = jax.jit(_apply, donate_argnums=(0,), static_argnames=("optimizer", "rules"))
 
 
 def update_pieces(graphdef, state: TrainState, pieces: list, *, optimizer, prompt_len: int,
-                  temperature: float, loss_kwargs: tuple, chunk: int = 512, frozen=None):
+                  temperature: float, loss_kwargs: tuple, chunk: int = 512, rules=None, frozen=None):
     """One optimizer update from a mini-batch given as pieces of different response widths
     (batching.minibatches with length grouping): each piece [U_i, b, P + N_i] is accumulated by
     its own program (one compilation per shape), then one AdamW step. One piece is `update`.
     The weights of all pieces together sum to 1, so the gradient is the whole mini-batch's."""
-    kw = dict(prompt_len=prompt_len, temperature=temperature, loss_kwargs=loss_kwargs, chunk=chunk, frozen=frozen)
+    kw = dict(prompt_len=prompt_len, temperature=temperature, loss_kwargs=loss_kwargs, chunk=chunk,
+              rules=None if rules is None else sharding_lib.normalize_rules(rules), frozen=frozen)
     if len(pieces) == 1:
         return update(graphdef, state, pieces[0], optimizer=optimizer, **kw)
     acc = _first_piece(graphdef, state.params, pieces[0], **kw)
     for piece in pieces[1:]:
         acc = _next_piece(graphdef, state.params, acc, piece, **kw)
-    return _apply_jit(state, acc, optimizer=optimizer)
+    return _apply_jit(state, acc, optimizer=optimizer, rules=kw["rules"])
