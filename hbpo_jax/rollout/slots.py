@@ -38,7 +38,10 @@ class EngineStats:
     pool's bytes (keys and values, all layers), dense_kv_bytes: what a contiguous S x C cache would
     take; peak_pages of pool_pages held at once. Pages on demand: page_grants (pages granted to
     running rows), grow_calls (page-table updates), preemptions (rows stopped and requeued),
-    recomputed (tokens they had drawn, discarded: paid for in slot_steps, not in tokens)."""
+    recomputed (tokens they had drawn, discarded: paid for in slot_steps, not in tokens).
+    host_round_trips: the times the host waited for the device (one per decode segment, one for
+    the outputs); shared_prompt_pages: page references that pointed at a prompt's pages already
+    written for another row (pages not allocated, KV not copied)."""
 
     slots: int = 0
     rows: int = 0
@@ -56,6 +59,8 @@ class EngineStats:
     grow_calls: int = 0
     preemptions: int = 0
     recomputed: int = 0
+    host_round_trips: int = 0
+    shared_prompt_pages: int = 0
 
     @property
     def utilization(self) -> float:
