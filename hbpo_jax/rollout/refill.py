@@ -170,6 +170,8 @@ class RefillEngine:
                              f"{ps} per device, but a row needs {most}.")
         room = pages.room(self.grow, self.settings.max_new_tokens, ps, per_shard, self.slots // self._shards, most)
         first = need if room is None else [min(need[r], paged.pages_for(filled[r] + room, ps)) for r in range(rows)]
+        # A prompt's pages filled by its tokens [0, plen - 1) are shared by its rows (pages.py).
+        shared = [min((len(prompts[host_rows.row_prompt[r]]) - 1) // ps, first[r] - 1) for r in range(rows)]
         per_token = pages.kv_bytes_per_token(self.cfg, self._layout.cache_dtype)
         stats = EngineStats(slots=self.slots, rows=rows, prompt_prefills=len(prompts), pool_pages=num_pages,
                             kv_bytes=num_pages * ps * per_token,
@@ -186,12 +188,14 @@ class RefillEngine:
                 width = self.slots if len(free) == self.slots else self.admit_width
                 take, slot_ids = [], []
                 while queue and len(take) < width:
-                    slot = book.pick_slot([f for f in free if f not in slot_ids], first[queue[0]])
+                    r = queue[0]
+                    slot = book.pick_slot([f for f in free if f not in slot_ids], first[r], host_rows.row_prompt[r],
+                                          shared[r])
                     if slot is None:
                         break  # the next row waits for pages (rows keep their order)
                     take.append(queue.popleft())
                     slot_ids.append(slot)
-                    book.admit(slot, take[-1], first[take[-1]], need[take[-1]])
+                    book.admit(slot, r, first[r], need[r], host_rows.row_prompt[r], shared[r])
                 if not take:
                     break
                 batch = admit_batch(host_rows, take, slot_ids, width, book, st.pad_id)
@@ -233,7 +237,7 @@ class RefillEngine:
             free = sorted(set(free) | set(ended) | {slot for slot, _ in preempted})
         if book.used:
             raise AssertionError(f"{book.used} KV pages still held after the run (an engine bug).")
-        stats.peak_pages = book.peak
+        stats.peak_pages, stats.shared_prompt_pages = book.peak, book.shared
         stats.slot_steps += stats.decode_steps * self.slots
         tokens, logp, lengths, reason, prefix_logp = (shd.to_host(x)[:rows] for x in out)
         stats.host_round_trips += 1  # the outputs (one read after the loop)
@@ -295,7 +299,7 @@ class RefillEngine:
         cache = spec(cache, cache.shardings())
         state = spec(state, self._state_shardings(rows)[0])
         batch = AdmitBatch(*(host((a,)) for _ in range(4)), host((a, f_width)), *(host((a,)) for _ in range(3)),
-                           host((a, 2), jnp.uint32), host((a, cache.table.shape[1])), host((a,)))
+                           host((a, 2), jnp.uint32), host((a, cache.table.shape[1])), host((a,)), host((a,)))
         admit = self._admit.lower(params, cache, state, store, batch)
         decode = self._decode.lower(params, cache, state, host(()))
         return prefill, admit, decode
@@ -358,10 +362,11 @@ class RefillEngine:
 
         # The rows' filled positions [0, plen - 1 + start_len) into their pages (one scatter for
         # every layer; padding rows and positions past the fill point past the pool: dropped).
+        # Positions below b.shared are in a prompt's pages another row wrote: not written again.
         filled = index + b.start_len
         pos = jnp.arange(length)
         page = jnp.take_along_axis(b.pages, jnp.broadcast_to(pos // cache.page_size, (a, length)), axis=1)
-        page = jnp.where(pos[None, :] < filled[:, None], page, cache.num_pages)
+        page = jnp.where((pos[None, :] < filled[:, None]) & (pos[None, :] >= b.shared[:, None]), page, cache.num_pages)
 
         def to_pages(pool, layers):  # pool [K, L, P, ps, D]; layers [L, A, W, K, D]
             new = layers.transpose(3, 0, 1, 2, 4).astype(pool.dtype)  # [K, L, A, W, D]

@@ -93,7 +93,8 @@ class AdmitBatch(NamedTuple):
     slot, row (R for padding), prompt (index into the store), plen (its tokens), start: int32
     [A, F] = [last prompt token, prefix..., pad], start_len (1 + prefix length), limit, offset;
     keys: uint32 [A, 2] raw PRNG keys; pages: int32 [A, W] the row's page table (padding rows:
-    the pool size, so their writes drop); cap: int32 [A], the tokens its pages hold."""
+    the pool size, so their writes drop); cap: int32 [A], the tokens its pages hold; shared:
+    int32 [A], its first tokens whose pages another row of its prompt wrote (not written again)."""
 
     slot: Any
     row: Any
@@ -106,6 +107,7 @@ class AdmitBatch(NamedTuple):
     keys: Any
     pages: Any
     cap: Any
+    shared: Any
 
 
 class Rows(NamedTuple):
@@ -159,7 +161,8 @@ def admit_batch(rows: Rows, take, slot_ids, width: int, book: PageBook, pad_id: 
                       row=pad(np.asarray(take, np.int32), len(rows.limits)), prompt=pad(rows.row_prompt[take], 0),
                       plen=pad(plen, 1), start=pad(start, pad_id), start_len=pad(start_len, 1),
                       limit=pad(rows.limits[take], 1), offset=pad(rows.offset[take], 0), keys=pad(rows.keys[take], 0),
-                      pages=pad(table, book.pool.pages), cap=pad(book.capacity()[slot_ids], 0))
+                      pages=pad(table, book.pool.pages), cap=pad(book.capacity()[slot_ids], 0),
+                      shared=pad(np.array([book.shared_tokens(s) for s in slot_ids], np.int32), 0))
 
 
 def right_padded(prompts, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
