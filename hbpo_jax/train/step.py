@@ -96,8 +96,13 @@ class Step:
         grader = stream.StreamGrader(**grade_kw) if jax.process_count() == 1 else None
         on_texts = None if grader is None else (
             lambda rows, prompts, texts: grader.submit(rows, texts, [records[i]["answer"] for i in prompts]))
-        batch = sample(s, self.policy.graphdef, state.params, self.policy.tokenizer,
-                       [x["problem"] for x in records], key, mesh=self.mesh, rules=self.rules, on_texts=on_texts)
+        try:
+            batch = sample(s, self.policy.graphdef, state.params, self.policy.tokenizer,
+                           [x["problem"] for x in records], key, mesh=self.mesh, rules=self.rules, on_texts=on_texts)
+        except BaseException:
+            if grader is not None:
+                grader.close()
+            raise
         lengths = np.asarray(batch.lengths)
         t1 = time.perf_counter()
 
