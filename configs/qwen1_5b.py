@@ -38,7 +38,14 @@ def get_config(arg: str | None = None):
     r.max_response_len = 4096  # L_max
     r.temperature = 1.0
     r.top_p = 1.0
-    r.max_batch = 256  # 256 decode slots for the 1,024 rollouts: ~37 GB of bf16 KV cache
+    # Every rollout in flight (issue 28): 1,024 decode slots, so each decode step's weight read
+    # serves all of a chip's rows (128 per chip on v5p-16's 8 chips, 64 on v5e-16's 16), and a
+    # step is one prefill, one admit and one decode loop. The rows' KV does not fit whole (1,024 x
+    # (1,024 + 16 + 4,096) tokens x 28,672 B = 151 GB) but their live KV does (the real mix's peak:
+    # 1.2-3.2 GB per v5p-16 chip, at most ~0.9 M tokens): a pool of 2^21 tokens (60 GB: 7.5 GB per
+    # chip on 8 chips, 3.75 GB on 16) gives pages on demand with room for ~2.3x that peak.
+    r.max_batch = 0
+    r.kv_tokens = 2 ** 21
 
     config.objective.name = "hbpo"
 

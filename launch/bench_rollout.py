@@ -16,7 +16,11 @@ and the same tokens (a row's randomness is its own; the run checks it).
 Both paths hold --slots rows of KV cache: the static path samples chunks of --slots rows, each
 until its longest row ends; the engine keeps --slots decode slots busy. Printed: tokens/s,
 decode slot-steps, utilization = generated tokens / slot-steps, and the speed-up's ceiling (the
-ratio of slot-steps: what equal per-step costs would give); the engine's KV pages: the pool, the
+ratio of slot-steps: what equal per-step costs would give); with --all_in_flight the engine again
+with one slot per row (one admit, one decode loop: on a TPU, whose decode step costs about one
+weight read whatever its rows, the fewest steps; on a CPU, whose step costs grow with the rows, a
+lower utilization); the engine's admits, decode segments, host round trips (the host waiting for
+the device) and prompt pages shared between a prompt's rows; the engine's KV pages: the pool, the
 most in use at once, and with a pool smaller than slots x the longest row (--kv_tokens) the pages
 granted on demand, the rows preempted and the tokens they had drawn (recomputed). The update: one optimizer step per
 mini-batch over the same rows, every micro-batch at the step's width vs grouped by length
@@ -47,6 +51,7 @@ flags.DEFINE_float("long_fraction", 1 / 16, "Share of rows that run to the cap."
 flags.DEFINE_enum("long_rows", "natural", ["natural", "budget"],
                   "The rows that run to the cap: natural rows (known in advance) or budget rows.")
 flags.DEFINE_integer("slots", 32, "Rows of KV cache: the engine's slots, the static path's rows per call.")
+flags.DEFINE_bool("all_in_flight", True, "Also run the engine with one slot per row (every row in flight).")
 flags.DEFINE_integer("kv_tokens", 0, "The engine's KV page pool in tokens (0: slots x the longest row; smaller: "
                      "pages on demand, with preemption when the pool runs dry).")
 flags.DEFINE_integer("prompt_len", 48, "Longest prompt (tokens); prompts are 1/2 to 1 of it.")
@@ -162,20 +167,32 @@ def main(argv) -> None:
     (static, t_static), (refill, t_refill) = results["static"], results["refill"]
     same = (np.array_equal(static.tokens, refill.tokens) and np.array_equal(static.lengths, refill.lengths)
             and np.array_equal(static.lengths, limits))
+    all_in = None
+    if f.all_in_flight:  # every row in its own slot: one admit, one decode loop, no refill
+        all_in = _sample((graphdef, params), layout, limits, settings, "refill", rows, f.kv_tokens)
+        same = same and np.array_equal(all_in[0].tokens, static.tokens)
     tokens = int(limits.sum())
     print(f"\n{'rollout':<8} | {'seconds':>8} | {'tokens/s':>9} | {'slot-steps':>10} | {'utilization':>11}")
-    for name, out, t in (("static", static, t_static), ("refill", refill, t_refill)):
+    paths = [("static", static, t_static), ("refill", refill, t_refill)] + ([("all rows", *all_in)] if all_in else [])
+    for name, out, t in paths:
         print(f"{name:<8} | {t:>8.2f} | {tokens / t:>9.0f} | {out.slot_steps:>10} | {tokens / out.slot_steps:>10.1%}")
     print(f"ceiling of the speed-up (slot-steps static / engine): {static.slot_steps / refill.slot_steps:.2f}x; "
-          f"the same tokens on both paths: {'yes' if same else 'NO'}")
+          f"the same tokens on every path: {'yes' if same else 'NO'}")
     es = refill.engine_stats
+    print(f"\n{'engine host work':<16} | {'slots':>5} | {'admits':>6} | {'segments':>8} | {'round trips':>11} | "
+          f"{'prompt pages shared':>19}")
+    for name, st in (("refill", es), ("all rows", all_in and all_in[0].engine_stats)):
+        if st is not None:
+            print(f"{name:<16} | {st.slots:>5} | {st.admit_calls:>6} | {st.segments:>8} | {st.host_round_trips:>11} | "
+                  f"{st.shared_prompt_pages:>19}")
     print(f"\n{'engine KV pages':<15} | {'pool':>5} | {'peak in use':>12} | {'granted':>7} | {'preemptions':>11} | "
           f"{'recomputed tokens':>17}")
     print(f"{'on demand' if es.page_grants else 'whole limits':<15} | {es.pool_pages:>5} | {es.peak_pages:>5} = "
           f"{es.peak_pages / max(es.pool_pages, 1):>4.0%} | {es.page_grants:>7} | {es.preemptions:>11} | "
           f"{es.recomputed:>17}")
+    page_tokens = es.kv_bytes // max(es.pool_pages, 1) // pages.kv_bytes_per_token(cfg, cfg.compute_dtype)
     print(f"KV bytes: engine page pool {es.kv_bytes / 2**20:.2f} MiB ({es.pool_pages} pages of "
-          f"{es.kv_bytes // max(es.pool_pages, 1) // pages.kv_bytes_per_token(cfg, cfg.compute_dtype)} tokens), a contiguous {f.slots} x C "
+          f"{page_tokens} tokens), a contiguous {f.slots} x C "
           f"cache {es.dense_kv_bytes / 2**20:.2f} MiB (the engine before pages)")
 
     arrays = _update_arrays(layout, refill, lengths, f.cap, rng)

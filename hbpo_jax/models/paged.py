@@ -32,7 +32,9 @@ Attention (`PagedLayer.attend`):
          bfloat16 cache it is exact; with a float32 cache it rounds them); head_dim must be a
          multiple of 128 (at D = 64, e.g. SmolLM2 or Llama 3.2 1B, it fails to lower for a TPU:
          PagedKVCache.init refuses it, and the engine takes "xla" there). Numerics checked on CPU
-         in TPU interpret mode (tests/models/test_paged.py).
+         in TPU interpret mode (tests/models/test_paged.py). On a chip of two TensorCores (v4,
+         v5p) the kernel splits the slots over both (megacore_mode "batch"; `megacore_mode`):
+         without it one core idles through decode attention.
          jax's ragged_paged_attention kernel (combined [P, page, 2K, D] layout, mixed prefill
          and decode) does not run in jax 0.10.2's TPU interpreter (its ref reshape is
          unsupported there), so it cannot be checked here and is not used.
@@ -186,7 +188,8 @@ class PagedLayer:
                 return fn(*a, page_offset=shard * per_shard)
             out, keys, values = jax.shard_map(
                 local, mesh=pl.mesh,
-                in_specs=(rows, rows, rows, pool, pool, pl.spec("batch", None), pl.spec("batch"), pl.spec("batch"), P()),
+                in_specs=(rows, rows, rows, pool, pool, pl.spec("batch", None), pl.spec("batch"), pl.spec("batch"),
+                          P()),
                 out_specs=(rows, pool, pool), check_vma=False)(*args)
         return out, PagedLayer(dataclasses.replace(c, keys=keys, values=values), self.index)
 
@@ -225,9 +228,9 @@ def blocked_attention(q, k_pages, v_pages, table, kv_lens, q_pos, block_pages: i
     """Attention over pages, reading blocks of `block_pages` pages up to the longest kv_lens.
 
     q: [S, T, H, D]; k_pages, v_pages: [K, P, page_size, D], or [K, L, P, page_size, D] with
-    `layer` (int32 []) picking one: the block gather reads that layer's pages in place; table: int32 [S, W] (W a multiple of
-    block_pages, local page ids); kv_lens: int32 [S] (tokens to read per slot); q_pos: int32
-    [S, T] (query t attends to positions ≤ q_pos[s, t] and < kv_lens[s]).
+    `layer` (int32 []) picking one: the block gather reads that layer's pages in place; table:
+    int32 [S, W] (W a multiple of block_pages, local page ids); kv_lens: int32 [S] (tokens to read
+    per slot); q_pos: int32 [S, T] (query t attends to positions ≤ q_pos[s, t] and < kv_lens[s]).
     Returns [S, T, H, D] in q's dtype; scores, softmax and accumulation in float32.
     """
     s, t, h, d = q.shape
@@ -261,18 +264,35 @@ def blocked_attention(q, k_pages, v_pages, table, kv_lens, q_pos, block_pages: i
     return out.transpose(0, 3, 1, 2, 4).reshape(s, t, h, d).astype(q.dtype)
 
 
-def kernel_attention(q, k_pages, v_pages, table, kv_lens, block_pages: int) -> jax.Array:
+def megacore_mode(slots: int, kv_heads: int, device_kind: str | None = None) -> str | None:
+    """The paged-attention kernel's megacore_mode for a chip: None on a chip of one TensorCore
+    (v5e, v6e, CPU), else how its two cores (v4, v5p) split the work: "batch" (the slots; each
+    core reads its own slots' pages, balanced when slots are many) when the slots divide by 2,
+    else "kv_head" when the kv heads do, else None (one core idles). device_kind: default the
+    first device's."""
+    kind = (device_kind if device_kind is not None else jax.devices()[0].device_kind).lower()
+    if "tpu" not in kind or "lite" in kind or not any(v in kind for v in ("v4", "v5")):
+        return None
+    return "batch" if slots % 2 == 0 else "kv_head" if kv_heads % 2 == 0 else None
+
+
+def kernel_attention(q, k_pages, v_pages, table, kv_lens, block_pages: int, megacore: str | None = "auto"
+                     ) -> jax.Array:
     """jax's Pallas TPU paged-attention kernel for one query token per slot.
 
     q: [S, 1, H, D]; k_pages, v_pages: [K, P, page_size, D]; table: int32 [S, W] (W a multiple of
-    block_pages); kv_lens: int32 [S] ≥ 1. The kernel does not scale the scores, so q is scaled
-    here in float32. Returns [S, 1, H, D] in q's dtype."""
+    block_pages); kv_lens: int32 [S] ≥ 1; megacore: the kernel's megacore_mode ("batch",
+    "kv_head", None), "auto": `megacore_mode` of this chip. The kernel does not scale the
+    scores, so q is scaled here in float32. Returns [S, 1, H, D] in q's dtype."""
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
     s, t, h, d = q.shape
     if t != 1:
         raise ValueError(f"the paged-attention kernel takes one query token per slot, got {t}.")
+    if megacore == "auto":
+        megacore = megacore_mode(s, k_pages.shape[0])
     qs = q[:, 0].astype(jnp.float32) * (d ** -0.5)
-    out = paged_attention(qs, k_pages, v_pages, kv_lens, table, pages_per_compute_block=block_pages)
+    out = paged_attention(qs, k_pages, v_pages, kv_lens, table, pages_per_compute_block=block_pages,
+                          megacore_mode=megacore)
     return out[:, None].astype(q.dtype)
 
 
@@ -293,4 +313,4 @@ def dense_attention_reference(q, k_pages, v_pages, table, kv_lens, q_pos) -> jax
 
 
 __all__ = ["IMPLS", "PagedKVCache", "PagedLayer", "PagedPlacement", "blocked_attention",
-           "dense_attention_reference", "kernel_attention", "pages_for"]
+           "dense_attention_reference", "kernel_attention", "megacore_mode", "pages_for"]

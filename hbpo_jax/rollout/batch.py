@@ -73,7 +73,8 @@ def _gather_shifted(src: np.ndarray, shift: np.ndarray, width: int, fill):
 
 def budget_rollouts(policy, tokenizer, problems: Sequence[str], settings: RolloutSettings, *,
                     key: jax.Array, mesh=None, rules=None, prompt_budgets: Sequence[int] | None = None,
-                    eos_ids: Sequence[int] | None = None, pad_id: int | None = None) -> RolloutBatch:
+                    eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
+                    on_texts=None) -> RolloutBatch:
     """Builds the prompts (`build_prompts`), samples the rows, and lays out the responses (see
     RolloutBatch for shapes).
 
@@ -82,6 +83,10 @@ def budget_rollouts(policy, tokenizer, problems: Sequence[str], settings: Rollou
       changes a token). prompt_budgets: l1 / l1_max: one budget per problem instead of
       settings.budgets (build_prompts). eos_ids: default `default_eos_ids`; pad_id: default the
       tokenizer's pad id, else the first EOS.
+    on_texts: called as rows finish, on_texts(rows int [k], prompt_index int [k], texts [k] str),
+      every row once, with the text RolloutBatch.texts will hold (to grade rows while the others decode): the refill
+      engine calls it per decode segment, the rest (static engine, rows with no room) after
+      sampling, before this returns.
     """
     s = settings
     budgets = None if prompt_budgets is not None else (tuple(s.budgets) or None)
@@ -105,9 +110,23 @@ def budget_rollouts(policy, tokenizer, problems: Sequence[str], settings: Rollou
 
     sampler_settings = sampler.SamplerSettings(n, tuple(eos_ids), pad_id, s.temperature, s.top_p, s.top_k,
                                                s.prompt_bucket)
+    known: dict[int, str] = {}  # row -> its text, made as it finished
+
+    def on_rows(rows, toks, lens, why):
+        texts = _texts(tokenizer, [layout.prefix_tokens[r] for r in rows], toks, lens, why)
+        known.update(zip(map(int, rows), texts))
+        on_texts(rows, layout.prompt_index[rows], texts)
     got = sample_rows(policy, layout, limits, sampler_settings, engine=s.engine, max_batch=s.max_batch, key=key,
-                      mesh=mesh, rules=rules, kv_tokens=s.kv_tokens)
+                      mesh=mesh, rules=rules, kv_tokens=s.kv_tokens,
+                      on_rows=on_rows if on_texts is not None else None)
     tokens, logp, sampled_len, reason, prefix_logp = got[:5]
+    rest = [r for r in range(len(limits)) if r not in known]
+    if rest:
+        texts = _texts(tokenizer, [layout.prefix_tokens[r] for r in rest], tokens[rest], sampled_len[rest],
+                       reason[rest])
+        known.update(zip(rest, texts))
+        if on_texts is not None:
+            on_texts(np.asarray(rest), layout.prompt_index[rest], texts)
 
     # prefix + sampled tokens, right-padded: the text the grader sees, and the counted response.
     width = n + int(pfx.max(initial=0))
@@ -137,9 +156,7 @@ def budget_rollouts(policy, tokenizer, problems: Sequence[str], settings: Rollou
         prompt_ids, prompt_mask = sampler.pad_prompts(full_prompts, pad_id, s.prompt_bucket)
     response_mask = col[:, :n] < lengths[:, None]
 
-    text_len = joined_len - (reason == sampler.STOP_EOS)  # drop the final EOS from the text
-    texts = tokenizer.batch_decode([row[:k].tolist() for row, k in zip(joined, text_len)],
-                                   skip_special_tokens=False)
+    texts = [known[r] for r in range(len(limits))]
     return RolloutBatch(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask,
         response_ids=np.where(response_mask, response_ids, pad_id).astype(np.int32),
@@ -147,6 +164,14 @@ def budget_rollouts(policy, tokenizer, problems: Sequence[str], settings: Rollou
         lengths=lengths.astype(np.int32), prefix_lengths=pfx, budgets=layout.budgets,
         prompt_index=layout.prompt_index, stop_reason=reason, texts=texts,
         group_shape=layout.group_shape, scored_mask=scored_mask)
+
+
+def _texts(tokenizer, prefixes, tokens, lengths, reason) -> list[str]:
+    """The grader's text of rows: prefix + generated tokens (special tokens kept, a final EOS
+    dropped). prefixes: k token lists; tokens: int [k, N]; lengths, reason: int [k]."""
+    ids = [list(p) + np.asarray(t[:n - (r == sampler.STOP_EOS)]).tolist()
+           for p, t, n, r in zip(prefixes, tokens, lengths, reason)]
+    return tokenizer.batch_decode(ids, skip_special_tokens=False)
 
 
 def expected_lengths(budgets: np.ndarray, cap: int) -> np.ndarray:
@@ -172,7 +197,7 @@ class SampledRows(NamedTuple):
 
 def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerSettings, *,
                 engine: str, max_batch: int = 0, key, mesh=None, rules=None,
-                kv_tokens: int = 0) -> SampledRows:
+                kv_tokens: int = 0, on_rows=None) -> SampledRows:
     """Samples a layout's rows (prompt + pre-filled prefix, `limits` int [R] new tokens each) with
     `engine` (ENGINES). Row r draws with fold_in(key, r), so both engines give the same tokens.
 
@@ -182,6 +207,7 @@ def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerS
     refill: max_batch decode slots (0: one per row); each distinct prompt prefilled once, rows
       admitted longest expected first (`expected_lengths`), prefix log-probs scored; kv_tokens:
       its KV page pool in tokens (0: max_batch x the longest row; less: pages on demand, preemption).
+      on_rows: refill only, the engine's on_retire (rows handed over as they end; RefillEngine.run).
     Both read the weights in the compute dtype, laid out for decoding (sharding.decode_weights).
     """
     graphdef, state = sampler.split_model(policy)
@@ -196,7 +222,7 @@ def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerS
                                     rules=rules, kv_tokens=kv_tokens)
         order = np.lexsort((np.arange(rows), -expected_lengths(layout.budgets, settings.max_new_tokens)))
         out, stats = eng.run(state, [list(p) for p in prompt_ids], row_prompt, layout.prefix_tokens, limits,
-                             key=key, order=order)
+                             key=key, order=order, on_retire=on_rows)
         return SampledRows(*out, slot_steps=stats.slot_steps, engine_stats=stats)
     if engine != "static":
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")

@@ -13,6 +13,15 @@ slot and a filled length per slot. This module is the host side of that pool:
   room       the regime: whole limits at admission when the pool holds every slot's largest need
              (the default pool always does), else pages on demand, `room` tokens ahead
 
+Shared prompt pages: a prompt's rows fill the same KV for its tokens [0, plen - 1) (the last prompt
+token is re-written by each row's start forward). The pages those tokens fill completely are
+written once per shard, by the first row of the prompt admitted there, and every later row of the
+prompt on that shard points its table at them (a reference count per page; the page is free when
+its last row releases it). The partly filled page, and every page after, is the row's own: the
+row's first write (its start sequence) lands in it, so the copy on write is made at admission.
+`pick_slot` pins a prompt's rows to the shard that holds its pages while that shard has a free
+slot, so a prompt's rows share one copy and decode on one device.
+
 Pages on demand: a row is admitted with the pages for what it has filled (prompt + prefix) plus
 `room` tokens, not its whole limit; the engine's decode loop returns to the host before a running
 row would write past its pages (its capacity), and the host grants more. When a shard has no free
@@ -116,8 +125,13 @@ class PageBook:
         self._row: dict[int, int] = {}  # slot -> its row
         self._order: dict[int, int] = {}  # slot -> admission number (the latest is the victim)
         self._admitted = 0
+        self._own: dict[int, int] = {}  # slot -> its leading pages that are a prompt's shared pages
+        self._refs: dict[int, int] = {}  # shared page -> rows holding it
+        self._prompt: dict[tuple[int, int], list[int]] = {}  # (shard, prompt) -> its shared pages
+        self._slot_prompt: dict[int, tuple[int, int]] = {}  # slot -> its (shard, prompt) when shared
         self.peak = 0  # the most pages held at once
         self.granted = 0  # pages granted to running rows (after their admission)
+        self.shared = 0  # page references served by a prompt's pages already written
 
     # ------------------------------------------------------------------ reading
     def shard_of(self, slot: int) -> int:
@@ -152,33 +166,79 @@ class PageBook:
         """int32 [S]: tokens each slot's pages hold (0 when empty)."""
         return np.array([len(self._pages.get(s, ())) * self.page_size for s in range(self.slots)], np.int32)
 
-    def pick_slot(self, free_slots, n: int) -> int | None:
-        """A slot of `free_slots` whose shard has n free pages (the shard with most free pages
-        first), or None."""
+    def shared_pages(self, shard: int, prompt: int) -> list[int]:
+        """The prompt's pages written on `shard` ([] when none)."""
+        return list(self._prompt.get((shard, prompt), ()))
+
+    def shared_tokens(self, slot: int) -> int:
+        """Tokens at the start of the slot's row already in a prompt's pages written by another row
+        (the admit skips writing them; 0 for the row that writes them)."""
+        return self._own.get(slot, 0) * self.page_size
+
+    def pick_slot(self, free_slots, n: int, prompt: int | None = None, shared: int = 0) -> int | None:
+        """A slot of `free_slots` whose shard can give the row its n pages, or None. With a prompt
+        whose first `shared` pages can be shared: a shard already holding them first (they are not
+        taken again), then the shard with most free pages."""
         best = None
         for slot in free_slots:
-            left = self.pool.num_free(self.shard_of(slot))
-            if left >= n and (best is None or left > best[0]):
-                best = (left, slot)
+            shard = self.shard_of(slot)
+            pinned = prompt is not None and shared > 0 and (shard, prompt) in self._prompt
+            left = self.pool.num_free(shard)
+            if left >= n - (shared if pinned else 0) and (best is None or (pinned, left) > best[0]):
+                best = ((pinned, left), slot)
         return None if best is None else best[1]
 
     # ------------------------------------------------------------------ changes
-    def admit(self, slot: int, row: int, n: int, need: int) -> list[int]:
+    def admit(self, slot: int, row: int, n: int, need: int, prompt: int | None = None, shared: int = 0) -> list[int]:
         """The empty slot takes n pages of its shard for `row`, whose whole limit needs `need`
-        pages. Raises when the slot is held, n > need, or the shard has too few free pages."""
-        if slot in self._pages or not 1 <= n <= need or need > self.width:
-            raise ValueError(f"slot {slot}: cannot admit row {row} with {n} of {need} pages (width {self.width}).")
-        got = self.pool.alloc(self.shard_of(slot), n)
+        pages; its first `shared` (< n) are its prompt's (`prompt`) shared pages: taken from the
+        shard's copy when one is written (shared_tokens(slot) > 0 then), else allocated here and
+        registered as that copy. Raises when the slot is held, n > need, or the shard has too few
+        free pages."""
+        shared = int(shared) if prompt is not None else 0
+        if slot in self._pages or not 1 <= n <= need or need > self.width or not 0 <= shared < n:
+            raise ValueError(f"slot {slot}: cannot admit row {row} with {n} of {need} pages, {shared} shared "
+                             f"(width {self.width}).")
+        key = (self.shard_of(slot), int(prompt) if prompt is not None else -1)
+        if key in self._prompt and len(self._prompt[key]) != shared:
+            shared = 0  # another count of shared pages for the prompt (not the engine's case): none
+        reuse = self._prompt.get(key, []) if shared else []
+        got = self.pool.alloc(key[0], n - len(reuse))
         if got is None:
-            raise ValueError(f"slot {slot}: {n} pages are not free on shard {self.shard_of(slot)}.")
+            raise ValueError(f"slot {slot}: {n - len(reuse)} pages are not free on shard {key[0]}.")
+        if shared:
+            if len(reuse) < shared:  # the first row of the prompt on this shard writes its pages
+                reuse, got = got[:shared], got[shared:]
+                self._prompt[key] = list(reuse)
+                self._refs.update((p, 0) for p in reuse)
+            else:
+                self._own[slot] = shared
+                self.shared += shared
+            for p in reuse:
+                self._refs[p] += 1
+            self._slot_prompt[slot] = key
+            got = list(reuse) + got
         self._pages[slot], self._need[slot], self._row[slot] = got, int(need), int(row)
         self._order[slot], self._admitted = self._admitted, self._admitted + 1
         self.peak = max(self.peak, self.used)
         return list(got)
 
     def release(self, slot: int) -> int:
-        """The slot's pages go back to the pool (its row retired or preempted). Returns its row."""
-        self.pool.free(self._pages.pop(slot))
+        """The slot's pages go back to the pool (its row retired or preempted); a shared page only
+        when its last row lets go. Returns its row."""
+        held = self._pages.pop(slot)
+        key = self._slot_prompt.pop(slot, None)
+        self._own.pop(slot, None)
+        if key is not None:
+            shared = self._prompt[key]
+            for p in shared:
+                self._refs[p] -= 1
+            if not self._refs[shared[0]]:
+                self.pool.free(shared)
+                for p in self._prompt.pop(key):
+                    del self._refs[p]
+            held = held[len(shared):]
+        self.pool.free(held)
         del self._need[slot], self._order[slot]
         return self._row.pop(slot)
 

@@ -109,7 +109,7 @@ class RefillEngine:
         self._empty = jax.jit(self._empty_fn, static_argnums=(0, 1, 2, 3))
         self._admit = jax.jit(self._admit_fn, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
-        self._retire = jax.jit(self._retire_fn, donate_argnums=(0, 1))
+        self._retire = jax.jit(self._retire_fn, donate_argnums=(0, 1), static_argnums=(4,))
         self._grow = jax.jit(self._grow_fn, donate_argnums=(0, 1))
 
     @staticmethod
@@ -134,7 +134,8 @@ class RefillEngine:
 
     # ------------------------------------------------------------------ host side
     def run(self, params, prompts: Sequence[Sequence[int]], row_prompt, prefixes: Sequence[Sequence[int]],
-            limits, *, key, token_offset=None, order=None) -> tuple[EngineOutput, EngineStats]:
+            limits, *, key, token_offset=None, order=None, on_retire=None,
+            retire_every: int = 0) -> tuple[EngineOutput, EngineStats]:
         """Samples every row.
 
         prompts: G token lists (≥ 1 token each), each prefilled once; row_prompt: int [R], each
@@ -143,6 +144,11 @@ class RefillEngine:
         PRNG key (row r samples with fold_in(key, r)) or per-row keys (typed [R] or uint32 [R, 2]);
         token_offset: int [R] (default 0, see hbpo_jax.rollout.static.SamplerInputs); order: row indices
         in admission order (default: descending limit; give the longest expected rows first).
+        on_retire: called on the host as rows end, while decoding goes on (e.g. to grade them):
+        on_retire(rows int [k], tokens int32 [k, N], lengths int32 [k], stop_reason int32 [k]),
+        each row once, rows with limit 0 never (they are not admitted); retire_every: with
+        on_retire, the decode loop also returns to the host once this many rows have ended since
+        its last return (0: R / 16), so finished rows reach the callback while the rest decode.
         """
         st, ps = self.settings, self.page_size
         host_rows = Rows.make(prompts, row_prompt, prefixes, limits, key, token_offset, st.max_new_tokens,
@@ -164,6 +170,8 @@ class RefillEngine:
                              f"{ps} per device, but a row needs {most}.")
         room = pages.room(self.grow, self.settings.max_new_tokens, ps, per_shard, self.slots // self._shards, most)
         first = need if room is None else [min(need[r], paged.pages_for(filled[r] + room, ps)) for r in range(rows)]
+        # A prompt's pages filled by its tokens [0, plen - 1) are shared by its rows (pages.py).
+        shared = [min((len(prompts[host_rows.row_prompt[r]]) - 1) // ps, first[r] - 1) for r in range(rows)]
         per_token = pages.kv_bytes_per_token(self.cfg, self._layout.cache_dtype)
         stats = EngineStats(slots=self.slots, rows=rows, prompt_prefills=len(prompts), pool_pages=num_pages,
                             kv_bytes=num_pages * ps * per_token,
@@ -173,18 +181,21 @@ class RefillEngine:
         cache, state, out = self._empty(p_width, f_width, rows, num_pages)
         book = pages.PageBook(num_pages, self.slots, self._shards, ps, cache.table.shape[1])
         free, preempted = list(range(self.slots)), []
+        every = max(1, int(retire_every) or rows // 16) if on_retire is not None else 0
         while True:
             while free and queue and not preempted:  # no admission right after a preemption
                 # The first fill admits every slot in one call; refills admit A rows at a time.
                 width = self.slots if len(free) == self.slots else self.admit_width
                 take, slot_ids = [], []
                 while queue and len(take) < width:
-                    slot = book.pick_slot([f for f in free if f not in slot_ids], first[queue[0]])
+                    r = queue[0]
+                    slot = book.pick_slot([f for f in free if f not in slot_ids], first[r], host_rows.row_prompt[r],
+                                          shared[r])
                     if slot is None:
                         break  # the next row waits for pages (rows keep their order)
                     take.append(queue.popleft())
                     slot_ids.append(slot)
-                    book.admit(slot, take[-1], first[take[-1]], need[take[-1]])
+                    book.admit(slot, r, first[r], need[r], host_rows.row_prompt[r], shared[r])
                 if not take:
                     break
                 batch = admit_batch(host_rows, take, slot_ids, width, book, st.pad_id)
@@ -195,15 +206,22 @@ class RefillEngine:
             if len(free) == self.slots:
                 break
             ends = min(self.admit_width, len(queue)) if queue else self.slots + 1
+            if every:  # a consumer waits for finished rows: return to it every `every` ends
+                ends = min(ends, every)
             cache, state, steps = self._decode(params, cache, state, self._host_value(np.int32(ends)))
-            state, out, info = self._retire(state, out, steps, cache.lengths)
-            info = shd.to_host(info)  # one transfer per segment: [steps, codes [S], gen [S], lengths [S]]
-            code, gen, lengths = info[1:].reshape(3, self.slots)
+            state, out, info = self._retire(state, out, steps, cache.lengths, bool(every))
+            # One transfer per segment: [steps, codes, gen, lengths, reasons (each [S]), tokens [S, N] if
+            # a consumer takes the finished rows].
+            info = shd.to_host(info)
+            code, gen, lengths, reason = info[1:1 + 4 * self.slots].reshape(4, self.slots)
             stats.segments += 1
+            stats.host_round_trips += 1
             stats.decode_steps += int(info[0])
             ended = np.flatnonzero(code == ENDED).tolist()
-            for slot in ended:
-                book.release(slot)
+            done_rows = [book.release(slot) for slot in ended]
+            if every and ended:
+                toks = info[1 + 4 * self.slots:].reshape(self.slots, -1)[ended]
+                on_retire(np.asarray(done_rows), toks, gen[ended].astype(np.int32), reason[ended].astype(np.int32))
             preempted = []
             if room is not None:
                 preempted, granted = book.grow(lengths, np.flatnonzero(code == HUNGRY), room)
@@ -219,9 +237,10 @@ class RefillEngine:
             free = sorted(set(free) | set(ended) | {slot for slot, _ in preempted})
         if book.used:
             raise AssertionError(f"{book.used} KV pages still held after the run (an engine bug).")
-        stats.peak_pages = book.peak
+        stats.peak_pages, stats.shared_prompt_pages = book.peak, book.shared
         stats.slot_steps += stats.decode_steps * self.slots
         tokens, logp, lengths, reason, prefix_logp = (shd.to_host(x)[:rows] for x in out)
+        stats.host_round_trips += 1  # the outputs (one read after the loop)
         reason = np.where(limits == 0, STOP_LIMIT, reason).astype(np.int32)
         stats.tokens = int(lengths.sum())
         return EngineOutput(tokens, logp, lengths.astype(np.int32), reason, prefix_logp), stats
@@ -280,7 +299,7 @@ class RefillEngine:
         cache = spec(cache, cache.shardings())
         state = spec(state, self._state_shardings(rows)[0])
         batch = AdmitBatch(*(host((a,)) for _ in range(4)), host((a, f_width)), *(host((a,)) for _ in range(3)),
-                           host((a, 2), jnp.uint32), host((a, cache.table.shape[1])), host((a,)))
+                           host((a, 2), jnp.uint32), host((a, cache.table.shape[1])), host((a,)), host((a,)))
         admit = self._admit.lower(params, cache, state, store, batch)
         decode = self._decode.lower(params, cache, state, host(()))
         return prefill, admit, decode
@@ -343,10 +362,11 @@ class RefillEngine:
 
         # The rows' filled positions [0, plen - 1 + start_len) into their pages (one scatter for
         # every layer; padding rows and positions past the fill point past the pool: dropped).
+        # Positions below b.shared are in a prompt's pages another row wrote: not written again.
         filled = index + b.start_len
         pos = jnp.arange(length)
         page = jnp.take_along_axis(b.pages, jnp.broadcast_to(pos // cache.page_size, (a, length)), axis=1)
-        page = jnp.where(pos[None, :] < filled[:, None], page, cache.num_pages)
+        page = jnp.where((pos[None, :] < filled[:, None]) & (pos[None, :] >= b.shared[:, None]), page, cache.num_pages)
 
         def to_pages(pool, layers):  # pool [K, L, P, ps, D]; layers [L, A, W, K, D]
             new = layers.transpose(3, 0, 1, 2, 4).astype(pool.dtype)  # [K, L, A, W, D]
@@ -402,11 +422,12 @@ class RefillEngine:
         steps, cache, state = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, state))
         return cache, _constrain(state, self._state_shardings(0)[0]), steps
 
-    def _retire_fn(self, state: SlotState, out, steps, lengths):
+    def _retire_fn(self, state: SlotState, out, steps, lengths, with_tokens: bool = False):
         """Writes every ended row's output to its place (out: tokens [R + 1, N], logprobs, lengths,
         stop_reason, prefix_logprobs; row R is a sink) and marks its slot empty. lengths: int32 [S],
-        the cache's. Returns (state, out, info int32 [1 + 3 S]: the decode steps taken, each slot's
-        code (ENDED: freed here, HUNGRY: running with full pages, else 0), its gen, its length)."""
+        the cache's. Returns (state, out, info int32 [1 + 4 S (+ S N with_tokens)]: the decode
+        steps taken, each slot's code (ENDED: freed here, HUNGRY: running with full pages, else
+        0), its gen, its length, its stop reason (and its tokens [S, N], flattened))."""
         TRACE_COUNTS["retire"] += 1
         sink = out[0].shape[0] - 1
         ended = state.done & (state.row < sink)
@@ -414,7 +435,8 @@ class RefillEngine:
         values = (state.tokens, state.logprobs, state.gen, state.reason, state.prefix_logp)
         out = tuple(o.at[target].set(v) for o, v in zip(out, values))
         code = jnp.where(ended, ENDED, jnp.where(~state.done & (lengths >= state.cap), HUNGRY, 0))
-        info = jnp.concatenate([steps[None], code.astype(jnp.int32), state.gen, lengths])
+        parts = [steps[None], code.astype(jnp.int32), state.gen, lengths, state.reason]
+        info = jnp.concatenate(parts + ([state.tokens.reshape(-1)] if with_tokens else []))
         return state._replace(row=jnp.where(state.done, sink, state.row)), out, info
 
     def _grow_fn(self, cache: paged.PagedKVCache, state: SlotState, table, cap, drop, sink):

@@ -38,7 +38,10 @@ class EngineStats:
     pool's bytes (keys and values, all layers), dense_kv_bytes: what a contiguous S x C cache would
     take; peak_pages of pool_pages held at once. Pages on demand: page_grants (pages granted to
     running rows), grow_calls (page-table updates), preemptions (rows stopped and requeued),
-    recomputed (tokens they had drawn, discarded: paid for in slot_steps, not in tokens)."""
+    recomputed (tokens they had drawn, discarded: paid for in slot_steps, not in tokens).
+    host_round_trips: the times the host waited for the device (one per decode segment, one for
+    the outputs); shared_prompt_pages: page references that pointed at a prompt's pages already
+    written for another row (pages not allocated, KV not copied)."""
 
     slots: int = 0
     rows: int = 0
@@ -56,6 +59,8 @@ class EngineStats:
     grow_calls: int = 0
     preemptions: int = 0
     recomputed: int = 0
+    host_round_trips: int = 0
+    shared_prompt_pages: int = 0
 
     @property
     def utilization(self) -> float:
@@ -88,7 +93,8 @@ class AdmitBatch(NamedTuple):
     slot, row (R for padding), prompt (index into the store), plen (its tokens), start: int32
     [A, F] = [last prompt token, prefix..., pad], start_len (1 + prefix length), limit, offset;
     keys: uint32 [A, 2] raw PRNG keys; pages: int32 [A, W] the row's page table (padding rows:
-    the pool size, so their writes drop); cap: int32 [A], the tokens its pages hold."""
+    the pool size, so their writes drop); cap: int32 [A], the tokens its pages hold; shared:
+    int32 [A], its first tokens whose pages another row of its prompt wrote (not written again)."""
 
     slot: Any
     row: Any
@@ -101,6 +107,7 @@ class AdmitBatch(NamedTuple):
     keys: Any
     pages: Any
     cap: Any
+    shared: Any
 
 
 class Rows(NamedTuple):
@@ -154,7 +161,8 @@ def admit_batch(rows: Rows, take, slot_ids, width: int, book: PageBook, pad_id: 
                       row=pad(np.asarray(take, np.int32), len(rows.limits)), prompt=pad(rows.row_prompt[take], 0),
                       plen=pad(plen, 1), start=pad(start, pad_id), start_len=pad(start_len, 1),
                       limit=pad(rows.limits[take], 1), offset=pad(rows.offset[take], 0), keys=pad(rows.keys[take], 0),
-                      pages=pad(table, book.pool.pages), cap=pad(book.capacity()[slot_ids], 0))
+                      pages=pad(table, book.pool.pages), cap=pad(book.capacity()[slot_ids], 0),
+                      shared=pad(np.array([book.shared_tokens(s) for s in slot_ids], np.int32), 0))
 
 
 def right_padded(prompts, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

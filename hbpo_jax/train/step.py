@@ -1,7 +1,8 @@
 """One training step on the run spec: rollouts -> grading -> rewards and advantages -> updates.
 
 With P prompts and G rollouts each (R = P * G rows, prompt-major):
-  rollout.budget_rollouts (jitted sampler, KV cache)  ->  hosts.grade_batch (worker processes)
+  rollout.budget_rollouts (jitted sampler, KV cache)  ->  grading (worker processes): one process
+  grades rows as they finish (grading.stream), while the rest decode; a pod: hosts.grade_batch
   ->  spec.objective.advantages  ->  batching.update_arrays (+ old log-probs recomputed where the
   sampler did not sample, e.g. a pre-filled budget prefix that takes the loss)  ->  one optimizer
   update per mini-batch that has a loss token.
@@ -20,7 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hbpo_jax import loss, sharding
-from hbpo_jax.grading import hosts
+from hbpo_jax.grading import hosts, stream
 from hbpo_jax.models import lora
 from hbpo_jax.policy import Policy
 from hbpo_jax.rollout import batch as rollout
@@ -40,16 +41,17 @@ def draw_l1_budgets(key: jax.Array, prompts: int, budgets: tuple[int, ...]) -> n
 
 
 def sample(sampling: SamplingSpec, graphdef, params, tokenizer, problems: list, key: jax.Array, *,
-           mesh=None, rules=None) -> rollout.RolloutBatch:
+           mesh=None, rules=None, on_texts=None) -> rollout.RolloutBatch:
     """The rollouts of one step as the spec's prompting mode lays them out. Row r (its index among
     the step's rows) samples with fold_in(key, r), so neither max_batch nor the engine changes a
-    token. l1 / l1_max draw one N per prompt from the budgets' range."""
+    token. l1 / l1_max draw one N per prompt from the budgets' range. on_texts: rows handed over
+    as they finish (budget_rollouts)."""
     settings, prompt_budgets = sampling.rollout, None
     if settings.mode in L1_MODES:
         key, sub = jax.random.split(key)
         prompt_budgets = draw_l1_budgets(sub, len(problems), settings.budgets)
     return rollout.budget_rollouts((graphdef, params), tokenizer, problems, settings, key=key, mesh=mesh,
-                                   rules=rules, prompt_budgets=prompt_budgets)
+                                   rules=rules, prompt_budgets=prompt_budgets, on_texts=on_texts)
 
 
 def _per_budget(values: np.ndarray, budgets: np.ndarray, name: str) -> dict:
@@ -104,15 +106,28 @@ class Step:
         s = self.spec.sampling
         t0 = time.perf_counter()
         params = self.full(state.params)
-        batch = sample(s, self.policy.graphdef, params, self.policy.tokenizer,
-                       [x["problem"] for x in records], key, mesh=self.mesh, rules=self.rules)
+        grade_kw = dict(workers=self.spec.grading_workers, timeout_s=self.spec.grading_timeout_s,
+                        answer_format=self.spec.answer_format)
+        # One process: rows are graded as they finish, while the rest decode. Several: grading is a
+        # collective over the hosts (hosts.grade_batch), after the rollout.
+        grader = stream.StreamGrader(**grade_kw) if jax.process_count() == 1 else None
+        on_texts = None if grader is None else (
+            lambda rows, prompts, texts: grader.submit(rows, texts, [records[i]["answer"] for i in prompts]))
+        try:
+            batch = sample(s, self.policy.graphdef, params, self.policy.tokenizer,
+                           [x["problem"] for x in records], key, mesh=self.mesh, rules=self.rules, on_texts=on_texts)
+        except BaseException:
+            if grader is not None:
+                grader.close()
+            raise
         lengths = np.asarray(batch.lengths)
         t1 = time.perf_counter()
 
-        truths = [records[i]["answer"] for i in np.asarray(batch.prompt_index)]
-        grades = hosts.grade_batch(list(batch.texts), truths, workers=self.spec.grading_workers,
-                                       timeout_s=self.spec.grading_timeout_s,
-                                       answer_format=self.spec.answer_format)
+        if grader is not None:
+            grades = grader.results(len(lengths))
+        else:
+            truths = [records[i]["answer"] for i in np.asarray(batch.prompt_index)]
+            grades = hosts.grade_batch(list(batch.texts), truths, **grade_kw)
         correct = np.array([g.correct for g in grades], bool)
         format_ok = np.array([g.format_ok for g in grades], bool)
         t2 = time.perf_counter()

@@ -140,3 +140,23 @@ def test_kernel_compiles_for_a_tpu_topology(monkeypatch):
     with jax.default_matmul_precision("default"):
         compiled = jax.jit(functools.partial(paged.kernel_attention, block_pages=4)).lower(*args).compile()
     assert "tpu_custom_call" in compiled.as_text()
+
+
+@pytest.mark.parametrize("mode", ["batch", "kv_head"])
+def test_kernel_megacore_modes_in_interpret_mode_equal_the_fallback(mode):
+    """The kernel's two-TensorCore splits (v4, v5p), run by the TPU interpreter as two cores (with
+    one, a megacore kernel waits forever on its first DMA): the same attention."""
+    from jax.experimental.pallas import tpu as pltpu
+    q, kp, vp, table, kv_lens, q_pos = _case(6, s=4, h=4, k=2, d=128, ps=8, pool=16, width=4)
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(num_cores_or_threads=2)):
+        got = paged.kernel_attention(q, kp, vp, table, kv_lens, 2, megacore=mode)
+    want = paged.blocked_attention(q, kp, vp, table, kv_lens, q_pos, 2)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_megacore_mode_per_chip():
+    assert paged.megacore_mode(256, 2, "TPU v5") == "batch"  # v5p: two TensorCores
+    assert paged.megacore_mode(255, 2, "TPU v4") == "kv_head"
+    assert paged.megacore_mode(255, 1, "TPU v5") is None
+    assert paged.megacore_mode(256, 2, "TPU v5 lite") is None and paged.megacore_mode(256, 2, "TPU v6 lite") is None
+    assert paged.megacore_mode(256, 2, "cpu") is None

@@ -132,3 +132,57 @@ def test_room_is_whole_limits_only_when_the_pool_holds_them():
     assert pages.pool_pages(100, slots=8, slot_tokens=64, page_size=8, shards=4) == 16  # 13 pages -> 4 x 4
     with pytest.raises(ValueError, match="divisible by shards"):
         pages.PageBook(10, slots=3, shards=2)
+
+
+def test_a_prompts_pages_are_shared_counted_and_released():
+    """Rows of one prompt on one shard point at one copy of its full pages (reference counted);
+    each holds its own partly filled page and what follows (the copy on write, at admission)."""
+    book = pages.PageBook(pages=40, slots=4, shards=2, page_size=4, width=10)
+    a = book.pick_slot([0, 1, 2, 3], n=5, prompt=7, shared=3)
+    first = book.admit(a, row=0, n=5, need=6, prompt=7, shared=3)
+    assert book.used == 5 and book.shared_tokens(a) == 0  # the first row writes the prompt's pages
+    b = book.pick_slot([s for s in range(4) if s != a], n=5, prompt=7, shared=3)
+    assert book.shard_of(b) == book.shard_of(a)  # pinned to the shard holding the prompt's pages
+    second = book.admit(b, row=1, n=5, need=6, prompt=7, shared=3)
+    assert second[:3] == first[:3] and not set(second[3:]) & set(first)  # shared, then its own
+    assert book.used == 7 and book.shared_tokens(b) == 12 and book.shared == 3
+    c = book.pick_slot([s for s in range(4) if book.shard_of(s) != book.shard_of(a)], n=5, prompt=7, shared=3)
+    third = book.admit(c, row=2, n=5, need=6, prompt=7, shared=3)  # another shard: its own copy, written
+    assert book.shared_tokens(c) == 0 and not set(third) & set(first) and book.used == 12
+    assert book.grant(b, 1) and len(book.held(b)) == 6
+    book.release(a)  # the prompt's pages stay: row 1 still reads them
+    assert book.used == 12 + 1 - 2 and set(first[:3]) <= set(book.held(b))
+    book.release(b)
+    assert book.used == 5 and book.shared_pages(book.shard_of(a), 7) == []
+    again = book.admit(a, row=0, n=5, need=6, prompt=7, shared=3)  # re-admitted: written again
+    assert book.shared_tokens(a) == 0 and len(again) == 5
+    book.release(a)
+    book.release(c)
+    assert book.used == 0
+    with pytest.raises(ValueError, match="shared"):
+        book.admit(a, row=0, n=3, need=6, prompt=7, shared=3)
+
+
+def test_shared_pages_under_random_preemption_leak_no_page():
+    rng = np.random.default_rng(1)
+    book = pages.PageBook(pages=48, slots=6, shards=2, page_size=4, width=12)
+    for _ in range(300):
+        free = [s for s in range(6) if not book.held(s)]
+        if free and rng.random() < 0.5:
+            prompt, shared = int(rng.integers(0, 3)), int(rng.integers(0, 3))
+            n = int(rng.integers(shared + 1, shared + 4))
+            slot = book.pick_slot(free, n, prompt, shared)
+            if slot is not None:
+                book.admit(slot, row=0, n=n, need=12, prompt=prompt, shared=shared if shared else 0)
+        held = [s for s in range(6) if book.held(s)]
+        if held and rng.random() < 0.4:
+            book.release(int(rng.choice(held)))
+        elif held:
+            lengths = np.array([len(book.held(s)) * 4 for s in range(6)])
+            book.grow(lengths, [int(rng.choice(held))], room=4)
+        distinct = {p for s in range(6) for p in book.held(s)}
+        assert book.used == len(distinct)
+    for s in range(6):
+        if book.held(s):
+            book.release(s)
+    assert book.used == 0

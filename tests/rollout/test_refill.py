@@ -170,3 +170,30 @@ def test_budget_rollouts_refill_equals_static(tiny_policy, prefix_in_response):
     assert (refill.logprobs[prefix] < 0).all() and (static.scored_mask == static.sampled_mask).all()
     with pytest.raises(ValueError, match="engine must be one of"):
         rollouts(model, tok, ["1+1?"], engine="paged", **kw)
+
+
+@pytest.mark.slow
+def test_shared_prompt_pages_pinned_on_a_mesh_equal_one_device(model, rows):
+    """Pages of 2 tokens: a prompt's full pages are written once per device and shared by its rows
+    there (8 slots over 4 devices, kv heads over 2 more; rows pinned to their prompt's device);
+    the greedy tokens of one device without a mesh, and of the same engine with pages of 16 (no
+    page shared)."""
+    key = jax.random.key(2)
+    st = sampler.SamplerSettings(max_new_tokens=N, eos_ids=(2,), temperature=0.0)
+    one, one_stats = engine.RefillEngine(model[0], CFG, st, slots=8, admit=2, page_size=16).run(
+        model[1], PROMPTS, *rows, key=key)
+    assert one_stats.shared_prompt_pages == 0  # no prompt fills a page of 16
+    eng = engine.RefillEngine(model[0], CFG, st, slots=8, admit=2, mesh=make_mesh((1, 4, 2)), page_size=2)
+    sharded, stats = eng.run(model[1], PROMPTS, *rows, key=key)
+    np.testing.assert_array_equal(sharded.tokens, one.tokens)
+    np.testing.assert_array_equal(sharded.lengths, one.lengths)
+    assert stats.shared_prompt_pages > 0
+    single = engine.RefillEngine(model[0], CFG, st, slots=24, page_size=2)  # every row in flight, one device
+    got, all_in = single.run(model[1], PROMPTS, *rows, key=key)
+    np.testing.assert_array_equal(got.tokens, one.tokens)
+    # Prompts of 3, 7, 1, 4 tokens share 1, 3, 0, 1 pages of 2 with each of their later rows.
+    plen = np.array([len(p) for p in PROMPTS])[rows[0]]
+    admitted = rows[2] > 0
+    firsts = {p for p in rows[0][admitted]}
+    want = sum(((plen[r] - 1) // 2) for r in np.flatnonzero(admitted)) - sum((len(PROMPTS[p]) - 1) // 2 for p in firsts)
+    assert all_in.shared_prompt_pages == want and all_in.admit_calls == 1
