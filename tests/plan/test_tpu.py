@@ -254,12 +254,15 @@ def test_projection_arithmetic():
 def test_step_counts_of_the_paper_config():
     config = qwen1_5b.get_config()
     run = spec.resolve(config, num_devices=16)
-    # The refill engine: 64 prompts prefilled in one call, 1,024 rollouts admitted 16 at a time
-    # into 256 slots, 1,024 x 4,095 decode slot-steps at the cap; the engine scores the pre-filled
-    # prefix, so no old-log-prob pass; 4 mini-batch updates; 629 steps.
-    assert tpu_plan.step_counts(run) == tpu_plan.StepCounts(1, 64, 65, 16380, 0, 4, 629)
-    # Rows that end at their budgets' mean (1,536 tokens) take 1,024 x 1,535 / 256 steps.
-    assert tpu_plan.step_counts(run, 1536).decode_steps == 6140
+    # The refill engine with every row in flight (rollout.max_batch=0): 64 prompts prefilled in one
+    # call, 1,024 rollouts admitted 64 at a time into 1,024 slots, 4,095 decode steps at the cap;
+    # the engine scores the pre-filled prefix, so no old-log-prob pass; 4 mini-batch updates.
+    assert tpu_plan.step_counts(run) == tpu_plan.StepCounts(1, 16, 17, 4095, 0, 4, 629)
+    # Rows that end at their budgets' mean (1,536 tokens) take 1,024 x 1,535 / 1,024 steps.
+    assert tpu_plan.step_counts(run, 1536).decode_steps == 1535
+    # 256 slots: 1,024 x 4,095 / 256 decode steps at the cap.
+    config.rollout.max_batch = 256
+    assert tpu_plan.step_counts(spec.resolve(config, num_devices=16)) == tpu_plan.StepCounts(1, 64, 65, 16380, 0, 4, 629)
     # The static sampler: 4 calls of 256 rows, and one old-log-prob pass (the prefix takes the loss)
     # of 16-row micro-batches.
     config.rollout.engine = "static"
