@@ -1,8 +1,10 @@
-"""Evaluates a checkpoint on benchmarks in each prompting mode (accuracy / tokens tables, a plot,
+r"""Evaluates a checkpoint on benchmarks in each prompting mode (accuracy / tokens tables, a plot,
 every response): hbpo_jax.eval.run.
 
     python launch/eval.py --config=configs/tiny.py --checkpoint=runs/hbpo-tiny/export
-    python launch/eval.py --config=configs/qwen1_5b.py --checkpoint=/runs/hbpo/export         --config.eval.benchmarks='("gsm8k:/data/gsm8k.jsonl","math500:/data/math500.jsonl")'         --config.eval.modes='("natural","efficiency","fixed:512","l1:512")'
+    python launch/eval.py --config=configs/qwen1_5b.py --checkpoint=/runs/hbpo/export \
+        --config.eval.benchmarks='("gsm8k:/data/gsm8k.jsonl","math500:/data/math500.jsonl")' \
+        --config.eval.modes='("natural","efficiency","fixed:512","l1:512")'
 
 --checkpoint: a Hugging Face folder, a params checkpoint (config.json + params/), a training
 checkpoint step folder (<workdir>/checkpoints/<step>) or a run's workdir (its newest step).

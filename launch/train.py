@@ -1,7 +1,8 @@
-"""Trains a policy with HBPO (or GRPO, Dr. GRPO, DAPO, L1, cosine: config.objective.name).
+r"""Trains a policy with HBPO (or GRPO, Dr. GRPO, DAPO, L1, cosine: config.objective.name).
 
     python launch/train.py --config=configs/tiny.py                    # CPU, minutes, no downloads
-    python launch/train.py --config=configs/qwen1_5b.py --workdir=/runs/hbpo         --config.model_path=/models/DeepSeek-R1-Distill-Qwen-1.5B --config.data.path=/data/deepscaler.json
+    python launch/train.py --config=configs/qwen1_5b.py --workdir=/runs/hbpo \
+        --config.model_path=/models/DeepSeek-R1-Distill-Qwen-1.5B --config.data.path=/data/deepscaler.json
 
 Re-running the same command resumes from the newest checkpoint in --workdir and loads its compiled
 programs from <workdir>/jax_cache (JAX's persistent compilation cache; --compilation_cache=off for

@@ -232,7 +232,8 @@ def trace_step(config, probe: ProbeSpec, mesh, out_dir: Path, update_width: int)
     slots = max(mesh.devices.size, slots - slots % mesh.devices.size)  # the slots split over the chips
     eng = RefillEngine(graphdef, cfg, sampler.SamplerSettings(max_new_tokens=cap, eos_ids=()), slots=slots,
                        mesh=mesh, rules=rules)
-    compiled = plan.lower_train_step(config, mesh, prompt_width=probe.prompt_width, response_width=update_width).compile()
+    compiled = plan.lower_train_step(config, mesh, prompt_width=probe.prompt_width,
+                                     response_width=update_width).compile()
     inputs = _zeros_like_inputs(compiled)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -270,18 +271,21 @@ def run(config, out_dir: str | Path, probe: ProbeSpec = ProbeSpec()) -> str:
              f"{'SMOKE mode (tiny shapes, kernels interpreted): timings mean nothing' if probe.interpret else ''}",
              "", "## Update (one mini-batch, micro-batch pieces at the prompt bucket + width)", "",
              "| mesh | width | measured ms | plan roofline ms | measured / plan |", "|---|---|---|---|---|"]
-    lines += [f"| {r['mesh']} | {probe.prompt_width} + {r['width']:,} | {r['measured_ms']:.1f} | {r['predicted_ms']:.1f} "
+    lines += [f"| {r['mesh']} | {probe.prompt_width} + {r['width']:,} | {r['measured_ms']:.1f} | "
+              f"{r['predicted_ms']:.1f} "
               f"| {r['measured_ms'] / r['predicted_ms']:.2f} |" for r in updates]
     lines += ["", "## Decode step (engine runs of 2k and k steps; per step)", "",
               "| slots | filled tokens | measured ms | floor ms | measured / floor |", "|---|---|---|---|---|"]
     lines += [f"| {r['slots']} | {r['filled']:,} | {r['measured_ms']:.3f} | {r['floor_ms']:.3f} "
               f"| {r['measured_ms'] / r['floor_ms']:.2f} |" for r in decode]
-    lines += ["", f"## Paged-attention kernel (one layer, {probe.kernel_slots} slots x {probe.kernel_filled:,} tokens)", "",
-              "| page | megacore | pages per block | measured ms | floor ms (KV read) | note |", "|---|---|---|---|---|---|"]
+    lines += ["", f"## Paged-attention kernel (one layer, {probe.kernel_slots} slots x {probe.kernel_filled:,} tokens)",
+              "", "| page | megacore | pages per block | measured ms | floor ms (KV read) | note |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {r['page']} | {r['megacore']} | {r['block_pages']} | {r.get('measured_ms', float('nan')):.3f} "
               f"| {r['floor_ms']:.4f} | {r.get('error', '')} |" for r in kernel]
     lines += ["", "## One scaled HBPO step (profiler trace in trace/)", "",
-              f"{step['rows']} rows over {step['slots']} slots, mean length {step['mean_length']:.0f} (the plan's mix x "
+              f"{step['rows']} rows over {step['slots']} slots, mean length {step['mean_length']:.0f} "
+              "(the plan's mix x "
               f"{probe.step_scale:g}), each ending at its length; rollout {step['rollout_s']:.2f} s, with one update "
               f"{step['step_s']:.2f} s.",
               f"Engine (decode steps, calls, admits) {step['engine']}; the plan's schedule {step['schedule']}: "

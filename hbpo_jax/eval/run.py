@@ -92,7 +92,8 @@ def evaluate(eval_spec, graphdef, params, tokenizer, benchmarks: Sequence, key: 
     Sampling follows eval_spec.rollout, eval_spec.batch_size problems per rollout call; its
     max_response_len is cut only where prompt + response would not fit the model's
     `max_positions` (default: the model's max_position_embeddings). Benchmark b, mode k samples
-    with fold_in(fold_in(key, b), k), so a benchmark's numbers do not depend on which others run. Returns benchmark-major results;
+    with fold_in(fold_in(key, b), k), so a benchmark's numbers do not depend on which others run.
+    Returns benchmark-major results;
     every process must call it (the sampler is collective).
     """
     if max_positions is None:

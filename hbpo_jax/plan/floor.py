@@ -82,7 +82,8 @@ def floor(work: Workload, responses: np.ndarray, prompts: np.ndarray, row_prompt
     update_flops = work.passes * work.forward_flops(trained)
     update_s = update_flops / (chips * peak_flops)
     # The prompt store's prefill (each distinct prompt once) and each row's prefix forward.
-    prefill_s = (work.forward_flops(prompts) + 2.0 * work.matmul_params * prefix * len(responses)) / (chips * peak_flops)
+    prefill_flops = work.forward_flops(prompts) + 2.0 * work.matmul_params * prefix * len(responses)
+    prefill_s = prefill_flops / (chips * peak_flops)
     # Decode: step t runs every row with more than t tokens still to draw (its first token came
     # from the admit); the rows' KV split evenly over the chips.
     steps = int(responses.max()) - 1 if len(responses) else 0

@@ -256,7 +256,8 @@ def loop_collectives(text: str) -> dict[str, list[Collective]]:
     """{while loop name: the collectives of its body and condition, run once per iteration (a
     nested loop's times its trips)} for every while loop of the entry of HLO text (the decode loop)."""
     module = Module(text)
-    return {loop.name: [x for n in loop.called for x in collectives_in(module, n, trips=True)] for loop, _ in module.loops()}
+    return {loop.name: [x for n in loop.called for x in collectives_in(module, n, trips=True)]
+            for loop, _ in module.loops()}
 
 
 def group_collectives(items: list[Collective]) -> list[tuple[Collective, int]]:

@@ -150,7 +150,9 @@ def _fusion_bytes(module: Module, instr: Instr) -> float:
     for idx, name in enumerate(instr.operands):
         p = params.get(idx)
         part = _value_reads(module, comp, users, p.name) if p is not None and users.get(p.name) else None
-        total += part if part is not None else shape_bytes(module.by_name[name].shape) if name in module.by_name else 0.0
+        if part is None:
+            part = shape_bytes(module.by_name[name].shape) if name in module.by_name else 0.0
+        total += part
     return total
 
 

@@ -109,8 +109,9 @@ def traffic(text: str, devices: int) -> tuple[list[Traffic], list[Traffic]]:
         mult = (module.trip_count(i) or 1) if i.opcode == "while" else 1
         for name in i.called:
             _collect(module, name, mult, target, devices)
-    as_list = lambda d: sorted((Traffic(op, shapes, n, count, each, a) for (op, shapes, n, a), (count, each) in d.items()),  # noqa: E731
-                               key=lambda t: -t.total)
+    def as_list(d):
+        items = (Traffic(op, shapes, n, count, each, a) for (op, shapes, n, a), (count, each) in d.items())
+        return sorted(items, key=lambda t: -t.total)
     return as_list(once), as_list(per_step)
 
 
@@ -131,9 +132,9 @@ GiB = 2**30
 
 def tables(programs: dict, chips: int, chip,
                       calls: dict[str, float] | None = None, top: int = 6) -> list[str]:
-    """Markdown: per program (tpu_plan.ProgramPlan, keyed by name) its `top` collectives ranked by bytes sent per chip per call (ici:
-    each collective by its own formula, loops times their trip counts; the decode loop's per
-    decode step), with calls: their bytes per HBPO step ({program: calls per step; "decode":
+    """Markdown: per program (tpu_plan.ProgramPlan, keyed by name) its `top` collectives ranked by
+    bytes sent per chip per call (ici: each collective by its own formula, loops times their trip
+    counts; the decode loop's per decode step), with calls: their bytes per HBPO step ({program: calls per step; "decode":
     decode calls and steps, as (calls, steps)}) and the time at the chip's ICI bandwidth."""
     bw = chip.ici_bandwidth
     head = ("ICI per chip, bytes sent (ici: all-gather (n-1)/n x result, reduce-scatter and all-to-all "
@@ -166,5 +167,6 @@ def tables(programs: dict, chips: int, chip,
         lines.append(f"| {k}: all{more} | | | | {sum(c.count for c in once):,} per call"
                      + (f" + {sum(c.count for c in per_iter):,} per decode step" if per_iter else "")
                      + f" | | {total_bytes(once) / 2**20:,.1f} | "
-                     + (f"| {total / GiB:.2f} | {ici_seconds(total, bw) * 1e3:.1f} |" if calls is not None else "| | |"))
+                     + (f"| {total / GiB:.2f} | {ici_seconds(total, bw) * 1e3:.1f} |"
+                        if calls is not None else "| | |"))
     return lines

@@ -85,7 +85,8 @@ def rows_of(run, mix: lengths.LengthMix):
     responses = mix.responses(t.prompts_per_step, samples)
     prompts = mix.prompt_lengths(t.prompts_per_step)
     row_prompt = np.repeat(np.arange(t.prompts_per_step), s.group)
-    budgets = np.tile(np.repeat(np.asarray(s.rollout.budgets or (s.rollout.max_response_len,) * len(mix.means)), samples),
+    subgroup_budgets = s.rollout.budgets or (s.rollout.max_response_len,) * len(mix.means)
+    budgets = np.tile(np.repeat(np.asarray(subgroup_budgets), samples),
                       t.prompts_per_step)
     return responses, prompts, row_prompt, budgets
 
@@ -202,6 +203,7 @@ def lines(programs: dict, run, cfg, chip, chips: int, hosts: int, topology: str,
     work = floor_lib.Workload.of(cfg)
     calls = {"train": t.mini_batches * t.ppo_epochs, "prefill": 1, "admit": terms.admit_equiv,
              "decode": (sched.segments, sched.decode_steps)}
+    r = run.sampling.rollout
     ici_ms = {k: ici.ici_seconds(v[3], chip.ici_bandwidth) for k, v in terms.ici_by_program.items()}
     return [
         f"Projection of one step at the length mix: {mix.describe(responses)}. Every program at its roofline "
@@ -209,12 +211,13 @@ def lines(programs: dict, run, cfg, chip, chips: int, hosts: int, topology: str,
         f"  update:  {t.mini_batches * t.ppo_epochs} mini-batches of {u0} micro-batches cut to the rows' lengths "
         f"(train.update_width_step={t.update_width_step}): widths {_widths(terms.widths)}, prompt bucket "
         f"{terms.prompt_width:,} (compiled: {u0} x {sampler.bucket_length(run.sampling.max_prompt_len):,} + "
-        f"{run.sampling.rollout.max_response_len:,}) = {terms.update:.2f} s",
-        f"  rollout: refill engine over {run.sampling.rollout.max_batch} slots: {sched.admit_calls} admits ({sched.full_fills} "
-        f"fill(s) of every slot, each costed as {run.sampling.rollout.max_batch // max(1, run.sampling.rollout.max_batch // 16)} "
-        f"admits of the compiled width: {terms.admit_equiv:.0f} admit-equivalents), {sched.segments} decode calls, {sched.decode_steps:,} decode "
+        f"{r.max_response_len:,}) = {terms.update:.2f} s",
+        f"  rollout: refill engine over {r.max_batch} slots: {sched.admit_calls} admits ({sched.full_fills} "
+        f"fill(s) of every slot, each costed as {r.max_batch // max(1, r.max_batch // 16)} "
+        f"admits of the compiled width: {terms.admit_equiv:.0f} admit-equivalents), {sched.segments} decode "
+        f"calls, {sched.decode_steps:,} decode "
         f"steps at {sched.tokens / max(sched.slot_steps, 1):.0%} slot utilization, KV read as filled (mean "
-        f"{sched.filled.mean() / max(run.sampling.rollout.max_batch, 1):,.0f} tokens a slot): prefill {terms.prefill:.2f} + "
+        f"{sched.filled.mean() / max(r.max_batch, 1):,.0f} tokens a slot): prefill {terms.prefill:.2f} + "
         f"admits {terms.admits:.2f} + decode {terms.decode:.2f} = {terms.rollout:.2f} s",
         f"  ici:     {terms.ici_total:.2f} s of collectives per step (update {ici_ms['train']:.2f}, admits "
         f"{ici_ms['admit']:.2f}, decode {ici_ms['decode']:.2f}, prefill {ici_ms['prefill']:.2f}): {terms.ici:.2f} s "
@@ -225,7 +228,7 @@ def lines(programs: dict, run, cfg, chip, chips: int, hosts: int, topology: str,
         f"{HOST.grade * 1e3:.0f} ms / ({run.grading_workers} workers x {hosts} hosts) {terms.grading:.2f} s "
         f"= {terms.host:.2f} s (stated latencies, not measured; no page grows: the pool holds every slot's limit)",
         f"  one step: {terms.step:.1f} s = {_terms_line(terms)}; {steps} steps: {hours(terms.step):.2f} h",
-        f"At the cap (every row to {run.sampling.rollout.max_response_len:,} tokens, {cap.schedule.decode_steps:,} decode "
+        f"At the cap (every row to {r.max_response_len:,} tokens, {cap.schedule.decode_steps:,} decode "
         f"steps): {cap.step:.1f} s = {_terms_line(cap)}; {steps} steps: {hours(cap.step):.2f} h",
         f"Floor (floor.py, from the model and the rows, not XLA's counts: {work.matmul_params / 1e9:.3f} B matmul "
         f"parameters, {work.kv_bytes:,.0f} B of KV a token, x{work.passes:.0f} forward flops to train (remat "
@@ -235,7 +238,7 @@ def lines(programs: dict, run, cfg, chip, chips: int, hosts: int, topology: str,
         f"chip) = {fl.step_s:.1f} s; {steps} steps: {hours(fl.step_s):.2f} h; projection / floor "
         f"{terms.step / fl.step_s:.1f}x",
         f"Not in the step: compilation, once per run (the update at each of its {len(set(sum(terms.widths, [])))} "
-        f"widths, the engine's programs, the fill admit at {run.sampling.rollout.max_batch} rows); this CPU compiled the "
+        f"widths, the engine's programs, the fill admit at {r.max_batch} rows); this CPU compiled the "
         f"plan's {len(programs)} programs in {sum(p.compile_cpu_s for p in programs.values()):.0f} CPU-s.",
         "", *ici.tables(programs, chips, chip, calls), "",
         f"plan {topology}: paper run {hours(terms.step):.2f} h at mean response {responses.mean():,.0f} tokens (floor "

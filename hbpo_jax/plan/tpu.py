@@ -76,9 +76,9 @@ class ProgramPlan:
     xla_flops / xla_bytes: cost_analysis(), which counts each while-loop body once; seconds:
     lower_s, compile_s (wall clock), compile_cpu_s (this process's CPU time: compiling is mostly
     one thread, so this is what a machine of its own would take); text: the optimised HLO;
-    error: why it did not compile (XLA's out-of-HBM message), "" when it did. From these (hlo_cost.loop_cost): flops / bytes of one
-    call with every loop of known trip count times that count, and step_flops / step_bytes of one
-    iteration of a loop whose exit depends on data (the decode loop; 0 elsewhere), left out of
+    error: why it did not compile (XLA's out-of-HBM message), "" when it did. From these
+    (hlo_cost.loop_cost): flops / bytes of one call with every loop of known trip count times that
+    count, and step_flops / step_bytes of one iteration of a loop whose exit depends on data (the decode loop; 0 elsewhere), left out of
     flops / bytes."""
 
     name: str
@@ -174,7 +174,8 @@ def step_counts(run: spec.RunSpec, response_len: int | None = None) -> StepCount
     longest row (the cap)."""
     s, t = run.sampling, run.train
     rows = t.prompts_per_step * s.group
-    per_row = max((response_len if response_len and s.rollout.engine == "refill" else s.rollout.max_response_len) - 1, 0)
+    refill = s.rollout.engine == "refill"
+    per_row = max((response_len if response_len and refill else s.rollout.max_response_len) - 1, 0)
     logprobs, updates = plan.logprob_passes(run) * -(-rows // t.micro_batch_size), t.mini_batches * t.ppo_epochs
     if s.rollout.engine == "refill":
         slots = min(s.rollout.max_batch or rows, rows)
@@ -240,7 +241,8 @@ def compile_programs(config, mesh, only: tuple[str, ...] = PROGRAMS) -> dict[str
         prefill, decode = plan.lower_sampler(config, mesh)
         lower_s = time.perf_counter() - t0
         programs["prefill"] = analyse("sampler prefill", f"{rows} rows x {width:,} tokens", lambda: prefill)
-        programs["decode"] = analyse("sampler decode loop", f"{rows} rows, cache of {width + s.rollout.max_response_len:,}",
+        cache = width + s.rollout.max_response_len
+        programs["decode"] = analyse("sampler decode loop", f"{rows} rows, cache of {cache:,}",
                                      lambda: decode)
     programs["prefill"].lower_s = lower_s  # the sampler's programs are lowered at once: counted once, here
     return programs
@@ -411,7 +413,8 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan],
                                   length_mix(run, mean_response))
     elif set(programs) >= {"train", "logprobs", "prefill", "decode"}:
         s = run.sampling
-        mean = round(sum(s.rollout.budgets) / len(s.rollout.budgets)) if s.rollout.mode == "budget" and s.rollout.engine == "refill" else 0
+        r = s.rollout
+        mean = round(sum(r.budgets) / len(r.budgets)) if r.mode == "budget" and r.engine == "refill" else 0
         lines += ["", *projection_lines(programs, step_counts(run), chip,
                                         (mean, step_counts(run, mean)) if mean else None)]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Evaluates a checkpoint on benchmarks in each prompting mode (accuracy / tokens tables, a plot,
+r"""Evaluates a checkpoint on benchmarks in each prompting mode (accuracy / tokens tables, a plot,
 every response): hbpo_jax.eval.run.
 
     python launch/eval.py --config=configs/tiny.py --checkpoint=runs/hbpo-tiny/export

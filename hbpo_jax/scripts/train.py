@@ -1,4 +1,4 @@
-"""Trains a policy with HBPO (or GRPO, Dr. GRPO, DAPO, L1, cosine: config.objective.name).
+r"""Trains a policy with HBPO (or GRPO, Dr. GRPO, DAPO, L1, cosine: config.objective.name).
 
     python launch/train.py --config=configs/tiny.py                    # CPU, minutes, no downloads
     python launch/train.py --config=configs/qwen1_5b.py --workdir=/runs/hbpo \
