@@ -134,8 +134,8 @@ def tables(programs: dict, chips: int, chip,
                       calls: dict[str, float] | None = None, top: int = 6) -> list[str]:
     """Markdown: per program (tpu_plan.ProgramPlan, keyed by name) its `top` collectives ranked by
     bytes sent per chip per call (ici: each collective by its own formula, loops times their trip
-    counts; the decode loop's per decode step), with calls: their bytes per HBPO step ({program: calls per step; "decode":
-    decode calls and steps, as (calls, steps)}) and the time at the chip's ICI bandwidth."""
+    counts; the decode loop's per decode step), with calls: their bytes per HBPO step ({program:
+    calls per step; "decode": decode calls and steps, as (calls, steps)}) and the time at the chip's ICI bandwidth."""
     bw = chip.ici_bandwidth
     head = ("ICI per chip, bytes sent (ici: all-gather (n-1)/n x result, reduce-scatter and all-to-all "
             "(n-1)/n x operand, all-reduce 2(n-1)/n x operand, collective-permute its operand; n the group), "

@@ -78,8 +78,8 @@ class ProgramPlan:
     one thread, so this is what a machine of its own would take); text: the optimised HLO;
     error: why it did not compile (XLA's out-of-HBM message), "" when it did. From these
     (hlo_cost.loop_cost): flops / bytes of one call with every loop of known trip count times that
-    count, and step_flops / step_bytes of one iteration of a loop whose exit depends on data (the decode loop; 0 elsewhere), left out of
-    flops / bytes."""
+    count, and step_flops / step_bytes of one iteration of a loop whose exit depends on data (the
+    decode loop; 0 elsewhere), left out of flops / bytes."""
 
     name: str
     shape: str
