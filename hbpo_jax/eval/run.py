@@ -110,7 +110,7 @@ def evaluate(eval_spec, graphdef, params, tokenizer, benchmarks: Sequence, key: 
             # Progress with an ETA: a real model's evaluation takes minutes per benchmark and mode.
             eta = "" if not done else f", ETA {(time.time() - t0) / done * (units - done) / 60:.1f} min"
             log.info("eval %d/%d: %s / %s, %d problems x %d samples (%.0f s so far%s)", done + 1, units,
-                     bench.name, mode.name, len(problems), e.samples, time.time() - t0, eta)
+                     bench.name, mode.name, len(problems), e.rollout.samples_per_budget, time.time() - t0, eta)
             texts, lengths = evaluation.generate(
                 (graphdef, params), tokenizer, problems, mode, settings,
                 key=jax.random.fold_in(jax.random.fold_in(key, b), k), batch_size=e.batch_size,
