@@ -167,7 +167,7 @@ def test_rollout_benchmark_smoke():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert "the same tokens on both paths: yes" in proc.stdout
+    assert "the same tokens on every path: yes" in proc.stdout
     assert re.search(r"KV bytes: engine page pool [\d.]+ MiB \(\d+ pages of 16 tokens\)", proc.stdout)
     # The default pool holds every slot's whole limit: nothing granted later, nothing preempted.
     assert re.search(r"\nwhole limits +\| +\d+ \| +\d+ = +\d+% \| +0 \| +0 \| +0\n", proc.stdout), proc.stdout

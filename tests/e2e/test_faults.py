@@ -78,5 +78,6 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
     config.data.path = str(tmp_path / "unused.jsonl")
     with pytest.raises(ConfigError, match="no chat template"):
         # refused before the data or the rest of the spec is read
-        policy.pretrained(types.SimpleNamespace(model=spec_lib.resolve_model(config)), None, ())
+        policy.pretrained(types.SimpleNamespace(model=spec_lib.resolve_model(config),
+                                                lora=spec_lib.resolve_lora(config)), None, ())
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen2"
