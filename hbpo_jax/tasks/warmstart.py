@@ -16,6 +16,7 @@ from flax import nnx
 from hbpo_jax import checkpoint, files
 from hbpo_jax import config as config_lib
 from hbpo_jax import spec as spec_lib
+from hbpo_jax.errors import ConfigError
 from hbpo_jax.models import create_model
 from hbpo_jax.policy import Policy
 from hbpo_jax.tasks import arithmetic, sft
@@ -54,7 +55,7 @@ def check_settings(warm: str, wanted: dict) -> None:
     cached = {**{k: v for k, v in defaults.items() if k in wanted}, **files.read_json(path)}
     diff = [f"{k}: cached {cached.get(k)!r}, config {v!r}" for k, v in sorted(wanted.items()) if cached.get(k) != v]
     if diff:
-        raise config_lib.ConfigError(f"{warm} was built with other settings ({'; '.join(diff)}). Use a new --workdir, "
+        raise ConfigError(f"{warm} was built with other settings ({'; '.join(diff)}). Use a new --workdir, "
                          f"or delete {warm} to rebuild the warm start there.")
 
 
