@@ -115,12 +115,11 @@ def _detail(s: dict) -> list[str]:
 
 def plot(summaries: Sequence[dict], path: str) -> str:
     """Accuracy (with its 95% interval) against mean tokens: one series per benchmark, one point
-    per mode, labelled. Writes a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    per mode, labelled. Writes a PNG (a matplotlib Figure of its own: the process's backend stays)."""
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    ax = fig.subplots()
     for b in _ordered(s["benchmark"] for s in summaries):
         pts = [s for s in summaries if s["benchmark"] == b and s["problems"]]
         xs = [s["mean_tokens"] for s in pts]
@@ -138,7 +137,6 @@ def plot(summaries: Sequence[dict], path: str) -> str:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

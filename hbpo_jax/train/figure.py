@@ -43,9 +43,8 @@ def _levels(before: list[dict], after: list[dict]):
 def write(workdir: str, path: str | None = None) -> str | None:
     """Draws the figure from the workdir's metrics.jsonl (and results.json); returns its path, or
     None when there are no step metrics yet."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, no pyplot: the process's backend (a notebook's inline one) stays as it is.
+    from matplotlib.figure import Figure
 
     metrics = files.join(workdir, "metrics.jsonl")
     if not files.exists(metrics):
@@ -62,7 +61,8 @@ def write(workdir: str, path: str | None = None) -> str | None:
         if r.get("before") and r.get("after"):
             levels = _levels(r["before"], r["after"])
     n = len(panels) + bool(levels)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * n, 3.4))
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, (title, series) in zip(axes[0], panels):
         for label, (steps, values) in series.items():
             ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
@@ -83,7 +83,6 @@ def write(workdir: str, path: str | None = None) -> str | None:
         local = os.path.join(tmp, "training.png")
         fig.savefig(local, dpi=110)
         files.copy_file(local, path)
-    plt.close(fig)
     return path
 
 
