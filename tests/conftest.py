@@ -86,8 +86,9 @@ def pytest_configure(config):
 
 # The files whose tests take minutes, collected first: the two xdist workers take whole files in
 # collection order, and a long file taken last would run alone at the end.
-HEAVY_FIRST = ("test_multiprocess.py", "test_notebooks.py", "test_spec.py", "test_bench.py", "test_ablation.py",
-               "test_refill.py")
+HEAVY_FIRST = ("test_multiprocess.py", "test_notebooks.py", "test_smollm2.py", "test_spec.py",
+               "test_workdir_contract.py", "test_bench.py", "test_tpu_probe.py", "test_ablation.py",
+               "test_refill.py", "test_lora_run.py", "test_launchers.py")
 
 
 def pytest_collection_modifyitems(config, items):
