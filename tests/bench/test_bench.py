@@ -173,6 +173,7 @@ def test_rollout_benchmark_smoke():
     assert re.search(r"\nwhole limits +\| +\d+ \| +\d+ = +\d+% \| +0 \| +0 \| +0\n", proc.stdout), proc.stdout
     assert re.fullmatch(r"rollout: engine \d+ tokens/s, static \d+ tokens/s, speed-up [\d.]+x, utilization \d+%",
                         lines[-1]), lines[-1]
-    table = {line.split("|")[0].strip(): line for line in lines if line.startswith(("static ", "refill "))}
+    table = {line.split("|")[0].strip(): line for line in lines
+             if line.startswith(("static ", "refill ")) and line.rstrip().endswith("%")}  # the rollout table
     util = {k: float(v.split("|")[-1].strip().rstrip("%")) for k, v in table.items()}
     assert util["refill"] > util["static"]
