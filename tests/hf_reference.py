@@ -14,10 +14,15 @@ def hf_config(**kw) -> transformers.Qwen2Config:
 
 def hf_model(seed: int = 0, **kw) -> transformers.Qwen2ForCausalLM:
     """A Qwen2ForCausalLM with every parameter random (biases and norms too, so they are tested)."""
+    return random_model(transformers.Qwen2ForCausalLM, hf_config(**kw), seed)
+
+
+def random_model(model_cls, cfg, seed: int = 0):
+    """transformers' `model_cls` of `cfg` (eager attention) with every parameter drawn from `seed`:
+    norm weights near 1, the rest small, so biases and norms are tested too."""
     torch.manual_seed(seed)
-    cfg = hf_config(**kw)
     cfg._attn_implementation = "eager"
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model = model_cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

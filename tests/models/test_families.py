@@ -15,7 +15,7 @@ from hbpo_jax.models import ConfigError, KVCache, ModelConfig, load_pretrained, 
 from hbpo_jax.models.qwen2 import Decoder, Qwen2
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
-from tests.hf_reference import hf_logits
+from tests.hf_reference import hf_logits, random_model
 
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=64)  # wavelengths 16..64 blended: all three regimes at D 64
@@ -42,17 +42,7 @@ def family_model(family: str, seed: int = 0, **kw):
     base = dict(vocab_size=97, intermediate_size=80, num_hidden_layers=2, rms_norm_eps=1e-6,
                 max_position_embeddings=256, eos_token_id=3, bos_token_id=1, tie_word_embeddings=False)
     base.update(kw)
-    torch.manual_seed(seed)
-    cfg = config_cls(**base)
-    cfg._attn_implementation = "eager"
-    model = model_cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
-    return model
+    return random_model(model_cls, config_cls(**base), seed)
 
 
 def _load(tmp_path, hf, **kw):
