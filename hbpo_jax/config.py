@@ -79,6 +79,11 @@ def base_config() -> config_dict.ConfigDict:
         # the longest row, so no row waits; smaller: KV memory follows live tokens and a row is
         # admitted when the pages for its whole limit are free; hbpo_jax/models/paged.py).
         kv_tokens=0,
+        # Tensor-parallel decode: the rollout regroups the mesh's chips into groups of k that split
+        # each decode weight by heads / MLP columns / vocabulary (sharding.decode_mesh), each group
+        # decoding its share of the rows. 1: every chip holds the whole decode weights. For slices
+        # where the longest row's decode steps, each reading the weights, set the step (v5e).
+        decode_tensor_parallel=1,
         # The chat format (prompting.PROMPT_FORMATS): "template" (the model's chat template, with
         # rollout.system_prompt if set) or "r1_zero" (a system prompt asking for reasoning in
         # <think> </think> and a final \boxed{} answer; for instruct models that never think).

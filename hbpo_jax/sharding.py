@@ -135,6 +135,34 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), axis_names: Sequence[str] = MES
     return Mesh(array, tuple(axis_names), axis_types=(jax.sharding.AxisType.Auto,) * len(full))
 
 
+def decode_mesh_shape(shape: Sequence[int], axis_names: Sequence[str], k: int, slices: int = 1) -> tuple[int, ...]:
+    """The decode mesh's shape for tensor-parallel decode over groups of k chips: the same chips
+    with `tensor` = k and the rest of them on `data`. MeshError when k does not divide a slice's
+    chips or the mesh already splits weights over `tensor` (or lacks the axes)."""
+    shape, names = tuple(int(x) for x in shape), tuple(axis_names)
+    if not {"data", "tensor"} <= set(names):
+        raise MeshError(f"tensor-parallel decode needs `data` and `tensor` mesh axes, the mesh has {names}.")
+    n = math.prod(shape)
+    if shape[names.index("tensor")] != 1:
+        raise MeshError(f"the mesh {dict(zip(names, shape))} already splits the weights over `tensor`.")
+    if k < 1 or (n // slices) % k:
+        raise MeshError(f"groups of {k} chips do not divide the {n // slices} chips of a slice.")
+    return tuple(n // k if a == "data" else k if a == "tensor" else 1 for a in names)
+
+
+def decode_mesh(mesh: Mesh | None, k: int) -> Mesh | None:
+    """The mesh a rollout decodes on: `mesh` itself for k = 1; for k > 1 the same chips regrouped
+    (decode_mesh_shape: data = chips / k, tensor = k), so that decode_weights splits each decode
+    weight over a group's k chips by heads, MLP columns and vocabulary (the rule table's `tensor`
+    axes) and each group decodes its share of the rows. Consecutive chips of the mesh's device
+    order form a group: neighbours on the ICI (create_device_mesh's order), within one slice. The
+    device order is kept, so arrays move between the two meshes by resharding alone."""
+    if mesh is None or k == 1:
+        return mesh
+    shape = decode_mesh_shape(tuple(mesh.shape.values()), mesh.axis_names, k, num_slices(mesh.devices.flat))
+    return Mesh(mesh.devices.reshape(shape), mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
 def mesh_from_config(mesh_cfg) -> Mesh:
     """mesh_cfg: a ConfigDict (or mapping) with `shape` and `axes`."""
     return make_mesh(tuple(mesh_cfg["shape"]), tuple(mesh_cfg["axes"]))

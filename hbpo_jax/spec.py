@@ -299,13 +299,14 @@ def _sampling(config, objective: objectives.Objective) -> SamplingSpec:
     require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
     kv_tokens = int(r.get("kv_tokens", 0) or 0)
     require(kv_tokens >= 0, f"rollout.kv_tokens must be ≥ 0 (0 = max_batch x the longest row), got {kv_tokens}.")
+    tp = _decode_tensor_parallel(r)
     prompt_format, system_prompt = _prompt_format(r)
     rollout = RolloutSettings(
         max_response_len=int(r.max_response_len), mode=mode, budgets=budgets,
         samples_per_budget=group // len(budgets) if per_budget else group,
         prefix_in_response=bool(r.prefix_in_response), hard_budget_cap=bool(r.hard_budget_cap),
         temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k), system_prompt=system_prompt,
-        max_batch=int(r.max_batch), engine=_engine(r), kv_tokens=kv_tokens)
+        max_batch=int(r.max_batch), engine=_engine(r), kv_tokens=kv_tokens, decode_tensor_parallel=tp)
     return SamplingSpec(rollout=rollout, group=group, max_prompt_len=int(r.max_prompt_len),
                         prefix_loss=bool(r.prefix_loss), prompt_format=prompt_format)
 
@@ -314,6 +315,12 @@ def _engine(r) -> str:
     name = r.get("engine", RolloutSettings.engine)
     require(name in ENGINES, f"rollout.engine must be one of {ENGINES}, got {name!r}.")
     return name
+
+
+def _decode_tensor_parallel(r) -> int:
+    k = int(r.get("decode_tensor_parallel", 1))
+    require(k >= 1, f"rollout.decode_tensor_parallel must be ≥ 1 (1: whole decode weights on every chip), got {k}.")
+    return k
 
 
 def _prompt_format(r) -> tuple[str, str | None]:
@@ -454,7 +461,8 @@ def resolve_eval(config) -> EvalSpec:
     rollout = RolloutSettings(
         max_response_len=int(e.max_response_len or r.max_response_len), samples_per_budget=int(e.samples),
         prefix_in_response=bool(r.prefix_in_response), temperature=float(e.temperature), top_p=float(e.top_p),
-        system_prompt=system_prompt, max_batch=int(r.max_batch), engine=_engine(r))
+        system_prompt=system_prompt, max_batch=int(r.max_batch), engine=_engine(r),
+        decode_tensor_parallel=_decode_tensor_parallel(r))
     return EvalSpec(
         modes=modes, benchmarks=benchmarks, rollout=rollout, every=int(e.every),
         before_after=bool(e.before_after), reuse_before=bool(e.reuse_before), max_problems=int(e.max_problems),
@@ -539,6 +547,16 @@ def resolve_mesh(config, rows_per_step: int | None = None, micro_batch_size: int
     require(rows_per_step is None or (rows_per_step % ways == 0 and micro_batch_size % ways == 0),
              f"train.micro_batch_size ({micro_batch_size}) and the {rows_per_step} rollouts per step must be "
              f"divisible by the {ways} data-parallel ways of mesh.shape {shape}.")
+    k = _decode_tensor_parallel(config.rollout)
+    if k > 1:
+        try:
+            sharding.decode_mesh_shape(shape, tuple(m.axes), k, slices or 1)
+        except sharding.MeshError as e:
+            raise ConfigError(f"rollout.decode_tensor_parallel={k}: {e}") from None
+        groups = math.prod(shape) // k
+        require(rows_per_step is None or rows_per_step % groups == 0,
+                f"rollout.decode_tensor_parallel={k}: the {rows_per_step} rollouts per step must split over its "
+                f"{groups} decode groups.")
     return MeshSpec(shape=tuple(int(x) for x in m.shape), axes=tuple(m.axes), rules=sharding.rules_from_config(m))
 
 

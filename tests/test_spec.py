@@ -254,3 +254,16 @@ def test_lora_section_resolves_and_bad_values_are_one_sentence():
         with pytest.raises(ConfigError, match=words) as e:
             one_chip(config)
         assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
+
+
+def test_decode_tensor_parallel_is_checked_against_the_mesh():
+    config = qwen1_5b.get_config()
+    config.rollout.decode_tensor_parallel = 2
+    s = spec.resolve(config, num_devices=16)
+    assert s.sampling.rollout.decode_tensor_parallel == 2 == s.eval.rollout.decode_tensor_parallel
+    for k, shape, words in ((3, (1, -1, 1), "groups of 3 chips do not divide the 16"),
+                            (2, (1, -1, 2), "already splits the weights over `tensor`"),
+                            (0, (1, -1, 1), "decode_tensor_parallel must be ≥ 1")):
+        config.rollout.decode_tensor_parallel, config.mesh.shape = k, shape
+        with pytest.raises(ConfigError, match=words):
+            spec.resolve(config, num_devices=16)

@@ -117,7 +117,7 @@ def budget_rollouts(policy, tokenizer, problems: Sequence[str], settings: Rollou
         known.update(zip(map(int, rows), texts))
         on_texts(rows, layout.prompt_index[rows], texts)
     got = sample_rows(policy, layout, limits, sampler_settings, engine=s.engine, max_batch=s.max_batch, key=key,
-                      mesh=mesh, rules=rules, kv_tokens=s.kv_tokens,
+                      mesh=sharding.decode_mesh(mesh, s.decode_tensor_parallel), rules=rules, kv_tokens=s.kv_tokens,
                       on_rows=on_rows if on_texts is not None else None)
     tokens, logp, sampled_len, reason, prefix_logp = got[:5]
     rest = [r for r in range(len(limits)) if r not in known]

@@ -25,6 +25,8 @@ class RolloutSettings:
     max_batch: rows decoding at once (0: all); the static engine's rows per call, the refill
       engine's slots. kv_tokens: the refill engine's KV page pool in tokens (0: max_batch x the
       longest row). prompt_bucket: how prompt widths are rounded ("pow2", a multiple, or None).
+    decode_tensor_parallel: k chips of a group split the decode weights (sharding.decode_mesh);
+      1: each chip holds them whole.
     """
 
     max_response_len: int
@@ -41,10 +43,13 @@ class RolloutSettings:
     engine: str = "refill"
     kv_tokens: int = 0
     prompt_bucket: str | int | None = "pow2"
+    decode_tensor_parallel: int = 1
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}.")
+        if self.decode_tensor_parallel < 1:
+            raise ValueError(f"decode_tensor_parallel must be ≥ 1, got {self.decode_tensor_parallel}.")
 
     def replace(self, **changes) -> "RolloutSettings":
         return dataclasses.replace(self, **changes)

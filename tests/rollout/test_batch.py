@@ -241,3 +241,35 @@ def test_r1_zero_prompt_keeps_the_budget_prefix_in_place(template, prefix):
     assert layout.prefix_texts == [prefix]
     natural = prompting.build_prompts(tok, PROBLEMS[:1], mode="natural", system_prompt=system)
     assert natural.prefix_texts == [""] and natural.prompt_tokens == layout.prompt_tokens
+
+
+@pytest.mark.parametrize("engine,k", [("refill", 2), ("static", 4)])
+def test_tensor_parallel_decode_gives_one_devices_tokens(tiny, engine, k):
+    """rollout.decode_tensor_parallel=k: the FSDP mesh's 8 chips regrouped into 8 / k groups of k
+    that split the decode weights (heads, MLP columns; 2 kv heads over 4 stay whole), each group
+    decoding its rows: the greedy tokens and log-probs of one device."""
+    from flax import nnx
+
+    from hbpo_jax import sharding
+    from hbpo_jax.rollout import batch as rollout
+    from hbpo_jax.rollout.settings import RolloutSettings
+    model, tok = tiny
+    mesh = sharding.make_mesh((1, 8, 1))
+    decode = sharding.decode_mesh(mesh, k)
+    assert dict(decode.shape) == {"data": 8 // k, "fsdp": 1, "tensor": k}
+    graphdef, state = nnx.split(model)
+    sharded = jax.device_put(state, sharding.state_shardings(state, mesh, sharding.DEFAULT_RULES))
+    weights = sharding.decode_weights(sharded, decode, sharding.DEFAULT_RULES, "float32")
+    q = weights["layers"]["attn"]["q_proj"].get_value()  # [L, E, H, D]: heads over the group's chips
+    assert q.sharding.spec[2] == "tensor" and q.sharding.shard_shape(q.shape)[2] == 4 // k
+    settings = RolloutSettings(max_response_len=48, budgets=(40, 48), samples_per_budget=2, temperature=0.0,
+                               engine=engine)
+    problems = ["1+1?", "7*8?", "2-9?", "3*3?"]
+    one = rollout.budget_rollouts(model, tok, problems, settings, key=jax.random.key(1))
+    tp = rollout.budget_rollouts((graphdef, sharded), tok, problems,
+                                 settings.replace(decode_tensor_parallel=k), key=jax.random.key(1), mesh=mesh)
+    np.testing.assert_array_equal(tp.response_ids, one.response_ids)
+    np.testing.assert_array_equal(tp.lengths, one.lengths)
+    np.testing.assert_allclose(tp.logprobs, one.logprobs, atol=1e-5)
+    with pytest.raises(sharding.MeshError, match="groups of 3 chips"):
+        sharding.decode_mesh(mesh, 3)
