@@ -71,11 +71,12 @@ class Floor:
 
 
 def floor(work: Workload, responses: np.ndarray, prompts: np.ndarray, row_prompt: np.ndarray, chips: int,
-          peak_flops: float, hbm_bandwidth: float, prefix: int = 0) -> Floor:
+          peak_flops: float, hbm_bandwidth: float, prefix: int = 0, decode_group: int = 1) -> Floor:
     """The Floor of one step on `chips` chips. responses: int [R] response tokens per row;
     prompts: int [G] tokens of each distinct prompt; row_prompt: int [R], each row's prompt;
     prefix: budget-prefix tokens per row (forwarded in the admit, trained as response tokens
-    when counted in `responses`)."""
+    when counted in `responses`); decode_group: chips that split each decode weight
+    (rollout.decode_tensor_parallel): each chip reads 1 / decode_group of them a step."""
     responses = np.asarray(responses, np.int64)
     context = np.asarray(prompts, np.int64)[np.asarray(row_prompt)]
     trained = context + responses
@@ -92,7 +93,7 @@ def floor(work: Workload, responses: np.ndarray, prompts: np.ndarray, row_prompt
     alive = t < draws
     running = alive.sum(1)
     filled = np.where(alive, (context + prefix + 1)[None, :] + t, 0).sum(1).astype(np.float64)
-    step_bytes = work.weight_bytes + work.kv_bytes * filled / chips
+    step_bytes = work.weight_bytes / decode_group + work.kv_bytes * filled / chips
     step_flops = (2.0 * work.matmul_params * running + 4.0 * work.attn_width * work.layers * filled) / chips
     decode_s = float(np.maximum(step_bytes / hbm_bandwidth, step_flops / peak_flops).sum())
     return Floor(update_s, decode_s + prefill_s, steps, int(trained.sum()), update_flops, float(step_bytes.sum()))

@@ -60,6 +60,12 @@ def array_shapes(shape: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims, _ in _ARRAY.findall(shape)]
 
 
+def array_texts(shape: str) -> list[str]:
+    """Each array of a shape text as its own text, tuples flattened: '(f32[2]{0}, s32[])' ->
+    ['f32[2]{0}', 's32[]']."""
+    return [m.group(0) for m in _ARRAY.finditer(shape)]
+
+
 def _tiled(dims: tuple[int, ...], layout: str) -> tuple[int, ...]:
     """dims padded to the layout's first tile: '{1,0:T(8,128)(2,1)}' pads the minor dimension to
     a multiple of 128 and the next to a multiple of 8 (how XLA:TPU stores an array)."""
@@ -74,12 +80,22 @@ def _tiled(dims: tuple[int, ...], layout: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def shape_bytes(shape: str, tiled: bool = True) -> float:
+def on_chip(layout: str) -> bool:
+    """Whether an array's layout puts it outside HBM: a memory space S(n), n > 0, in the layout
+    ('{1,0:T(8,128)(2,1)S(1)}'). XLA's memory-space assignment moves buffers into the TPU's
+    on-chip alternate memory (S(1), VMEM) with asynchronous copy-start / copy-done pairs; scalars
+    live in S(2) and up (SMEM, flags). Reading or writing those costs no HBM bandwidth."""
+    m = re.search(r"S\((\d+)\)", layout or "")
+    return bool(m and int(m.group(1)) > 0)
+
+
+def shape_bytes(shape: str, tiled: bool = True, hbm_only: bool = False) -> float:
     """Bytes of a shape text, tuples summed; tiled: as stored, each array padded to its layout's
-    tile (T(8,128) on TPU); else the logical size. float8 types count 1 byte."""
+    tile (T(8,128) on TPU); else the logical size; hbm_only: the arrays in HBM only (on_chip ones
+    left out). float8 types count 1 byte."""
     return sum(math.prod(_tiled(tuple(int(x) for x in dims.split(",") if x), layout) if tiled and layout
                          else [int(x) for x in dims.split(",") if x]) * DTYPE_BYTES.get(t, 1)
-               for t, dims, layout in _ARRAY.findall(shape))
+               for t, dims, layout in _ARRAY.findall(shape) if not (hbm_only and on_chip(layout)))
 
 
 def _matching(text: str, start: int) -> int:

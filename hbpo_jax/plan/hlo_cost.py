@@ -9,12 +9,16 @@ iteration of a loop whose exit depends on data (the sampler's decode loop); the 
 XLA's figures (LoopCost.scale). XLA counts nothing for a Pallas kernel (a custom call); the walk
 counts those by what they are (kernel_cost) and adds them to XLA's figures.
 
-The cost model of the walk (on the 1.5B programs, without the kernels, within 0.5% of XLA's
-flops and bytes): flops = 2 x multiply-adds of every dot and convolution (XLA:TPU writes
-batched matmuls as convolutions); bytes = operands + outputs of every unfused instruction and
-fusion, arrays padded to their layout's tile, where a fusion operand read only through
-(dynamic-)slices (looking through bitcasts and nested fusions) counts the slices, and an in-place
-dynamic-update-slice or scatter counts its update.
+The cost model of the walk: flops = 2 x multiply-adds of every dot and convolution (XLA:TPU
+writes batched matmuls as convolutions; within 0.5% of XLA's flops on the 1.5B programs, without
+the kernels); bytes = HBM traffic: operands + outputs of every unfused instruction and fusion,
+arrays padded to their layout's tile, where a fusion operand read only through (dynamic-)slices
+(looking through bitcasts and nested fusions) counts the slices, an in-place dynamic-update-slice
+or scatter counts its update, and arrays that memory-space assignment placed on chip (hlo.on_chip:
+VMEM) count nothing but the copy-start that brings them from or takes them to HBM. XLA's own
+"bytes accessed" counts the on-chip operands too (the 1.5B update on v5p:2x2x4, remat "dots": the
+walk finds 3.18 TB counting them and its AllocateBuffer reservations, which write nothing; 2.43 TB
+in HBM), so the plan's bytes are the walk's, not XLA's scaled.
 """
 from __future__ import annotations
 
@@ -24,7 +28,13 @@ import re
 
 import numpy as np
 
-from hbpo_jax.plan.hlo import Instr, Module, array_shapes, shape_bytes
+from hbpo_jax.plan.hlo import Instr, Module, array_shapes, array_texts, shape_bytes
+
+
+def _hbm(shape: str) -> float:
+    """Bytes of a shape's arrays that live in HBM (hlo.on_chip ones move no HBM bytes)."""
+    return shape_bytes(shape, hbm_only=True)
+
 
 _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
                "conditional", "after-all", "partition-id", "replica-id", "iota", "async-update",
@@ -114,7 +124,7 @@ def _value_reads(module: Module, comp: list, users: dict, name: str) -> float | 
         if u.opcode == "bitcast":
             part = _value_reads(module, comp, users, u.name)
         elif u.opcode in _SLICES and u.operands[0] == name:
-            part = shape_bytes(u.shape)
+            part = _hbm(u.shape)
         elif u.opcode in _IN_PLACE and u.operands[0] == name and name not in u.operands[1:]:
             part = 0.0
         elif u.opcode == "fusion":
@@ -146,12 +156,12 @@ def _fusion_bytes(module: Module, instr: Instr) -> float:
         if o is None:
             continue
         written = _IN_PLACE.get(o.opcode)
-        total += shape_bytes(module.by_name[o.operands[written]].shape) if written else shape_bytes(o.shape)
+        total += _hbm(module.by_name[o.operands[written]].shape) if written else _hbm(o.shape)
     for idx, name in enumerate(instr.operands):
         p = params.get(idx)
         part = _value_reads(module, comp, users, p.name) if p is not None and users.get(p.name) else None
         if part is None:
-            part = shape_bytes(module.by_name[name].shape) if name in module.by_name else 0.0
+            part = _hbm(module.by_name[name].shape) if name in module.by_name else 0.0
         total += part
     return total
 
@@ -178,14 +188,14 @@ def kernel_cost(module: Module, instr: Instr) -> tuple[float, float]:
     and below the diagonal (hbpo_jax.models.splash builds only causal masks). Any other kernel:
     operands and outputs, no flops."""
     shapes = [module.by_name[o].shape for o in instr.operands if o in module.by_name]
-    out = shape_bytes(instr.shape)
+    out = _hbm(instr.shape)
     if instr.name.startswith("paged_attention"):
         (_, table), (_, q), (_, pool) = (array_shapes(shapes[i])[0] for i in (1, -3, -1))
         page = shape_bytes(shapes[-1], tiled=False) / pool[1]  # one page index, every kv head
         tokens = math.prod(table) * pool[2]  # every slot's table full
         flops = 2 * 2 * q[1] * tokens * q[-1]  # each slot's heads over its own tokens: q.k and p.v
-        return flops, out + sum(map(shape_bytes, shapes[:-2])) + 2 * math.prod(table) * page
-    nbytes = out + sum(map(shape_bytes, shapes))
+        return flops, out + sum(map(_hbm, shapes[:-2])) + 2 * math.prod(table) * page
+    nbytes = out + sum(map(_hbm, shapes))
     phase = re.match(r"splash_\w+?_(fwd|dkv|dq)", instr.name)
     if not phase:
         return 0.0, nbytes
@@ -213,23 +223,27 @@ def _traffic(module: Module, instr: Instr) -> float:
     """Bytes one unfused instruction moves: operands + output, except an in-place
     dynamic-update-slice (its update, read and written) and an async '-start' (the buffer it
     fills, read and written: its result tuple repeats the operands); '-done' moves nothing."""
-    operands = sum(shape_bytes(module.by_name[o].shape) for o in instr.operands if o in module.by_name)
+    operands = sum(_hbm(module.by_name[o].shape) for o in instr.operands if o in module.by_name)
     written = _IN_PLACE.get(instr.opcode)
     if written and len(instr.operands) > written:
-        return 2 * shape_bytes(module.by_name[instr.operands[written]].shape)
+        return 2 * _hbm(module.by_name[instr.operands[written]].shape)
+    if instr.opcode == "copy-start":  # (destination, source, context): the HBM side(s) of the copy
+        return _hbm(array_texts(instr.shape)[0]) + operands
     if instr.opcode.endswith("-start"):
-        return 2 * max(shape_bytes(instr.shape) - operands, 0.0)
+        return 2 * max(_hbm(instr.shape) - operands, 0.0)
+    if instr.opcode == "custom-call" and 'custom_call_target="AllocateBuffer"' in instr.attrs:
+        return 0.0  # a buffer reserved, nothing written
     if instr.opcode.endswith("-done"):
         return 0.0
-    return shape_bytes(instr.shape) + operands
+    return _hbm(instr.shape) + operands
 
 
 def walk_cost(module: Module, comp: str | None = None, *, trips: bool = True,
               skip_data_loops: bool = False, kernels_only: bool = False) -> tuple[float, float]:
-    """(flops, bytes) of a computation (default: the entry), each loop body counted times its
-    trip count (trips=True; a data-dependent exit counts once) or once (trips=False: how XLA's
-    cost_analysis counts). skip_data_loops: leave out the data-dependent loops of `comp` itself;
-    kernels_only: count only the Pallas kernels (kernel_cost)."""
+    """(flops, bytes) of a computation (default: the entry), a conditional by its costliest
+    branch, each loop body counted times its trip count (trips=True; a data-dependent exit
+    counts once) or once (trips=False: how XLA's cost_analysis counts). skip_data_loops: leave
+    out the data-dependent loops of `comp` itself; kernels_only: count only the Pallas kernels (kernel_cost)."""
     flops, traffic, memo = 0.0, 0.0, {}
     for i in module.comps.get(comp or module.entry, []):
         if i.opcode == "while":
@@ -242,7 +256,11 @@ def walk_cost(module: Module, comp: str | None = None, *, trips: bool = True,
         elif is_kernel(i):
             f, b = kernel_cost(module, i)
             flops, traffic = flops + f, traffic + b
-        elif i.opcode in ("call", "conditional", "async-start") or (i.opcode == "custom-call" and i.called):
+        elif i.opcode == "conditional":  # one branch runs: the costliest (the update's full micro-batch)
+            f, b = max((walk_cost(module, c, trips=trips, kernels_only=kernels_only) for c in i.called),
+                       default=(0.0, 0.0))
+            flops, traffic = flops + f, traffic + b
+        elif i.opcode in ("call", "async-start") or (i.opcode == "custom-call" and i.called):
             for c in i.called:
                 f, b = walk_cost(module, c, trips=trips, kernels_only=kernels_only)
                 flops, traffic = flops + f, traffic + b
@@ -292,3 +310,59 @@ def loop_cost(module: Module) -> LoopCost:
                 tuple(map(sum, zip(*per_iteration))) if per_iteration else (0.0, 0.0),
                 walk_cost(module, trips=False, kernels_only=kernels_only))
     return LoopCost(*parts(False), kernels=parts(True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mover:
+    """One instruction's share of a program's traffic: its bytes and flops per call of the
+    program (times the trip counts of the loops around it), what it is, and the JAX operation it
+    came from (the op_name of its metadata, where XLA kept one)."""
+
+    bytes: float
+    flops: float
+    calls: int
+    opcode: str
+    shape: str
+    source: str
+
+
+def top_movers(module: Module, n: int = 20, comp: str | None = None) -> list[Mover]:
+    """The `n` instructions that move the most HBM bytes in one call of `comp` (default: the entry),
+    each counted times the known trip counts of the loops around it (a data-dependent loop once):
+    where the roofline's bytes come from."""
+    found: list[Mover] = []
+    memo: dict = {}
+
+    def visit(c: str, mult: int) -> None:
+        for i in module.comps.get(c, []):
+            if i.opcode == "while":
+                visit(i.attr("body"), mult * (module.trip_count(i) or 1))
+            elif i.opcode == "conditional":  # the branch walk_cost counts
+                visit(max(i.called, key=lambda c: walk_cost(module, c)), mult)
+            elif i.opcode in ("call", "async-start") or (i.opcode == "custom-call" and i.called and not is_kernel(i)):
+                for called in i.called:
+                    visit(called, mult)
+            elif is_kernel(i):
+                f, b = kernel_cost(module, i)
+                found.append(Mover(mult * b, mult * f, mult, "kernel", i.shape, _source(i)))
+            elif i.opcode == "fusion":
+                found.append(Mover(mult * _fusion_bytes(module, i), mult * _comp_flops(module, i.attr("calls"), memo),
+                                   mult, _fusion_kind(module, i), i.shape, _source(i)))
+            elif i.opcode not in _NO_TRAFFIC:
+                found.append(Mover(mult * _traffic(module, i), mult * dot_flops(module, i), mult, i.opcode,
+                                   i.shape, _source(i)))
+    visit(comp or module.entry, 1)
+    return sorted((m for m in found if m.bytes > 0), key=lambda m: -m.bytes)[:n]
+
+
+def _source(instr: Instr) -> str:
+    m = re.search(r'op_name="([^"]*)"', instr.attrs)
+    return m.group(1) if m else ""
+
+
+def _fusion_kind(module: Module, instr: Instr) -> str:
+    """'fusion(dot)' / 'fusion(convolution)' for a fusion around a matmul, else 'fusion'."""
+    ops = {i.opcode for i in module.comps.get(instr.attr("calls"), [])}
+    core = next((k for k in ("convolution", "dot", "reduce", "scatter", "gather", "dynamic-update-slice")
+                 if k in ops), "")
+    return f"fusion({core})" if core else "fusion"

@@ -89,10 +89,25 @@ def _collect(module: hlo.Module, comp: str, mult: int, out: dict, devices: int, 
     if comp in seen:
         return
     for i in module.comps.get(comp, []):
-        _add(module, i, mult, out, devices)
-        inner = mult * ((module.trip_count(i) or 1) if i.opcode == "while" else 1)
+        _instr(module, i, mult, out, devices, seen + (comp,))
+
+
+def _instr(module: hlo.Module, i: hlo.Instr, mult: int, out: dict, devices: int, seen: tuple = ()) -> None:
+    """Adds one instruction's collectives and those of what it calls (of a conditional's
+    branches, only one runs: the one that sends the most) into `out`."""
+    _add(module, i, mult, out, devices)
+    inner = mult * ((module.trip_count(i) or 1) if i.opcode == "while" else 1)
+    if i.opcode == "conditional":
+        branches = []
         for name in i.called:
-            _collect(module, name, inner, out, devices, seen + (comp,))
+            branches.append({})
+            _collect(module, name, inner, branches[-1], devices, seen)
+        most = max(branches, key=lambda b: sum(c * e for c, e in b.values()), default={})
+        for key, (count, each) in most.items():
+            out[key] = (out.get(key, (0, each))[0] + count, each)
+        return
+    for name in i.called:
+        _collect(module, name, inner, out, devices, seen)
 
 
 def traffic(text: str, devices: int) -> tuple[list[Traffic], list[Traffic]]:
@@ -105,10 +120,7 @@ def traffic(text: str, devices: int) -> tuple[list[Traffic], list[Traffic]]:
     for i in module.comps.get(module.entry, []):
         data_loop = i.opcode == "while" and module.trip_count(i) is None
         target = per_step if data_loop else once
-        _add(module, i, 1, target, devices)
-        mult = (module.trip_count(i) or 1) if i.opcode == "while" else 1
-        for name in i.called:
-            _collect(module, name, mult, target, devices)
+        _instr(module, i, 1, target, devices)
     def as_list(d):
         items = (Traffic(op, shapes, n, count, each, a) for (op, shapes, n, a), (count, each) in d.items())
         return sorted(items, key=lambda t: -t.total)
@@ -118,6 +130,18 @@ def traffic(text: str, devices: int) -> tuple[list[Traffic], list[Traffic]]:
 def total_bytes(items: list[Traffic], asynchronous: bool | None = None) -> float:
     """Bytes sent per chip by `items` (only the asynchronous ones, or only the others)."""
     return sum(t.total for t in items if asynchronous is None or t.asynchronous == asynchronous)
+
+
+# A synchronous collective's fixed cost on the ICI whatever its bytes (launch, the hops of a small
+# all-reduce across a slice): a stated figure, not a measurement. It matters where collectives are
+# many and small: tensor-parallel decode all-reduces each layer's attention and MLP outputs at
+# every decode step (2 x 28 per step for the 1.5B).
+COLLECTIVE_LATENCY_S = 10e-6
+
+
+def sync_count(items: list[Traffic]) -> int:
+    """The synchronous collectives among `items`, each counted per its count."""
+    return sum(t.count for t in items if not t.asynchronous)
 
 
 def ici_seconds(nbytes: float, bidirectional: float) -> float:

@@ -3,7 +3,9 @@ compiled program's roofline scaled to the work the rows really ask for, its ICI 
 the host's round trips, and the first-principles floor (floor) beside it.
 
   update   the compiled mini-batch update (U micro-batches at the prompt bucket + L_max) per
-           micro-batch, scaled by forward flops to the widths the loop uses: rows sorted by
+           micro-batch. Rows packed by tokens (train.pack_rows): the micro-batches packing fills
+           (each mini-batch's rows, prompt + response, in lanes: packing.lane_layout), the rest
+           skipped. Rows: scaled by forward flops to the widths the loop uses: rows sorted by
            length, each micro-batch cut to its longest row rounded up to train.update_width_step
            (batching.micro_layout), the prompt bucket of the step's longest prompt
   rollout  the refill engine's schedule over the rows (lengths.refill_schedule): one prefill
@@ -13,9 +15,13 @@ the host's round trips, and the first-principles floor (floor) beside it.
   ici      every program's collectives, bytes moved per chip (ici) times its calls, at the chip's
            ICI bandwidth; a synchronous collective (XLA left it unscheduled: the chip waits)
            adds; asynchronous ones ('-start': the windowed einsum's permutes) run under their
-           program's compute, only their excess over it adds
+           program's compute, only their excess over it adds; each synchronous collective also
+           costs a stated latency (ici.COLLECTIVE_LATENCY_S)
   host     one round trip per decode call (the device-to-host transfer the host waits on, its
-           page book, the next dispatch) and the final output, a dispatch per admit, and the
+           page book, the next dispatch) and the final output, a dispatch per admit, with pages
+           on demand (a pool smaller than every slot's limit) a round trip and a grow dispatch per
+           top-up of the longest row (pages.room tokens each: the decode loop returns when a row's
+           pages run out, and rows admitted together run out together), and the
            grading of the step's responses between rollout and update; priced at HOST (stated
            figures, not measurements: tpu_probe measures them)
 Times add: a step runs rollout, grading, update one after another.
@@ -51,7 +57,9 @@ HOST = HostCosts()
 class Terms:
     """One step's projection (seconds): update, rollout (prefill, admits, decode), ici (the part
     that adds), host; ici_total (all of it, overlapped or not); the schedule and counts behind
-    them; widths: the update's micro-batch response widths, per mini-batch."""
+    them; widths: the update's micro-batch response widths, per mini-batch (packed rows: the
+    micro-batches each mini-batch fills); slots: decode slots; top_ups: page top-ups of the
+    longest row (decode-loop exits); update_calls: the update in compiled mini-batch calls."""
 
     update: float
     prefill: float
@@ -67,6 +75,10 @@ class Terms:
     round_trips: int
     grading: float
     ici_by_program: dict
+    slots: int = 0
+    top_ups: int = 0
+    update_calls: float = 0.0
+    ici_latency: float = 0.0
 
     @property
     def rollout(self) -> float:
@@ -104,6 +116,32 @@ def update_widths(run, responses: np.ndarray) -> tuple[list, int]:
     return out, n
 
 
+def packed_micro_batches(run, responses: np.ndarray, fill: np.ndarray) -> list[float]:
+    """Per mini-batch: the micro-batches the packed update computes (train/packing.py), rows of
+    fill + response tokens laid in lanes of the run's lane length, k lanes a micro-batch; a
+    micro-batch of half lanes (packing.lane_plan) counts 1/2."""
+    from hbpo_jax.train import packing
+    t = run.train
+    lanes, lane_len, _ = packing.layout_for(run)
+    rows = np.asarray(fill) + np.asarray(responses)
+    return [packing.micro_batch_cost(rows[start:start + t.rows_per_minibatch], lane_len, lanes)
+            for start in range(0, len(rows), t.rows_per_minibatch)]
+
+
+def page_top_ups(run, slots: int, chips: int) -> int:
+    """Times the longest row's pages are topped up in a rollout (pages on demand: the pool smaller
+    than every slot's whole limit; each top-up is a decode-loop exit), 0 when each row takes its
+    whole limit at admission (rollout/pages.room)."""
+    from hbpo_jax.rollout import pages
+    r = run.sampling.rollout
+    most = pages.pages_for(sampler.bucket_length(run.sampling.max_prompt_len) + 64 + r.max_response_len, 16)
+    per_shard = (pages.pool_pages(r.kv_tokens, slots, most * 16, 16, chips) // chips) if r.kv_tokens else None
+    if per_shard is None:
+        return 0
+    room = pages.room(0, r.max_response_len, 16, per_shard, max(slots // chips, 1), most)
+    return 0 if room is None else -(-r.max_response_len // room)
+
+
 def _decode_parts(p):
     """(per decode step: flops and bytes outside the paged kernel; the kernel's flops and bytes
     as XLA's count places them, at the cap), per chip."""
@@ -125,10 +163,16 @@ def project(programs: dict, run, cfg, chip, chips: int, hosts: int, mix: lengths
     # Update: the compiled call is U0 micro-batches at compiled_prompt + L_max.
     u0 = t.rows_per_minibatch // t.micro_batch_size
     per_micro = programs["train"].roofline_s(chip) / u0
-    full = work.forward_flops(np.array([compiled_prompt + s.rollout.max_response_len]))
-    widths, _ = update_widths(run, responses)
-    update = sum(per_micro * work.forward_flops(np.array([prompt_width + w])) / full
-                 for mb in widths for w in mb) * t.ppo_epochs
+    if t.pack_rows:  # the same program every mini-batch, its empty micro-batches skipped
+        widths = packed_micro_batches(run, responses, prompts[row_prompt] + mix.prefix)
+        update_calls = sum(widths) / u0 * t.ppo_epochs  # in compiled mini-batches (all U0 full)
+        update = update_calls * programs["train"].roofline_s(chip)
+    else:
+        full = work.forward_flops(np.array([compiled_prompt + s.rollout.max_response_len]))
+        widths, _ = update_widths(run, responses)
+        update = sum(per_micro * work.forward_flops(np.array([prompt_width + w])) / full
+                     for mb in widths for w in mb) * t.ppo_epochs
+        update_calls = t.mini_batches * t.ppo_epochs
     # Rollout.
     slots = min(s.rollout.max_batch or len(responses), len(responses))
     admit = max(1, slots // 16)  # engine.RefillEngine.default_admit
@@ -148,31 +192,37 @@ def project(programs: dict, run, cfg, chip, chips: int, hosts: int, mix: lengths
     decode = float(np.maximum(step_flops / chip.peak_flops, step_bytes / chip.hbm_bandwidth).sum())
     decode += sched.segments * d.roofline_s(chip)
     # ICI, bytes sent per chip per step, by program.
-    calls = {"train": t.mini_batches * t.ppo_epochs, "prefill": 1, "admit": admit_equiv, "decode": sched.segments}
-    by_program, exposed = {}, 0.0
+    top_ups = page_top_ups(run, slots, chips)
+    # Collectives per micro-batch dominate the update's: a packed mini-batch's share of the
+    # compiled one's (all U0 micro-batches) is its filled micro-batches' share.
+    calls = {"train": update_calls, "prefill": 1, "admit": admit_equiv, "decode": sched.segments + top_ups}
+    by_program, exposed, latency = {}, 0.0, 0.0
     compute = {"train": update, "prefill": prefill, "admit": admits, "decode": decode}
     for k, n in calls.items():
         once, per_step = ici.traffic(programs[k].text, chips)
         steps = sched.decode_steps if k == "decode" else 0
         sent = {a: n * ici.total_bytes(once, a) + steps * ici.total_bytes(per_step, a) for a in (True, False)}
         by_program[k] = (n, once, per_step, sent[True] + sent[False])
-        # A synchronous collective stalls the chip; asynchronous ones run under the program's compute.
+        # A synchronous collective stalls the chip (its bytes and its latency); asynchronous ones
+        # run under the program's compute.
+        latency += (n * ici.sync_count(once) + steps * ici.sync_count(per_step)) * ici.COLLECTIVE_LATENCY_S
         exposed += ici.ici_seconds(sent[False], chip.ici_bandwidth) + max(
             0.0, ici.ici_seconds(sent[True], chip.ici_bandwidth) - compute[k])
+    exposed += latency
     # Host.
-    round_trips = sched.segments + 1
+    round_trips = sched.segments + top_ups + 1
     grading = len(responses) * host.grade / max(run.grading_workers * hosts, 1)
-    host_s = round_trips * host.round_trip + sched.admit_calls * host.admit_dispatch + grading
+    host_s = round_trips * host.round_trip + (sched.admit_calls + top_ups) * host.admit_dispatch + grading
     total = sum(ici.ici_seconds(v[3], chip.ici_bandwidth) for v in by_program.values())
     return Terms(update, prefill, admits, decode, exposed, total, host_s, sched, admit_equiv,
-                 widths, prompt_width, round_trips, grading, by_program)
+                 widths, prompt_width, round_trips, grading, by_program, slots, top_ups, update_calls, latency)
 
 
 def floor_of(run, cfg, chip, chips: int, mix: lengths.LengthMix) -> floor_lib.Floor:
     """The first-principles floor (floor.floor) of one step of `run` at `mix`."""
     responses, prompts, row_prompt, _ = rows_of(run, mix)
     return floor_lib.floor(floor_lib.Workload.of(cfg), responses, prompts, row_prompt, chips, chip.peak_flops,
-                           chip.hbm_bandwidth, mix.prefix)
+                           chip.hbm_bandwidth, mix.prefix, run.sampling.rollout.decode_tensor_parallel)
 
 
 def _widths(widths: list) -> str:
@@ -201,32 +251,48 @@ def lines(programs: dict, run, cfg, chip, chips: int, hosts: int, topology: str,
     u0 = t.rows_per_minibatch // t.micro_batch_size
     hours = lambda x: steps * x / 3600  # noqa: E731
     work = floor_lib.Workload.of(cfg)
-    calls = {"train": t.mini_batches * t.ppo_epochs, "prefill": 1, "admit": terms.admit_equiv,
-             "decode": (sched.segments, sched.decode_steps)}
+    calls = {"train": terms.update_calls, "prefill": 1, "admit": terms.admit_equiv,
+             "decode": (sched.segments + terms.top_ups, sched.decode_steps)}
     r = run.sampling.rollout
+    slots = terms.slots
     ici_ms = {k: ici.ici_seconds(v[3], chip.ici_bandwidth) for k, v in terms.ici_by_program.items()}
+    if t.pack_rows:
+        from hbpo_jax.train import packing
+        lanes, lane_len, _ = packing.layout_for(run)
+        update = (f"  update:  {t.mini_batches * t.ppo_epochs} mini-batches, rows packed by tokens in lanes of "
+                  f"{lane_len:,} ({lanes} lanes a micro-batch): {', '.join(f'{w:g}' for w in terms.widths)} of the "
+                  f"compiled {u0} micro-batches (a half-lane one counts 1/2), the rest skipped: "
+                  f"{terms.update_calls:.2f} compiled mini-batches = {terms.update:.2f} s")
+    else:
+        update = (f"  update:  {t.mini_batches * t.ppo_epochs} mini-batches of {u0} micro-batches cut to the rows' "
+                  f"lengths (train.update_width_step={t.update_width_step}): widths {_widths(terms.widths)}, prompt "
+                  f"bucket {terms.prompt_width:,} (compiled: {u0} x "
+                  f"{sampler.bucket_length(run.sampling.max_prompt_len):,} + {r.max_response_len:,}) = "
+                  f"{terms.update:.2f} s")
+    pool = (f"pages on demand from a pool of {r.kv_tokens:,} tokens: {terms.top_ups} top-ups of the longest row, "
+            f"each a round trip and a grow dispatch" if terms.top_ups else
+            "no page grows: each row takes its whole limit at admission")
     return [
         f"Projection of one step at the length mix: {mix.describe(responses)}. Every program at its roofline "
-        "(max(flops / peak, bytes / HBM bandwidth), XLA's counts) scaled to the rows' work (paper_step):",
-        f"  update:  {t.mini_batches * t.ppo_epochs} mini-batches of {u0} micro-batches cut to the rows' lengths "
-        f"(train.update_width_step={t.update_width_step}): widths {_widths(terms.widths)}, prompt bucket "
-        f"{terms.prompt_width:,} (compiled: {u0} x {sampler.bucket_length(run.sampling.max_prompt_len):,} + "
-        f"{r.max_response_len:,}) = {terms.update:.2f} s",
-        f"  rollout: refill engine over {r.max_batch} slots: {sched.admit_calls} admits ({sched.full_fills} "
-        f"fill(s) of every slot, each costed as {r.max_batch // max(1, r.max_batch // 16)} "
+        "(max(flops / peak, bytes / HBM bandwidth); flops XLA's, HBM bytes the HLO walk's) scaled to the rows' "
+        "work (paper_step):",
+        update,
+        f"  rollout: refill engine over {slots} slots: {sched.admit_calls} admits ({sched.full_fills} "
+        f"fill(s) of every slot, each costed as {slots // max(1, slots // 16)} "
         f"admits of the compiled width: {terms.admit_equiv:.0f} admit-equivalents), {sched.segments} decode "
         f"calls, {sched.decode_steps:,} decode "
         f"steps at {sched.tokens / max(sched.slot_steps, 1):.0%} slot utilization, KV read as filled (mean "
-        f"{sched.filled.mean() / max(r.max_batch, 1):,.0f} tokens a slot): prefill {terms.prefill:.2f} + "
+        f"{sched.filled.mean() / max(slots, 1):,.0f} tokens a slot): prefill {terms.prefill:.2f} + "
         f"admits {terms.admits:.2f} + decode {terms.decode:.2f} = {terms.rollout:.2f} s",
-        f"  ici:     {terms.ici_total:.2f} s of collectives per step (update {ici_ms['train']:.2f}, admits "
-        f"{ici_ms['admit']:.2f}, decode {ici_ms['decode']:.2f}, prefill {ici_ms['prefill']:.2f}): {terms.ici:.2f} s "
-        "added (synchronous collectives stall the chip and add; asynchronous ones, the windowed einsums' "
-        "collective-permutes, run under their program's compute and add only past it)",
-        f"  host:    {terms.round_trips} round trips x {HOST.round_trip * 1e3:.1f} ms + {sched.admit_calls} "
-        f"admit dispatches x {HOST.admit_dispatch * 1e3:.1f} ms + grading {len(responses):,} responses x "
-        f"{HOST.grade * 1e3:.0f} ms / ({run.grading_workers} workers x {hosts} hosts) {terms.grading:.2f} s "
-        f"= {terms.host:.2f} s (stated latencies, not measured; no page grows: the pool holds every slot's limit)",
+        f"  ici:     {terms.ici_total:.2f} s of collectives' bytes per step (update {ici_ms['train']:.2f}, admits "
+        f"{ici_ms['admit']:.2f}, decode {ici_ms['decode']:.2f}, prefill {ici_ms['prefill']:.2f}) and "
+        f"{terms.ici_latency:.2f} s of synchronous collectives' latency ({ici.COLLECTIVE_LATENCY_S * 1e6:.0f} us "
+        f"each, stated): {terms.ici:.2f} s added (synchronous collectives stall the chip and add; asynchronous "
+        "ones run under their program's compute and add only past it)",
+        f"  host:    {terms.round_trips} round trips x {HOST.round_trip * 1e3:.1f} ms + "
+        f"{sched.admit_calls + terms.top_ups} admit and grow dispatches x {HOST.admit_dispatch * 1e3:.1f} ms + "
+        f"grading {len(responses):,} responses x {HOST.grade * 1e3:.0f} ms / ({run.grading_workers} workers x "
+        f"{hosts} hosts) {terms.grading:.2f} s = {terms.host:.2f} s (stated latencies, not measured; {pool})",
         f"  one step: {terms.step:.1f} s = {_terms_line(terms)}; {steps} steps: {hours(terms.step):.2f} h",
         f"At the cap (every row to {r.max_response_len:,} tokens, {cap.schedule.decode_steps:,} decode "
         f"steps): {cap.step:.1f} s = {_terms_line(cap)}; {steps} steps: {hours(cap.step):.2f} h",
@@ -234,11 +300,13 @@ def lines(programs: dict, run, cfg, chip, chips: int, hosts: int, topology: str,
         f"parameters, {work.kv_bytes:,.0f} B of KV a token, x{work.passes:.0f} forward flops to train (remat "
         f"{cfg.remat}), every chip at peak, no ICI or host): update {fl.update_s:.2f} s ({fl.trained_tokens:,} "
         f"real tokens), rollout {fl.rollout_s:.2f} s (all rows at once: {fl.decode_steps:,} decode steps of the "
-        f"longest row, each reading {work.weight_bytes / 1e9:.2f} GB of bfloat16 weights and the filled KV per "
-        f"chip) = {fl.step_s:.1f} s; {steps} steps: {hours(fl.step_s):.2f} h; projection / floor "
+        f"longest row, each reading {work.weight_bytes / r.decode_tensor_parallel / 1e9:.2f} GB of bfloat16 "
+        f"weights{f' (1/{r.decode_tensor_parallel}: tensor-parallel decode)' if r.decode_tensor_parallel > 1 else ''} "
+        f"and the filled KV per chip) = {fl.step_s:.1f} s; {steps} steps: {hours(fl.step_s):.2f} h; projection / floor "
         f"{terms.step / fl.step_s:.1f}x",
-        f"Not in the step: compilation, once per run (the update at each of its {len(set(sum(terms.widths, [])))} "
-        f"widths, the engine's programs, the fill admit at {r.max_batch} rows); this CPU compiled the "
+        f"Not in the step: compilation, once per run (the update "
+        f"{'once' if t.pack_rows else f'at each of its {len(set(sum(terms.widths, [])))} widths'}, the engine's "
+        f"programs, the fill admit at {slots} rows); this CPU compiled the "
         f"plan's {len(programs)} programs in {sum(p.compile_cpu_s for p in programs.values()):.0f} CPU-s.",
         "", *ici.tables(programs, chips, chip, calls), "",
         f"plan {topology}: paper run {hours(terms.step):.2f} h at mean response {responses.mean():,.0f} tokens (floor "

@@ -136,6 +136,7 @@ def lower_sampler(config, mesh, batch: int | None = None):
     run, cfg, rules = _resolve(config, mesh)
     s = run.sampling
     graphdef, params = abstract_params(cfg, mesh, rules)
+    mesh = sharding.decode_mesh(mesh, s.rollout.decode_tensor_parallel)  # as rollout.budget_rollouts
     params = sharding.decode_weights(params, mesh, rules, cfg.compute_dtype)  # as rollout.sample_rows
     smp = sampler.Sampler(graphdef, cfg, _settings(s, cfg), mesh=mesh, rules=rules)
     return smp.lower(params, batch or s.rollout.max_batch or run.train.prompts_per_step * s.group, s.max_prompt_len)
@@ -151,6 +152,7 @@ def lower_engine(config, mesh):
     run, cfg, rules = _resolve(config, mesh)
     s, rows = run.sampling, run.train.prompts_per_step * run.sampling.group
     graphdef, params = abstract_params(cfg, mesh, rules)
+    mesh = sharding.decode_mesh(mesh, s.rollout.decode_tensor_parallel)  # as rollout.budget_rollouts
     params = sharding.decode_weights(params, mesh, rules, cfg.compute_dtype)  # as rollout.sample_rows
     eng = engine.RefillEngine(graphdef, cfg, _settings(s, cfg), slots=min(s.rollout.max_batch or rows, rows), mesh=mesh,
                               rules=rules, kv_tokens=s.rollout.kv_tokens)

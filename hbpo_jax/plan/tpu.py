@@ -79,7 +79,8 @@ class ProgramPlan:
     error: why it did not compile (XLA's out-of-HBM message), "" when it did. From these
     (hlo_cost.loop_cost): flops / bytes of one call with every loop of known trip count times that
     count, and step_flops / step_bytes of one iteration of a loop whose exit depends on data (the
-    decode loop; 0 elsewhere), left out of flops / bytes."""
+    decode loop; 0 elsewhere), left out of flops / bytes; flops are XLA's so scaled, bytes the
+    HLO walk's HBM traffic (XLA's, scaled, only for a plan without HLO text)."""
 
     name: str
     shape: str
@@ -98,6 +99,10 @@ class ProgramPlan:
     def __post_init__(self):
         cost = hlo_cost.loop_cost(hlo.Module(self.text))
         (self.flops, self.bytes), (self.step_flops, self.step_bytes) = cost.scale((self.xla_flops, self.xla_bytes))
+        if self.text:
+            # HBM bytes are the walk's own: XLA's count also holds the on-chip (VMEM) operands that
+            # memory-space assignment placed there, which cost no HBM bandwidth (hlo.on_chip).
+            self.bytes, self.step_bytes = cost.once[1], cost.per_iteration[1]
 
     @property
     def peak(self) -> float:
@@ -268,7 +273,7 @@ def _row(p: ProgramPlan, chip: Chip, name: str, step: bool = False, memory: bool
 def program_table(programs: dict[str, ProgramPlan], chip: Chip) -> list[str]:
     """Markdown rows, per chip: one call of each program; a program with a data-dependent loop
     (decode) in two rows, one loop iteration and the rest of a call."""
-    lines = ["| program | shape | args GiB | outs GiB | temps GiB | peak GiB | of HBM | TFLOP | GB accessed "
+    lines = ["| program | shape | args GiB | outs GiB | temps GiB | peak GiB | of HBM | TFLOP | HBM GB "
              "| roofline ms | bound | lower s | compile s (CPU s) |", "|---" * 13 + "|"]
     for p in programs.values():
         if p.error:
@@ -280,6 +285,22 @@ def program_table(programs: dict[str, ProgramPlan], chip: Chip) -> list[str]:
         else:
             lines.append(_row(p, chip, p.name))
     return lines
+
+
+def mover_lines(p: ProgramPlan, n: int) -> list[str]:
+    """The `n` instructions of a compiled program that move the most HBM bytes per call (loop
+    bodies times their trip counts; hlo_cost.top_movers), as a markdown table: where its roofline's
+    bytes come from."""
+    if p.error or n <= 0:
+        return []
+    movers = hlo_cost.top_movers(hlo.Module(p.text), n)
+    lines = [f"{p.name}: the {len(movers)} instructions moving the most HBM bytes per call "
+             f"(of {p.bytes / 1e9:,.1f} GB)",
+             "| GB | share | TFLOP | runs | op | result | from |", "|---|---|---|---|---|---|---|"]
+    for m in movers:
+        lines.append(f"| {m.bytes / 1e9:,.2f} | {m.bytes / max(p.bytes, 1):.1%} | {m.flops / 1e12:,.2f} | {m.calls} | "
+                     f"{m.opcode} | `{m.shape[:70]}` | {m.source[-70:]} |")
+    return lines + [""]
 
 
 def collective_lines(text: str) -> list[str]:
@@ -380,8 +401,7 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan],
     cfg = run.lora.model_config(run.model.config())
     lora = (f", LoRA rank {cfg.lora_rank} on {'/'.join(cfg.lora_targets)} (base frozen in {cfg.param_dtype}, "
             "adapters and their AdamW state float32)") if cfg.lora_rank else ""
-    factors = ", ".join(f"{k} x{p.flops / p.xla_flops if p.xla_flops else 1:.1f} flops / "
-                        f"x{p.bytes / p.xla_bytes if p.xla_bytes else 1:.1f} bytes"
+    factors = ", ".join(f"{k} x{p.flops / p.xla_flops if p.xla_flops else 1:.1f}"
                         for k, p in programs.items() if not (p.step_flops or p.step_bytes or p.error))
     lines = [
         f"TPU plan of {config.name} ({cfg.num_params():,} parameters, {cfg.param_dtype}; compute {cfg.dtype}{lora}) on "
@@ -391,11 +411,13 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan],
         f"Chip {chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 dense, {chip.hbm_bandwidth / 1e12:.3f} TB/s HBM, "
         f"{chip.hbm_bytes / GiB:.0f} GiB HBM ({chip.source}).", "",
         "Per chip, per call:", *program_table(programs, chip), *_margin_lines(programs, chip), "",
-        "peak = arguments + outputs + temporaries - aliased (donated) bytes, XLA's memory_analysis. TFLOP and GB "
-        "accessed are XLA's cost_analysis, which counts a while-loop body once whatever its trip count; here each "
-        f"loop body is scaled by its trip count read from the HLO ({factors}). The decode loop exits on data: "
-        "XLA's count holds one iteration of it, split here (by an HLO walk) into one decode step and the part "
-        "outside the loop; the projection multiplies the step by the number of steps. XLA counts nothing for a "
+        "peak = arguments + outputs + temporaries - aliased (donated) bytes, XLA's memory_analysis. TFLOP is XLA's "
+        "cost_analysis, which counts a while-loop body once whatever its trip count; here each loop body is scaled "
+        f"by its trip count read from the HLO ({factors}). HBM GB is an HLO walk's (hlo_cost): the operands and "
+        "results of every instruction times the trip counts of its loops, left out what memory-space assignment "
+        "placed on chip (S(1), VMEM: copy-start / copy-done move it, once, from and to HBM), which XLA's own "
+        "'bytes accessed' counts too. The decode loop exits on data: one iteration of it is split out as one "
+        "decode step; the projection multiplies the step by the number of steps. XLA counts nothing for a "
         "Pallas kernel (splash attention, paged attention): their flops and bytes are the walk's "
         "(hlo_cost.kernel_cost: splash's causal blocks; paged attention's reads with every slot at the cap).", ""]
     if "decode" in programs and not programs["decode"].error:

@@ -12,6 +12,7 @@ one line: `plan <topology>: paper run <H> h ...`.
     python launch/memory.py --config=configs/qwen1_5b.py --topology=v5p:2x2x4   # also v5e:4x4, v6e:2x4, v4:2x2x4
     python launch/memory.py --config=configs/qwen1_5b.py --topology=v5p:2x2x2 --mean_response=1900
     python launch/memory.py --config=configs/qwen1_5b.py:pod --topology=v5e:4x4 --slices=2 --programs=train
+    python launch/memory.py --config=configs/qwen1_5b.py:pod --topology=v5p:2x2x4 --programs=train --top_movers=30
 
 The config's mesh.shape (-1 = the rest) is laid on the topology's chips. A configuration error is
 printed as one sentence (exit status 2) before anything compiles.
@@ -27,6 +28,8 @@ cli.flags.DEFINE_integer("slices", 1, "With --topology: that many slices of it (
 cli.flags.DEFINE_float("mean_response", 0.0, "With --topology: project a step at this mean response length "
                        "(tokens; the paper's steady-state mix, ~1,400, scaled; 1,900 is the paper run's average); "
                        "0: the steady state.")
+cli.flags.DEFINE_integer("top_movers", 0, "With --topology: also list each compiled program's N instructions that "
+                         "move the most HBM bytes (loop bodies times their trip counts).")
 cli.flags.DEFINE_list("programs", ["train", "logprobs", "sampler"],
                       "With --topology: the programs to compile (train, logprobs, sampler); the "
                       "projection of the run needs all three.")
@@ -56,6 +59,9 @@ def main(argv):
         mesh = plan.topology_mesh(config.mesh, topology, flags.slices)
         programs = tpu_plan.compile_programs(config, mesh, tuple(flags.programs))
         print(tpu_plan.format_report(config, topology, mesh, programs, flags.mean_response or None))
+        for p in programs.values():
+            if lines := tpu_plan.mover_lines(p, flags.top_movers):
+                print("\n".join(lines))
         if "train" in programs:  # the update's verdict: seconds, TB per chip, bound
             run = spec.resolve(config, num_devices=mesh.devices.size, slices=sharding.num_slices(mesh.devices.flat))
             print(update_line(programs["train"], tpu_plan.chip_for(topology), run,

@@ -105,3 +105,47 @@ def test_traffic_of_a_program():
     module = hlo.Module(HLO)
     start = hlo.collective(module, module.by_name["cp"])
     assert start.result_shape == "bf16[4,128]" and start.asynchronous
+
+
+# The packed update's switch: a micro-batch runs one branch (skip, half or full width), so a
+# conditional costs its costliest branch, not the sum of them.
+SWITCH = """HloModule s
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%skip (x: f32[64,128]) -> f32[64,128] {
+  ROOT %x = f32[64,128]{1,0} parameter(0)
+}
+
+%half (x: f32[64,128]) -> f32[64,128] {
+  %x = f32[64,128]{1,0} parameter(0)
+  %h = f32[32,128]{1,0} slice(%x), slice={[0:32], [0:128]}
+  %r = f32[32,128]{1,0} all-reduce(%h), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %p = f32[64,128]{1,0} pad(%r, %z), padding=0_32x0_0
+}
+
+%full (x: f32[64,128]) -> f32[64,128] {
+  %x = f32[64,128]{1,0} parameter(0)
+  ROOT %r = f32[64,128]{1,0} all-reduce(%x), replica_groups={{0,1,2,3}}, to_apply=%add
+}
+
+ENTRY %main (i: s32[], x: f32[64,128]) -> f32[64,128] {
+  %i = s32[] parameter(0)
+  %x = f32[64,128]{1,0} parameter(1)
+  ROOT %c = f32[64,128]{1,0} conditional(%i, %x, %x, %x), branch_computations={%skip, %half, %full}
+}
+""".replace("pad(%r, %z)", "pad(%r, %r)")
+
+
+def test_a_conditional_costs_its_costliest_branch():
+    from hbpo_jax.plan import hlo_cost
+    once, _ = ici.traffic(SWITCH, devices=4)
+    assert [(t.opcode, t.count) for t in once] == [("all-reduce", 1)]  # the full branch's, not the half's too
+    assert once[0].each == pytest.approx(2 * 3 / 4 * 64 * 128 * 4)
+    module = hlo.Module(SWITCH)
+    branches = [hlo_cost.walk_cost(module, b)[1] for b in ("skip", "half", "full")]
+    assert hlo_cost.walk_cost(module)[1] == max(branches) < sum(branches)

@@ -346,3 +346,41 @@ def test_memory_cli_rejects_unknown_programs_in_one_sentence():
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--programs=train,bogus: choose from train,logprobs,sampler." in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# Memory-space assignment: x prefetched from HBM into on-chip memory (S(1)) by a copy-start, a
+# fusion that reads it there and writes its result on chip, the result evicted to HBM, and an
+# AllocateBuffer that only reserves a buffer.
+ON_CHIP = """HloModule m
+
+%neg (a: f32[8,128]) -> f32[8,128] {
+  %a = f32[8,128]{1,0:T(8,128)S(1)} parameter(0)
+  ROOT %n = f32[8,128]{1,0:T(8,128)S(1)} negate(%a)
+}
+
+ENTRY %main (x: f32[8,128]) -> f32[8,128] {
+  %x = f32[8,128]{1,0:T(8,128)} parameter(0)
+  %in = (f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%x)
+  %x1 = f32[8,128]{1,0:T(8,128)S(1)} copy-done(%in)
+  %y1 = f32[8,128]{1,0:T(8,128)S(1)} fusion(%x1), kind=kLoop, calls=%neg
+  %out = (f32[8,128]{1,0:T(8,128)}, f32[8,128]{1,0:T(8,128)S(1)}, u32[]{:S(2)}) copy-start(%y1)
+  %buf = f32[64,128]{1,0:T(8,128)} custom-call(), custom_call_target="AllocateBuffer"
+  ROOT %y = f32[8,128]{1,0:T(8,128)} copy-done(%out)
+}
+"""
+
+
+def test_walk_counts_hbm_bytes_only():
+    module = hlo.Module(ON_CHIP)
+    one = 8 * 128 * 4
+    assert hlo.on_chip("{1,0:T(8,128)S(1)}") and not hlo.on_chip("{1,0:T(8,128)}")
+    assert hlo.shape_bytes(module.by_name["in"].shape, hbm_only=True) == one  # the HBM source only
+    # The prefetch reads x from HBM, the eviction writes y to HBM; the fusion works on chip; the
+    # reserved buffer is never written: two arrays' bytes in all.
+    assert hlo_cost.walk_cost(module)[1] == 2 * one
+    movers = hlo_cost.top_movers(module, 2)
+    assert [m.opcode for m in movers] == ["copy-start", "copy-start"] and movers[0].bytes == one
+    plan = tpu_plan.ProgramPlan("the program", "", 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, ON_CHIP)
+    assert plan.bytes == 2 * one  # the plan's bytes are the walk's HBM bytes, not XLA's count
+    table = tpu_plan.mover_lines(plan, 5)
+    assert table[0].startswith("the program: the 2 instructions") and "| 50.0% |" in table[3]
