@@ -56,9 +56,10 @@ def get_config(arg: str | None = None):
     t.micro_batch_size = 16  # sequences per forward/backward (gradient accumulation)
     t.update_width_step = 1024  # (rows layout only) micro-batches grouped by length, cut to 1,024 ... 4,096
     # Rows packed by tokens (train/packing.py): micro-batches of 16 lanes x 5,120 tokens (the
-    # unpacked micro-batch at the cap, whose memory the plan compiles), empty ones skipped: the
-    # update pays for real tokens (11% padding at HBPO's mix against 44% grouped by width:
-    # launch/bench_packing.py) and compiles one program per run.
+    # unpacked micro-batch at the cap, whose memory the plan compiles), empty ones skipped and a
+    # mini-batch's last one in half lanes run at half width when its rows fit that way: the update
+    # pays for real tokens (5.4% padding at HBPO's mix; 10.8% with full micro-batches only, 44%
+    # grouped by width: launch/bench_packing.py) and compiles one program per run.
     t.pack_rows = True
     t.ppo_epochs = 1
 

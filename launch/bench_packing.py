@@ -72,7 +72,8 @@ def main(argv) -> None:
     f = flags.FLAGS
     rows = f.prompts // f.mini_batches * len(f.budgets) * f.samples
     lane = f.prompt_bucket + f.cap
-    table = {"rows, one width": [], f"rows grouped by {f.width_step}": [], "packed": []}
+    table = {"rows, one width": [], f"rows grouped by {f.width_step}": [], "packed, full micro-batches only": [],
+             "packed (a last micro-batch of half lanes at half width)": []}
     programs = set()
     for seed in range(f.steps):
         arrays = _arrays(f, np.random.default_rng(seed))
@@ -83,8 +84,12 @@ def main(argv) -> None:
         for start in range(0, len(lengths), rows):
             _, widths = batching.micro_layout(lengths[start:start + rows], rows, f.micro, n, f.width_step)
             programs |= {("grouped", int(w) + f.prompt_bucket) for w in widths}
+        lengths_packed = packing.row_lengths(arrays)
+        full_only = sum(-(-len(packing.lane_layout(lengths_packed[s:s + rows], lane)) // f.micro)
+                        for s in range(0, len(lengths_packed), rows)) * f.micro * lane
+        table["packed, full micro-batches only"].append((float("nan"), 1 - lengths_packed.sum() / full_only))
         frac = packing.padded_fraction(arrays, rows, lanes=f.micro, lane_len=lane)
-        table["packed"].append((float("nan"), frac))
+        table["packed (a last micro-batch of half lanes at half width)"].append((float("nan"), frac))
     print(f"HBPO's mix: {f.prompts} prompts x {len(f.budgets)} budgets x {f.samples} samples, cap {f.cap}, "
           f"{f.long_fraction:.3f} of rows at the cap, prompts {f.prompt_min}..{f.prompt_max} tokens in a bucket "
           f"of {f.prompt_bucket}; mini-batches of {rows} rows; micro-batches of {f.micro} rows / packed: "
@@ -93,9 +98,9 @@ def main(argv) -> None:
     print("|---|---|---|---|")
     counts = {"rows, one width": "1 per response width (<= 2)",
               f"rows grouped by {f.width_step}": f"{len(programs)} widths seen (+ the accumulate / apply pair)",
-              "packed": "1"}
+              "packed, full micro-batches only": "1", "packed (a last micro-batch of half lanes at half width)": "1"}
     for name, values in table.items():
-        resp, total = np.nanmean([v[0] for v in values]) if name != "packed" else float("nan"), \
+        resp, total = np.nanmean([v[0] for v in values]) if not name.startswith("packed") else float("nan"), \
             np.mean([v[1] for v in values])
         resp_s = "-" if np.isnan(resp) else f"{resp:.1%}"
         print(f"| {name} | {resp_s} | {total:.1%} (worst step {max(v[1] for v in values):.1%}) | {counts[name]} |")

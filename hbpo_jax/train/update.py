@@ -102,12 +102,18 @@ def chunked_logprobs(hidden, head, targets, temperature: float = 1.0, chunk: int
         logits = jnp.einsum("bce,ev->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32) / temperature
         if layout is not None:
             logits = jax.lax.with_sharding_constraint(logits, layout["logits"])
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        # The target's logit as a masked sum over the vocabulary: one fused pass over a sharded V.
+        # Two passes over the [B, c, V] float32 logits: their maximum, then (fused into one) the
+        # sum of exp(logit - max), the entropy's sum of exp(logit - max) x logit, and the target's
+        # logit as a masked sum over a sharded V. (A softmax for the entropy would read them a
+        # third time.)
+        top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        weights = jnp.exp(logits - top)
+        total = jnp.sum(weights, axis=-1)
+        lse = jnp.log(total) + top[..., 0]
         hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
         logp = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1) - lse
-        probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
-        entropy = jax.lax.stop_gradient(lse) - jnp.sum(probs * jax.lax.stop_gradient(logits), -1)
+        expected = jnp.sum(jax.lax.stop_gradient(weights * logits), axis=-1) / jax.lax.stop_gradient(total)
+        entropy = jax.lax.stop_gradient(lse) - expected
         return logp, entropy
 
     logp, entropy = jax.lax.map(one, (hs, ts))
@@ -278,8 +284,10 @@ def _accumulate_packed(graphdef, params, batch: dict, temperature: float, loss_k
     """(grads, loss, metrics) of a packed mini-batch [U, k, S] (a scan over its U micro-batches).
     Each micro-batch's loss already carries its tokens' weights in the mini-batch's aggregation,
     so gradients and losses are plain sums; a micro-batch of weight 0 (packing left it empty) is
-    skipped (lax.cond), so the update costs the micro-batches that hold tokens. Metrics: token
-    means weighted by each micro-batch's share of loss tokens; pg_loss summed like the loss."""
+    skipped and one marked `half` (its rows in each lane's first S / 2 tokens) runs on that half
+    (lax.switch: both widths in one program), so the update costs the tokens' micro-batches.
+    Metrics: token means weighted by each micro-batch's share of loss tokens; pg_loss summed
+    like the loss."""
     kwargs = dict(loss_kwargs)
     grad_fn = jax.value_and_grad(_packed_micro_loss, has_aux=True)
 
@@ -292,9 +300,12 @@ def _accumulate_packed(graphdef, params, batch: dict, temperature: float, loss_k
     first = jax.tree.map(lambda x: x[0], batch)
     shapes = jax.eval_shape(compute, first)
     skip = lambda mb: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+    half_len = first["tokens"].shape[-1] // 2
+    half = lambda mb: compute({k: v[:, :half_len] if v.ndim == 2 else v for k, v in mb.items()})  # noqa: E731
 
     def step(carry, mb):
-        g, loss, metrics = jax.lax.cond(mb["weight"] > 0, compute, skip, mb)
+        branch = jnp.where(mb["weight"] > 0, jnp.where(mb.get("half", False), 1, 2), 0)
+        g, loss, metrics = jax.lax.switch(branch, (skip, half, compute), mb)
         grads = pin_like(jax.tree.map(jnp.add, carry[0], g), params, rules)
         return (grads, carry[1] + loss, jax.tree.map(jnp.add, carry[2], metrics)), None
 

@@ -113,3 +113,18 @@ def test_a_cached_warm_start_built_from_other_settings_is_refused(tmp_path):
     config.task.tokenizer_whole_budgets = True
     with pytest.raises(ValueError, match=r"task.tokenizer_whole_budgets: cached False, config True"):
         warmstart.check_settings(str(tmp_path), wanted())
+
+
+@pytest.mark.slow
+def test_packed_rows_train_with_one_update_program(tiny_run, tmp_path):
+    # Rows packed by tokens: every mini-batch of every step has the same [U, k, S] shapes (empty and
+    # half-lane micro-batches are branches of the one program), so the compile log holds one
+    # compilation of the update for the run, whatever the rows' lengths.
+    done = subprocess.run(tiny_run.command(tmp_path, 3, "--config.train.pack_rows=True"), cwd=ROOT,
+                          env=tiny_run.env(JAX_LOG_COMPILES="1"), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiles = [line for line in done.stderr.splitlines() if "Compiling jit(update)" in line]
+    assert len(compiles) == 1, compiles
+    rows = tiny_run.metrics(tmp_path)
+    assert sorted(rows) == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and 0.0 <= r["update_padded_fraction"] < 1.0 for r in rows.values())
