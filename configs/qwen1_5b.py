@@ -80,15 +80,14 @@ def get_config(arg: str | None = None):
         # slices (sharding.make_mesh), so only the gradient all-reduce crosses DCN. The plan
         # (README, "TPU plan") compares this with (-1, 4, 1), FSDP within a host.
         # The update's plan (launch/memory.py --config=configs/qwen1_5b.py:pod --topology=...
-        # --programs=train, `update:`), with each layer's weights gathered whole over FSDP and
-        # rows packed by tokens: FSDP over all chips stays the default, the update now compute
-        # bound on v5p-32 (2.13 s per mini-batch, 2.47 TB per chip; 3.26 s and 9.0 TB before) and
-        # v5e-16 (4.97 s, 2.73 TB; 11.25 s memory bound before), and memory bound by a third on
-        # v6e-8 (2.82 s vs 2.13 s of compute, 4.62 TB; 6.61 s before).
-        # remat "dots" (matmul outputs saved, the rest recomputed) fits every slice planned: peak
-        # 10.3 GiB of 95 (v5p-32), 10.1 GiB of 16 (v5e-16), 20.7 GiB of 32 (v6e-8: two lanes per
-        # chip), and moves a fifth fewer bytes and 13% fewer flops than "full" (v5p-32: 3.10 TB,
-        # 2.46 s). The one-host default keeps "full" (a v5e-8 would hold two lanes per chip).
+        # --programs=train, `update:`; docs/tpu_plan.md, "The update's bytes"), each layer's
+        # weights gathered whole over FSDP, rows packed by tokens, HBM bytes per chip per
+        # mini-batch: FSDP over all chips stays the default; remat "dots" (matmul outputs saved,
+        # the rest recomputed: 13% fewer flops than "full") is compute bound on v5p-32 (2.13 s,
+        # 2.37 TB; "full" 2.46 s) and v5e-16 (4.97 s, 1.77 TB, peak 10.2 GiB of 16); on v6e-8
+        # (two lanes a chip) it is memory bound (2.49 s, 4.08 TB) where "full" is compute bound
+        # and a little faster (2.46 s, 3.40 TB): there add --config.model.remat=full. The
+        # one-host default keeps "full" (a v5e-8 holds two lanes a chip).
         config.distributed = True
         config.model.remat = "dots"
     elif arg == "colab":
