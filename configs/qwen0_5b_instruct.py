@@ -9,16 +9,16 @@ What differs from the paper's R1-Distill setup (configs/qwen1_5b.py), and why:
   - An instruct model does not think in <think> tags by itself: the `r1_zero` prompt preset asks
     for reasoning in <think> </think> and a \\boxed{} answer, and grading is `lenient` (a boxed
     answer without any think block counts; a think block opened and never closed is still a
-    format error). Without both, the real 0.5B scores 0% with 100% format errors (README, "Small
-    real models").
+    format error). Without both, the real 0.5B scores 0% with 100% format errors
+    (docs/real_models.md).
   - Budgets and L_max scaled to a model that answers arithmetic in ~100-300 tokens:
     128 / 256 / 512 / 768 in L_max = 1,024.
   - Training data: reasoning-gym's basic_arithmetic and chain_sum, generated offline (rg:); the
     eval's rg:basic_arithmetic comes from `seed`, the training problems from data.seed, so it is
     held out.
   - lr 2e-6 (the paper's 1e-6 is for 1.5B; smaller models usually take a larger step) for 60
-    steps of 8 prompts x 8 rollouts. What was measured, on a 2-core CPU only (README, "Small real
-    models"): before training, 18.8% accuracy and 3.1% format errors (natural, greedy, 32
+    steps of 8 prompts x 8 rollouts. What was measured, on a 2-core CPU only (docs/real_models.md):
+    before training, 18.8% accuracy and 3.1% format errors (natural, greedy, 32
     rg:basic_arithmetic problems); 2 training steps of 1 prompt x 4 rollouts with finite losses
     (rollout 51-139 s, update ~140 s per step, 16 GB resident). No lr sweep was possible without an
     accelerator: lr and steps are a starting point, not a tuned value.
@@ -34,7 +34,7 @@ Memory plan for one v5e-1 chip (16 GB HBM), 0.5B (494,032,768 parameters with ti
   on a CPU, gives XLA:CPU's plan, not a TPU's: parameters 1.84 GiB + AdamW 3.68 GiB; per device,
   train step (one mini-batch) 5.52 GiB arguments + 43.37 GiB temporaries, sampler prefill 8.25 GiB,
   decode loop 5.27 GiB. XLA:CPU does not shrink the train step with remat and materialises the
-  attention scores (README, "Performance"), so its 43 GiB is no TPU estimate; run the same command
+  attention scores (docs/performance.md), so its 43 GiB is no TPU estimate; run the same command
   on the v5e-1 before a long run, and lower train.micro_batch_size if it does not fit.
 """
 from ml_collections import config_dict

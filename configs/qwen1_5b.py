@@ -78,7 +78,7 @@ def get_config(arg: str | None = None):
         # A pod slice (every host runs the same command): the same mesh over all of the slice's
         # chips. Over several slices (multislice) the shape is per slice and `data` runs across
         # slices (sharding.make_mesh), so only the gradient all-reduce crosses DCN. The plan
-        # (README, "TPU plan") compares this with (-1, 4, 1), FSDP within a host.
+        # (docs/tpu.md) compares this with (-1, 4, 1), FSDP within a host.
         # The update's plan (launch/memory.py --config=configs/qwen1_5b.py:pod --topology=...
         # --programs=train, `update:`; docs/tpu_plan.md, "The update's bytes"), each layer's
         # weights gathered whole over FSDP, rows packed by tokens, HBM bytes per chip per
@@ -86,8 +86,8 @@ def get_config(arg: str | None = None):
         # the rest recomputed: 13% fewer flops than "full") is compute bound on v5p-32 (2.13 s,
         # 2.37 TB; "full" 2.46 s) and v5e-16 (4.97 s, 1.77 TB, peak 10.2 GiB of 16); on v6e-8
         # (two lanes a chip) it is memory bound (2.49 s, 4.08 TB) where "full" is compute bound
-        # and a little faster (2.46 s, 3.40 TB): there add --config.model.remat=full. The
-        # one-host default keeps "full" (a v5e-8 holds two lanes a chip).
+        # and a little faster (2.46 s, 3.40 TB): there add --config.model.remat=full
+        # (docs/pods.md). The one-host default keeps "full" (a v5e-8 holds two lanes a chip).
         config.distributed = True
         config.model.remat = "dots"
     elif arg == "colab":

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from hbpo_jax import sharding
 from hbpo_jax.models import ModelConfig, create_model, load_pretrained
-from tests.hf_reference import hf_model
+from tests.helpers import hf_model
 
 # Head and MLP counts divisible by the 4 tensor ways; kv heads (2) are not: they stay replicated.
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8,

@@ -67,7 +67,7 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
     from hbpo_jax import policy
     from hbpo_jax import spec as spec_lib
     from hbpo_jax.errors import ConfigError
-    from tests.hf_reference import hf_model
+    from tests.helpers import hf_model
 
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

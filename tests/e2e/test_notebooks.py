@@ -36,7 +36,7 @@ def _outputs(nb, key):
             if key in o or key in o.get("data", {})]
 
 
-# Stored with the outputs of its full (non-smoke) run, which the README quotes.
+# Stored with the outputs of its full (non-smoke) run, which docs/tuning.md quotes.
 FULL_RUN_STORED = ("budget_ablation.ipynb",)
 
 

@@ -15,7 +15,7 @@ from hbpo_jax.models import ConfigError, KVCache, ModelConfig, load_pretrained, 
 from hbpo_jax.models.qwen2 import Decoder, Qwen2
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
-from tests.hf_reference import hf_logits, random_model
+from tests.helpers import hf_logits, random_model
 
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=64)  # wavelengths 16..64 blended: all three regimes at D 64

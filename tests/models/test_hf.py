@@ -15,7 +15,7 @@ from flax import nnx
 from hbpo_jax.errors import ConfigError
 from hbpo_jax.models import SafetensorsError, WeightsError, create_model, load_pretrained, save_pretrained
 from hbpo_jax.models.safetensors_io import SafetensorsFile, save_file
-from tests.hf_reference import hf_logits, hf_model
+from tests.helpers import hf_logits, hf_model
 
 IDS = np.random.default_rng(0).integers(0, 97, size=(2, 9))
 

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from hbpo_jax.models import KVCache, ModelConfig, create_model, load_pretrained
-from tests.hf_reference import hf_logits, hf_model
+from tests.helpers import hf_logits, hf_model
 
 # (tied embeddings, heads, kv heads): GQA ratios 1, 2 and 6.
 CONFIGS = [

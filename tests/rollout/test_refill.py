@@ -10,8 +10,7 @@ from hbpo_jax.models import ModelConfig, create_model, load_pretrained
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
 from hbpo_jax.sharding import make_mesh
-from tests.helpers import CFG, PROMPTS, N, char_tokenizer, model, rollouts, rows  # noqa: F401  (fixtures)
-from tests.hf_reference import hf_model
+from tests.helpers import CFG, PROMPTS, N, char_tokenizer, hf_model, model, rollouts, rows  # noqa: F401  (fixtures)
 
 
 def _static(model, rows, key, **settings):
