@@ -84,12 +84,10 @@ def main(argv) -> None:
         for start in range(0, len(lengths), rows):
             _, widths = batching.micro_layout(lengths[start:start + rows], rows, f.micro, n, f.width_step)
             programs |= {("grouped", int(w) + f.prompt_bucket) for w in widths}
-        lengths_packed = packing.row_lengths(arrays)
-        full_only = sum(-(-len(packing.lane_layout(lengths_packed[s:s + rows], lane)) // f.micro)
-                        for s in range(0, len(lengths_packed), rows)) * f.micro * lane
-        table["packed, full micro-batches only"].append((float("nan"), 1 - lengths_packed.sum() / full_only))
-        frac = packing.padded_fraction(arrays, rows, lanes=f.micro, lane_len=lane)
-        table["packed (a last micro-batch of half lanes at half width)"].append((float("nan"), frac))
+        for name, half in (("packed, full micro-batches only", False),
+                           ("packed (a last micro-batch of half lanes at half width)", True)):
+            frac = packing.padded_fraction(arrays, rows, lanes=f.micro, lane_len=lane, half_lanes=half)
+            table[name].append((float("nan"), frac))
     print(f"HBPO's mix: {f.prompts} prompts x {len(f.budgets)} budgets x {f.samples} samples, cap {f.cap}, "
           f"{f.long_fraction:.3f} of rows at the cap, prompts {f.prompt_min}..{f.prompt_max} tokens in a bucket "
           f"of {f.prompt_bucket}; mini-batches of {rows} rows; micro-batches of {f.micro} rows / packed: "

@@ -238,41 +238,80 @@ def _traffic(module: Module, instr: Instr) -> float:
     return _hbm(instr.shape) + operands
 
 
-def walk_cost(module: Module, comp: str | None = None, *, trips: bool = True,
-              skip_data_loops: bool = False, kernels_only: bool = False) -> tuple[float, float]:
-    """(flops, bytes) of a computation (default: the entry), a conditional by its costliest
-    branch, each loop body counted times its trip count (trips=True; a data-dependent exit
-    counts once) or once (trips=False: how XLA's cost_analysis counts). skip_data_loops: leave
-    out the data-dependent loops of `comp` itself; kernels_only: count only the Pallas kernels (kernel_cost)."""
-    flops, traffic, memo = 0.0, 0.0, {}
-    for i in module.comps.get(comp or module.entry, []):
+@dataclasses.dataclass(frozen=True)
+class Mover:
+    """One instruction's share of a program's traffic: its flops and HBM bytes per call of the
+    program (times the trip counts of the loops around it: `calls`), what it is, and the JAX
+    operation it came from (the op_name of its metadata, where XLA kept one)."""
+
+    flops: float
+    bytes: float
+    calls: int
+    opcode: str
+    shape: str
+    source: str
+
+
+def _movers(module: Module, comp: str, mult: int, trips: bool, kernels_only: bool, skip_data_loops: bool,
+            memo: dict):
+    """Yields a Mover for every instruction of `comp` that computes or moves bytes, looking
+    into loops (times their trip count when `trips`; a data-dependent exit once, or left out of
+    `comp` itself with skip_data_loops), calls and a conditional's costliest branch."""
+    for i in module.comps.get(comp, []):
         if i.opcode == "while":
             known = module.trip_count(i)
             if known is None and skip_data_loops:
                 continue
             n = (known or 1) if trips else 1
-            f, b = walk_cost(module, i.attr("body"), trips=trips, kernels_only=kernels_only)
-            flops, traffic = flops + n * f, traffic + n * b
+            yield from _movers(module, i.attr("body"), mult * n, trips, kernels_only, False, memo)
         elif is_kernel(i):
             f, b = kernel_cost(module, i)
-            flops, traffic = flops + f, traffic + b
+            yield Mover(mult * f, mult * b, mult, "kernel", i.shape, _source(i))
         elif i.opcode == "conditional":  # one branch runs: the costliest (the update's full micro-batch)
-            f, b = max((walk_cost(module, c, trips=trips, kernels_only=kernels_only) for c in i.called),
-                       default=(0.0, 0.0))
-            flops, traffic = flops + f, traffic + b
+            branches = [list(_movers(module, c, mult, trips, kernels_only, False, memo)) for c in i.called]
+            yield from max(branches, key=lambda ms: (sum(m.flops for m in ms), sum(m.bytes for m in ms)), default=[])
         elif i.opcode in ("call", "async-start") or (i.opcode == "custom-call" and i.called):
             for c in i.called:
-                f, b = walk_cost(module, c, trips=trips, kernels_only=kernels_only)
-                flops, traffic = flops + f, traffic + b
+                yield from _movers(module, c, mult, trips, kernels_only, False, memo)
         elif kernels_only:
             continue
         elif i.opcode == "fusion":
-            flops += _comp_flops(module, i.attr("calls"), memo)
-            traffic += _fusion_bytes(module, i)
+            yield Mover(mult * _comp_flops(module, i.attr("calls"), memo), mult * _fusion_bytes(module, i), mult,
+                        _fusion_kind(module, i), i.shape, _source(i))
         elif i.opcode not in _NO_TRAFFIC:
-            flops += dot_flops(module, i)
-            traffic += _traffic(module, i)
-    return flops, traffic
+            yield Mover(mult * dot_flops(module, i), mult * _traffic(module, i), mult, i.opcode, i.shape, _source(i))
+
+
+def walk_cost(module: Module, comp: str | None = None, *, trips: bool = True,
+              skip_data_loops: bool = False, kernels_only: bool = False) -> tuple[float, float]:
+    """(flops, bytes) of a computation (default: the entry), a conditional by its costliest
+    branch, each loop body counted times its trip count (trips=True; a data-dependent exit
+    counts once) or once (trips=False: how XLA's cost_analysis counts). skip_data_loops: leave
+    out the data-dependent loops of `comp` itself; kernels_only: count only the Pallas kernels
+    (kernel_cost)."""
+    movers = list(_movers(module, comp or module.entry, 1, trips, kernels_only, skip_data_loops, {}))
+    return sum(m.flops for m in movers), sum(m.bytes for m in movers)
+
+
+def top_movers(module: Module, n: int = 20, comp: str | None = None) -> list[Mover]:
+    """The `n` instructions that move the most HBM bytes in one call of `comp` (default: the
+    entry), each times the trip counts of the loops around it: where the roofline's bytes come
+    from."""
+    moving = (m for m in _movers(module, comp or module.entry, 1, True, False, False, {}) if m.bytes > 0)
+    return sorted(moving, key=lambda m: -m.bytes)[:n]
+
+
+def _source(instr: Instr) -> str:
+    m = re.search(r'op_name="([^"]*)"', instr.attrs)
+    return m.group(1) if m else ""
+
+
+def _fusion_kind(module: Module, instr: Instr) -> str:
+    """'fusion(dot)' / 'fusion(convolution)' for a fusion around a matmul, else 'fusion'."""
+    ops = {i.opcode for i in module.comps.get(instr.attr("calls"), [])}
+    core = next((k for k in ("convolution", "dot", "reduce", "scatter", "gather", "dynamic-update-slice")
+                 if k in ops), "")
+    return f"fusion({core})" if core else "fusion"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,58 +350,3 @@ def loop_cost(module: Module) -> LoopCost:
                 walk_cost(module, trips=False, kernels_only=kernels_only))
     return LoopCost(*parts(False), kernels=parts(True))
 
-
-@dataclasses.dataclass(frozen=True)
-class Mover:
-    """One instruction's share of a program's traffic: its bytes and flops per call of the
-    program (times the trip counts of the loops around it), what it is, and the JAX operation it
-    came from (the op_name of its metadata, where XLA kept one)."""
-
-    bytes: float
-    flops: float
-    calls: int
-    opcode: str
-    shape: str
-    source: str
-
-
-def top_movers(module: Module, n: int = 20, comp: str | None = None) -> list[Mover]:
-    """The `n` instructions that move the most HBM bytes in one call of `comp` (default: the entry),
-    each counted times the known trip counts of the loops around it (a data-dependent loop once):
-    where the roofline's bytes come from."""
-    found: list[Mover] = []
-    memo: dict = {}
-
-    def visit(c: str, mult: int) -> None:
-        for i in module.comps.get(c, []):
-            if i.opcode == "while":
-                visit(i.attr("body"), mult * (module.trip_count(i) or 1))
-            elif i.opcode == "conditional":  # the branch walk_cost counts
-                visit(max(i.called, key=lambda c: walk_cost(module, c)), mult)
-            elif i.opcode in ("call", "async-start") or (i.opcode == "custom-call" and i.called and not is_kernel(i)):
-                for called in i.called:
-                    visit(called, mult)
-            elif is_kernel(i):
-                f, b = kernel_cost(module, i)
-                found.append(Mover(mult * b, mult * f, mult, "kernel", i.shape, _source(i)))
-            elif i.opcode == "fusion":
-                found.append(Mover(mult * _fusion_bytes(module, i), mult * _comp_flops(module, i.attr("calls"), memo),
-                                   mult, _fusion_kind(module, i), i.shape, _source(i)))
-            elif i.opcode not in _NO_TRAFFIC:
-                found.append(Mover(mult * _traffic(module, i), mult * dot_flops(module, i), mult, i.opcode,
-                                   i.shape, _source(i)))
-    visit(comp or module.entry, 1)
-    return sorted((m for m in found if m.bytes > 0), key=lambda m: -m.bytes)[:n]
-
-
-def _source(instr: Instr) -> str:
-    m = re.search(r'op_name="([^"]*)"', instr.attrs)
-    return m.group(1) if m else ""
-
-
-def _fusion_kind(module: Module, instr: Instr) -> str:
-    """'fusion(dot)' / 'fusion(convolution)' for a fusion around a matmul, else 'fusion'."""
-    ops = {i.opcode for i in module.comps.get(instr.attr("calls"), [])}
-    core = next((k for k in ("convolution", "dot", "reduce", "scatter", "gather", "dynamic-update-slice")
-                 if k in ops), "")
-    return f"fusion({core})" if core else "fusion"

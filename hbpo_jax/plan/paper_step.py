@@ -128,18 +128,20 @@ def packed_micro_batches(run, responses: np.ndarray, fill: np.ndarray) -> list[f
             for start in range(0, len(rows), t.rows_per_minibatch)]
 
 
-def page_top_ups(run, slots: int, chips: int) -> int:
-    """Times the longest row's pages are topped up in a rollout (pages on demand: the pool smaller
-    than every slot's whole limit; each top-up is a decode-loop exit), 0 when each row takes its
-    whole limit at admission (rollout/pages.room)."""
-    from hbpo_jax.rollout import pages
+def page_top_ups(run, slots: int, chips: int, fill: np.ndarray, page_size: int = 16) -> int:
+    """Times the longest row's pages are topped up in a rollout (a decode-loop exit each), by the
+    refill engine's own rule (RefillEngine.run: its pool, each row's need, pages.room): 0 when
+    the pool holds every slot's whole limit, so rows take it at admission. fill: int [R], the KV
+    tokens each row holds when admitted."""
+    from hbpo_jax.plan.programs import PREFIX_TOKENS
+    from hbpo_jax.rollout import pages, refill
     r = run.sampling.rollout
-    most = pages.pages_for(sampler.bucket_length(run.sampling.max_prompt_len) + 64 + r.max_response_len, 16)
-    per_shard = (pages.pool_pages(r.kv_tokens, slots, most * 16, 16, chips) // chips) if r.kv_tokens else None
-    if per_shard is None:
-        return 0
-    room = pages.room(0, r.max_response_len, 16, per_shard, max(slots // chips, 1), most)
-    return 0 if room is None else -(-r.max_response_len // room)
+    cap = r.max_response_len
+    slot_len = sampler.bucket_length(run.sampling.max_prompt_len) + refill.RefillEngine.start_width(PREFIX_TOKENS) + cap
+    per_shard = pages.pool_pages(r.kv_tokens, slots, slot_len, page_size, chips) // chips
+    most = pages.pages_for(int(np.max(fill)) + cap - 1, page_size)
+    room = pages.room(0, cap, page_size, per_shard, max(slots // chips, 1), most)
+    return 0 if room is None else -(-cap // room)
 
 
 def _decode_parts(p):
@@ -192,7 +194,7 @@ def project(programs: dict, run, cfg, chip, chips: int, hosts: int, mix: lengths
     decode = float(np.maximum(step_flops / chip.peak_flops, step_bytes / chip.hbm_bandwidth).sum())
     decode += sched.segments * d.roofline_s(chip)
     # ICI, bytes sent per chip per step, by program.
-    top_ups = page_top_ups(run, slots, chips)
+    top_ups = page_top_ups(run, slots, chips, fill, page_size)
     # Collectives per micro-batch dominate the update's: a packed mini-batch's share of the
     # compiled one's (all U0 micro-batches) is its filled micro-batches' share.
     calls = {"train": update_calls, "prefill": 1, "admit": admit_equiv, "decode": sched.segments + top_ups}

@@ -131,8 +131,7 @@ def pack(arrays: dict, rows: slice, *, lanes: int, lane_len: int, micro_batches:
         return None
     weights = token_weights(resp_mask, aggregation, loss_scale_tokens, micro)
     prompt_n, resp_n = attn[:, :p].sum(1), attn[:, p:].sum(1)
-    lengths = np.where(resp_mask.any(1), prompt_n + resp_n, 0)
-    full, half = lane_plan(lengths, lane_len, lanes)
+    full, half = lane_plan(row_lengths(arrays)[rows], lane_len, lanes)
     n_full = -(-len(full) // lanes)
     if n_full + bool(half) > micro_batches:
         raise ValueError(f"{n_full + bool(half)} micro-batches of {lanes} lanes of {lane_len} tokens needed, "
@@ -179,22 +178,26 @@ def row_lengths(arrays: dict) -> np.ndarray:
     return np.where(arrays["response_mask"].any(1), attn[:, :p].sum(1) + attn[:, p:].sum(1), 0)
 
 
-def padded_fraction(arrays: dict, rows_per_minibatch: int, *, lanes: int, lane_len: int) -> float:
+def padded_fraction(arrays: dict, rows_per_minibatch: int, *, lanes: int, lane_len: int,
+                    half_lanes: bool = True) -> float:
     """The share of the token slots the packed update computes (the micro-batches it does not
-    skip, a half-lane one at half: micro_batch_cost x k x S per mini-batch) that hold no token of
-    a row with a loss token."""
+    skip: micro_batch_cost x k x S per mini-batch) that hold no token of a row with a loss token;
+    half_lanes False: as if every micro-batch ran at full width."""
     lengths = row_lengths(arrays)
     slots = tokens = 0
     for start in range(0, len(lengths), rows_per_minibatch):
         part = lengths[start:start + rows_per_minibatch]
-        slots += micro_batch_cost(part, lane_len, lanes) * lanes * lane_len
+        slots += micro_batch_cost(part, lane_len, lanes, half_lanes) * lanes * lane_len
         tokens += int(part.sum())
     return 1.0 - tokens / max(slots, 1)
 
 
-def micro_batch_cost(lengths: np.ndarray, lane_len: int, lanes: int) -> float:
+def micro_batch_cost(lengths: np.ndarray, lane_len: int, lanes: int, half_lanes: bool = True) -> float:
     """The micro-batches one mini-batch's rows (lengths int [R], prompt + response; 0 = left out)
-    cost the packed update: its full ones, and 1/2 for a micro-batch of half lanes (lane_plan)."""
+    cost the packed update: its full ones, and 1/2 for a micro-batch of half lanes (lane_plan;
+    half_lanes False: full lanes only, lane_layout)."""
+    if not half_lanes:
+        return float(-(-len(lane_layout(lengths, lane_len)) // lanes))
     full, half = lane_plan(lengths, lane_len, lanes)
     return -(-len(full) // lanes) + 0.5 * bool(half)
 

@@ -304,7 +304,7 @@ def _accumulate_packed(graphdef, params, batch: dict, temperature: float, loss_k
     half = lambda mb: compute({k: v[:, :half_len] if v.ndim == 2 else v for k, v in mb.items()})  # noqa: E731
 
     def step(carry, mb):
-        branch = jnp.where(mb["weight"] > 0, jnp.where(mb.get("half", False), 1, 2), 0)
+        branch = jnp.where(mb["weight"] > 0, jnp.where(mb["half"], 1, 2), 0)
         g, loss, metrics = jax.lax.switch(branch, (skip, half, compute), mb)
         grads = pin_like(jax.tree.map(jnp.add, carry[0], g), params, rules)
         return (grads, carry[1] + loss, jax.tree.map(jnp.add, carry[2], metrics)), None

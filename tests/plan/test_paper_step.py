@@ -55,8 +55,9 @@ def test_packed_micro_batches_are_those_the_packer_fills():
 
 def test_page_top_ups_by_hand():
     # 1,024 slots on 8 chips, a pool of 2^21 tokens: 16,384 pages of 16 per chip, against 128 slots x
-    # 324 pages (1,024 + 64 + 4,096 tokens) for whole limits: pages on demand, rows topped up
-    # 4,096 / 16 = 256 tokens ahead, so the longest row (4,096 tokens) is topped up 16 times.
-    assert paper_step.page_top_ups(_paper_run(), slots=1024, chips=8) == 16
+    # the longest row's 282 pages (400 prompt tokens + 12 of prefix + 4,095) for whole limits: pages
+    # on demand, rows topped up 4,096 / 16 = 256 tokens ahead, so the longest row is topped up 16 times.
+    fill = np.array([150, 412])
+    assert paper_step.page_top_ups(_paper_run(), slots=1024, chips=8, fill=fill) == 16
     # The default pool holds every slot's whole limit: rows take it at admission, no top-ups.
-    assert paper_step.page_top_ups(_paper_run(**{"rollout.kv_tokens": 0}), slots=1024, chips=8) == 0
+    assert paper_step.page_top_ups(_paper_run(**{"rollout.kv_tokens": 0}), slots=1024, chips=8, fill=fill) == 0
