@@ -28,6 +28,7 @@ from hbpo_jax.plan import lengths
 from hbpo_jax.plan import programs as plan
 from hbpo_jax.plan import tpu as tpu_plan
 from hbpo_jax.rollout import static as sampler
+from hbpo_jax.rollout.slots import StoreLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +242,9 @@ def trace_step(config, probe: ProbeSpec, mesh, out_dir: Path, update_width: int)
         _, stats = eng.run(params, prompts, row_prompt, [[]] * len(limits), limits, key=jax.random.key(0), order=order)
         rollout_s = time.perf_counter() - t0
         jax.block_until_ready(compiled(*inputs[0], **inputs[1]))
-    sched = lengths.refill_schedule(limits, np.array([prompt_len] * len(limits)), eng.slots, eng.admit_width, order)
+    fill = np.full(len(limits), prompt_len)
+    home = StoreLayout.assign(row_prompt, fill, limits, groups, eng.shards).home[row_prompt]
+    sched = lengths.refill_schedule(limits, fill, eng.slots, eng.admit_width, order, home, eng.shards)
     return dict(rows=len(limits), slots=eng.slots, mean_length=float(limits.mean()), rollout_s=rollout_s,
                 step_s=time.perf_counter() - t0, engine=(stats.decode_steps, stats.segments, stats.admit_calls),
                 schedule=(sched.decode_steps, sched.segments, sched.admit_calls))

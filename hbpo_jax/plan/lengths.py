@@ -102,38 +102,50 @@ class Schedule:
 
 
 def refill_schedule(lengths: np.ndarray, fill: np.ndarray, slots: int, admit: int,
-                    order: np.ndarray | None = None) -> Schedule:
+                    order: np.ndarray | None = None, home: np.ndarray | None = None, shards: int = 1) -> Schedule:
     """The schedule of hbpo_jax.rollout.refill.RefillEngine.run over rows that end at `lengths` (int [R],
     new tokens; the first comes from the admit), when the pool holds every slot's whole limit
     (no page grows, no preemption). fill: int [R], KV tokens a row holds when admitted (its
     prompt, its prefix); order: admission order (default: descending length, the engine's own
-    default for limits). The engine's rules: the first fill admits every slot in one call, later
-    ones `admit` rows per call while slots are free; a decode call returns once min(admit, queued
-    rows) rows ended (every row, when none is queued). Rows of 1 token count as 2."""
+    default for limits); home: int [R], each row's shard of the `shards` the slots are split over
+    (its prompt's home, slots.StoreLayout; default 0). The engine's rules: each shard admits its
+    own rows into its own S / shards slots; the first fill admits every slot in one call, later
+    ones a block of admit / shards rows per shard per call while some shard has a free slot and a
+    queued row; a decode call returns once min(admit, queued rows) rows ended (every row, when
+    none is queued). Rows of 1 token count as 2."""
     lengths, fill = np.asarray(lengths, np.int64), np.asarray(fill, np.int64)
     lengths = np.where(lengths > 0, np.maximum(lengths, 2), 0)  # a row of 1 token ends in its admit: not modelled
     if order is None:
         order = np.lexsort((np.arange(len(lengths)), -lengths))
-    queue = [int(r) for r in order if lengths[r] > 0]
+    home = np.zeros(len(lengths), np.int64) if home is None else np.asarray(home)
+    queues = [[int(r) for r in order if lengths[r] > 0 and home[r] == d] for d in range(shards)]
+    per = slots // shards
     remaining = np.zeros(slots, np.int64)  # decode steps a slot's row still runs (0: free)
     filled = np.zeros(slots, np.int64)
     running_t, filled_t = [], []
     segments = admits = full = 0
     free = list(range(slots))
     while True:
-        while free and queue:
+        while True:
             width = slots if len(free) == slots else admit
-            take = queue[:min(width, len(free))]
-            del queue[:len(take)]
-            for slot, r in zip(free, take):
-                remaining[slot], filled[slot] = lengths[r] - 1, fill[r] + 1
-            free = free[len(take):]
+            took = 0
+            for d, queue in enumerate(queues):
+                mine = [f for f in free if f // per == d]
+                take = queue[:min(width // shards, len(mine))]
+                del queue[:len(take)]
+                for slot, r in zip(mine, take):
+                    remaining[slot], filled[slot] = lengths[r] - 1, fill[r] + 1
+                free = [f for f in free if f not in mine[:len(take)]]
+                took += len(take)
+            if not took:
+                break
             admits += 1
             full += width == slots
         if len(free) == slots:
             break
         live = remaining > 0
-        need = min(admit, len(queue)) if queue else slots + 1
+        queued = sum(map(len, queues))
+        need = min(admit, queued) if queued else slots + 1
         ends = np.sort(remaining[live])
         steps = int(ends[min(need, len(ends)) - 1])
         t = np.arange(steps)[:, None]

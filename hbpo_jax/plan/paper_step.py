@@ -35,6 +35,7 @@ import numpy as np
 from hbpo_jax.plan import floor as floor_lib
 from hbpo_jax.plan import hlo, hlo_cost, ici, lengths
 from hbpo_jax.rollout import static as sampler
+from hbpo_jax.rollout.slots import StoreLayout
 from hbpo_jax.train import minibatches as batching
 
 
@@ -177,10 +178,13 @@ def project(programs: dict, run, cfg, chip, chips: int, hosts: int, mix: lengths
         update_calls = t.mini_batches * t.ppo_epochs
     # Rollout.
     slots = min(s.rollout.max_batch or len(responses), len(responses))
-    admit = max(1, slots // 16)  # engine.RefillEngine.default_admit
-    order = np.lexsort((np.arange(len(responses)), -np.minimum(budgets, s.rollout.max_response_len)))
+    shards = chips // s.rollout.decode_tensor_parallel  # the slots' devices (sharding.decode_mesh)
+    admit = -(-max(1, slots // 16) // shards) * shards  # engine.RefillEngine: default_admit, whole blocks
+    limits = np.minimum(budgets, s.rollout.max_response_len)
+    order = np.lexsort((np.arange(len(responses)), -limits))
     fill = prompts[row_prompt] + mix.prefix
-    sched = lengths.refill_schedule(responses, fill, slots, admit, order)
+    home = StoreLayout.assign(row_prompt, fill, limits, len(prompts), shards).home[row_prompt]
+    sched = lengths.refill_schedule(responses, fill, slots, admit, order, home, shards)
     prefill = programs["prefill"].roofline_s(chip) * (work.forward_flops(np.array([prompt_width]))
                                                       / work.forward_flops(np.array([compiled_prompt])))
     admit_equiv = sched.admit_calls - sched.full_fills + sched.full_fills * slots / admit

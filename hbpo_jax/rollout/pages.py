@@ -19,8 +19,9 @@ written once per shard, by the first row of the prompt admitted there, and every
 prompt on that shard points its table at them (a reference count per page; the page is free when
 its last row releases it). The partly filled page, and every page after, is the row's own: the
 row's first write (its start sequence) lands in it, so the copy on write is made at admission.
-`pick_slot` pins a prompt's rows to the shard that holds its pages while that shard has a free
-slot, so a prompt's rows share one copy and decode on one device.
+The engine offers a row only its prompt's home shard's slots (slots.StoreLayout), so a prompt's
+rows share one copy and decode on one device; `pick_slot` prefers a shard holding the prompt's
+pages for callers that offer several.
 
 Pages on demand: a row is admitted with the pages for what it has filled (prompt + prefix) plus
 `room` tokens, not its whole limit; the engine's decode loop returns to the host before a running

@@ -5,10 +5,13 @@ rows differ in length on purpose (a prompt's 512-budget rows end long before its
 ones), so most of a chunk's slots idle for most of its steps. Here a row that ends frees its slot
 for the next row in the queue:
 
-  prompts  ->  prefill each DISTINCT prompt once (right-padded) into a prompt store [G, Pw]
-  admit    ->  a row takes a free slot and KV pages (a row waits while too few are free): its
-               whole limit when the pool holds every slot's whole limit, else pages on demand
-               (hbpo_jax.rollout.pages); its prompt's KV is copied from the store, then one short forward
+  prompts  ->  each DISTINCT prompt gets a home shard (slots.StoreLayout) and is prefilled once
+               (right-padded) into its shard's part of a prompt store [G, Pw]
+  admit    ->  a row takes a free slot and KV pages of its prompt's home shard (each shard has
+               its own queue; a row waits while too few pages are free): its whole limit when
+               the pool holds every slot's whole limit, else pages on demand
+               (hbpo_jax.rollout.pages); its prompt's KV is copied from the store on the same
+               chip (the gather and the page writes run per shard), then one short forward
                over [last prompt token, pre-filled prefix] scores the prefix tokens (their
                log-probs: no recompute pass later), draws the row's first token and writes the
                KV into the row's pages
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -54,7 +58,16 @@ from hbpo_jax.models import paged
 from hbpo_jax.models.qwen2 import KVCache
 from hbpo_jax.rollout import pages
 from hbpo_jax.rollout.next_token import sample_logits, token_keys, token_logprobs
-from hbpo_jax.rollout.slots import AdmitBatch, EngineOutput, EngineStats, Rows, SlotState, admit_batch, right_padded
+from hbpo_jax.rollout.slots import (
+    AdmitBatch,
+    EngineOutput,
+    EngineStats,
+    Rows,
+    SlotState,
+    StoreLayout,
+    admit_batch,
+    right_padded,
+)
 from hbpo_jax.rollout.static import STOP_EOS, STOP_LIMIT, Sampler, SamplerSettings, bucket_length, graphdef_cfg
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -100,17 +113,24 @@ class RefillEngine:
         self.page_size, self.kv_tokens, self.grow, self.attention = int(page_size), int(kv_tokens), int(grow), attention
         self.graphdef, self.cfg, self.settings = graphdef, cfg, settings
         self.slots, self.block_pages = int(slots), int(block_pages)
-        self.admit_width = min(int(admit) or self.default_admit(self.slots), self.slots)
         # The static sampler of these settings lends its placement rules (cache and row shardings).
         self._layout = Sampler(graphdef, cfg, settings, mesh=mesh, rules=rules)
         self._placement = self._page_placement()
         self._shards = 1 if self._placement is None else self._placement.shards
+        # An admit call takes a block of A / shards rows per shard (a multiple of the shards).
+        width = min(int(admit) or self.default_admit(self.slots), self.slots)
+        self.admit_width = -(-width // self._shards) * self._shards
         self._prefill = jax.jit(self._prefill_fn)
         self._empty = jax.jit(self._empty_fn, static_argnums=(0, 1, 2, 3))
         self._admit = jax.jit(self._admit_fn, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
         self._retire = jax.jit(self._retire_fn, donate_argnums=(0, 1), static_argnums=(4,))
         self._grow = jax.jit(self._grow_fn, donate_argnums=(0, 1))
+
+    @property
+    def shards(self) -> int:
+        """The devices the slots (and the pool's pages, and the prompt store) are split over."""
+        return self._shards
 
     @staticmethod
     def default_admit(slots: int) -> int:
@@ -157,14 +177,19 @@ class RefillEngine:
         p_width = bucket_length(max(map(len, prompts)), st.prompt_bucket)
         if order is None:
             order = np.lexsort((np.arange(rows), -limits))
-        queue = collections.deque(int(r) for r in order if limits[r] > 0)
+        store = StoreLayout.make(host_rows, self._shards)
+        home = store.home[host_rows.row_prompt]  # each row's shard: its prompt's
+        queues = [collections.deque() for _ in range(self._shards)]
+        for r in order:
+            if limits[r] > 0:
+                queues[home[r]].append(int(r))
         num_pages = self.pool_pages(p_width, f_width)
         per_shard = num_pages // self._shards
         # A row fills its prompt but the last token, then the start sequence (that token and the
         # prefix), then writes limit - 1 fed-back tokens (its last token is never written).
         filled = host_rows.filled()
         need = [paged.pages_for(max(filled[r] + int(limits[r]) - 1, 1), ps) for r in range(rows)]
-        most = max((need[r] for r in queue), default=1)
+        most = max((need[r] for q in queues for r in q), default=1)
         if most > per_shard:
             raise ValueError(f"kv_tokens (rollout.kv_tokens) = {num_pages * ps} tokens hold {per_shard} pages of "
                              f"{ps} per device, but a row needs {most}.")
@@ -177,35 +202,31 @@ class RefillEngine:
                             kv_bytes=num_pages * ps * per_token,
                             dense_kv_bytes=self.slots * self.max_len(p_width, f_width) * per_token)
 
-        store = self._prefill(params, *map(self._host_value, right_padded(prompts, p_width, st.pad_id)))
+        store_kv = self._prefill(params, *map(self._host_value, right_padded(prompts, p_width, st.pad_id, store)))
         cache, state, out = self._empty(p_width, f_width, rows, num_pages)
         book = pages.PageBook(num_pages, self.slots, self._shards, ps, cache.table.shape[1])
         free, preempted = list(range(self.slots)), []
         every = max(1, int(retire_every) or rows // 16) if on_retire is not None else 0
         while True:
-            while free and queue and not preempted:  # no admission right after a preemption
-                # The first fill admits every slot in one call; refills admit A rows at a time.
+            while not preempted:  # no admission right after a preemption
+                # The first fill admits every slot in one call; refills admit A rows at a time, in
+                # a block of A / shards per shard, each taking rows of its own queue into its slots.
                 width = self.slots if len(free) == self.slots else self.admit_width
-                take, slot_ids = [], []
-                while queue and len(take) < width:
-                    r = queue[0]
-                    slot = book.pick_slot([f for f in free if f not in slot_ids], first[r], host_rows.row_prompt[r],
-                                          shared[r])
-                    if slot is None:
-                        break  # the next row waits for pages (rows keep their order)
-                    take.append(queue.popleft())
-                    slot_ids.append(slot)
-                    book.admit(slot, r, first[r], need[r], host_rows.row_prompt[r], shared[r])
-                if not take:
-                    break
-                batch = admit_batch(host_rows, take, slot_ids, width, book, st.pad_id)
-                free = [f for f in free if f not in slot_ids]
-                cache, state = self._admit(params, cache, state, store, AdmitBatch(*map(self._host_value, batch)))
+                blocks = [self._take(queues[d], [f for f in free if book.shard_of(f) == d], width // self._shards,
+                                     book, host_rows, first, need, shared) for d in range(self._shards)]
+                if not any(take for take, _ in blocks):
+                    break  # no free slot, no queued row or too few free pages where rows wait
+                parts = [admit_batch(host_rows, take, slot_ids, width // self._shards, book, st.pad_id, store.row)
+                         for take, slot_ids in blocks]
+                batch = AdmitBatch(*(np.concatenate(field) for field in zip(*parts)))
+                free = [f for f in free if f not in {s for _, slot_ids in blocks for s in slot_ids}]
+                cache, state = self._admit(params, cache, state, store_kv, AdmitBatch(*map(self._host_value, batch)))
                 stats.admit_calls += 1
                 stats.slot_steps += width
             if len(free) == self.slots:
                 break
-            ends = min(self.admit_width, len(queue)) if queue else self.slots + 1
+            queued = sum(map(len, queues))
+            ends = min(self.admit_width, queued) if queued else self.slots + 1
             if every:  # a consumer waits for finished rows: return to it every `every` ends
                 ends = min(ends, every)
             cache, state, steps = self._decode(params, cache, state, self._host_value(np.int32(ends)))
@@ -225,7 +246,8 @@ class RefillEngine:
             preempted = []
             if room is not None:
                 preempted, granted = book.grow(lengths, np.flatnonzero(code == HUNGRY), room)
-                queue.extendleft(r for _, r in preempted)  # the oldest preempted ends up first
+                for d, queue in enumerate(queues):  # the oldest preempted ends up first
+                    queue.extendleft(r for _, r in preempted if home[r] == d)
                 stats.preemptions += len(preempted)
                 stats.recomputed += int(sum(gen[slot] for slot, _ in preempted))
                 stats.page_grants += granted
@@ -244,6 +266,22 @@ class RefillEngine:
         reason = np.where(limits == 0, STOP_LIMIT, reason).astype(np.int32)
         stats.tokens = int(lengths.sum())
         return EngineOutput(tokens, logp, lengths.astype(np.int32), reason, prefix_logp), stats
+
+    @staticmethod
+    def _take(queue, free, width: int, book, host_rows, first, need, shared) -> tuple[list[int], list[int]]:
+        """Up to `width` rows from the front of one shard's queue into its free slots, each with
+        its first pages booked (rows keep their order: the first that finds no pages waits, and
+        the rest behind it). Returns (rows, slots)."""
+        take, slot_ids = [], []
+        while queue and len(take) < width:
+            r = queue[0]
+            slot = book.pick_slot([f for f in free if f not in slot_ids], first[r], host_rows.row_prompt[r], shared[r])
+            if slot is None:
+                break
+            take.append(queue.popleft())
+            slot_ids.append(slot)
+            book.admit(slot, r, first[r], need[r], host_rows.row_prompt[r], shared[r])
+        return take, slot_ids
 
     def _page_placement(self):
         """The pool's PagedPlacement: pages split as the slots, kv heads by `kv_heads` (None: no mesh)."""
@@ -283,7 +321,7 @@ class RefillEngine:
         `.compile().memory_analysis()` / `.cost_analysis()` give XLA's plan (the TPU plan)."""
         p_width = bucket_length(prompt_len, self.settings.prompt_bucket)
         f_width = self.start_width(prefix_len)
-        g, a = bucket_length(prompts, 8), self.admit_width
+        g, a = StoreLayout.rows_for(-(-prompts // self._shards), self._shards), self.admit_width
 
         def spec(tree, shardings):
             if shardings is None:
@@ -343,11 +381,17 @@ class RefillEngine:
         p_width = store.max_len
         length = p_width + f  # the start sequence ends before plen - 1 + F ≤ Pw + F
 
-        def from_store(kv):  # [L, G, Pw, K, D] -> the new rows' [L, A, C, K, D]
-            return jnp.pad(kv[:, b.prompt], ((0, 0), (0, 0), (0, length - p_width), (0, 0), (0, 0)))
         index = b.plen - 1  # the start sequence re-writes the last prompt token's slot
-        rows_cache = KVCache(keys=from_store(store.keys), values=from_store(store.values),
-                             valid=jnp.arange(length)[None, :] < index[:, None], index=index)
+        kv_spec = self._spec(None, "batch", None, "kv", None)
+
+        def from_store(shard, keys, values, prompt):  # the store's [L, G, Pw, K, D] -> rows' [L, A, C, K, D]
+            local = jnp.clip(prompt - shard * keys.shape[1], 0, keys.shape[1] - 1)  # a row's prompt is on its shard
+            take = lambda kv: jnp.pad(kv[:, local], ((0, 0), (0, 0), (0, length - p_width), (0, 0), (0, 0)))  # noqa: E731
+            return take(keys), take(values)
+        prompt_k, prompt_v = self._per_shard(from_store, (kv_spec, kv_spec, self._spec("batch")), (kv_spec, kv_spec))(
+            store.keys, store.values, b.prompt)
+        rows_cache = KVCache(keys=prompt_k, values=prompt_v, valid=jnp.arange(length)[None, :] < index[:, None],
+                             index=index)
         steps = jnp.arange(f)
         start_mask = (steps < b.start_len[:, None]).astype(jnp.int32)
         hidden, rows_cache = model.forward(b.start, index[:, None] + steps, start_mask, rows_cache, return_hidden=True)
@@ -364,23 +408,51 @@ class RefillEngine:
         # every layer; padding rows and positions past the fill point past the pool: dropped).
         # Positions below b.shared are in a prompt's pages another row wrote: not written again.
         filled = index + b.start_len
-        pos = jnp.arange(length)
-        page = jnp.take_along_axis(b.pages, jnp.broadcast_to(pos // cache.page_size, (a, length)), axis=1)
-        page = jnp.where((pos[None, :] < filled[:, None]) & (pos[None, :] >= b.shared[:, None]), page, cache.num_pages)
 
-        def to_pages(pool, layers):  # pool [K, L, P, ps, D]; layers [L, A, W, K, D]
-            new = layers.transpose(3, 0, 1, 2, 4).astype(pool.dtype)  # [K, L, A, W, D]
-            return pool.at[:, :, page, pos % cache.page_size].set(new, mode="drop")
-        put = lambda dst, src: dst.at[b.slot].set(src.astype(dst.dtype), mode="drop")  # noqa: E731
-        cache = dataclasses.replace(cache, keys=to_pages(cache.keys, rows_cache.keys),
-                                    values=to_pages(cache.values, rows_cache.values),
-                                    table=put(cache.table, b.pages), lengths=put(cache.lengths, filled))
+        def to_pages(shard, pool_k, pool_v, new_k, new_v, table, shared, filled):  # pools [K, L, P, ps, D]
+            per, pos = pool_k.shape[2], jnp.arange(length)
+            page = jnp.take_along_axis(table, jnp.broadcast_to(pos // cache.page_size, (table.shape[0], length)), 1)
+            keep = (pos[None, :] < filled[:, None]) & (pos[None, :] >= shared[:, None])
+            at = (jnp.where(keep, page - shard * per, per), pos % cache.page_size)  # a row's pages are its shard's
+            write = lambda pool, new: pool.at[:, :, at[0], at[1]].set(  # noqa: E731  new [L, A, W, K, D]
+                new.transpose(3, 0, 1, 2, 4).astype(pool.dtype), mode="drop")
+            return write(pool_k, new_k), write(pool_v, new_v)
+        pool_spec, rows_spec = self._spec("kv", None, "batch", None, None), self._spec("batch")
+        pool_k, pool_v = self._per_shard(
+            to_pages, (pool_spec, pool_spec, kv_spec, kv_spec, self._spec("batch", None), rows_spec, rows_spec),
+            (pool_spec, pool_spec))(cache.keys, cache.values, rows_cache.keys, rows_cache.values, b.pages, b.shared,
+                                    filled)
         new = SlotState(tok=tok, gen=jnp.ones((a,), jnp.int32), done=reason > 0, reason=reason, limit=b.limit,
                         offset=b.offset, keys=b.keys, row=b.row,
                         tokens=jnp.full((a, n), st.pad_id, jnp.int32).at[:, 0].set(tok),
                         logprobs=jnp.zeros((a, n), jnp.float32).at[:, 0].set(lp), prefix_logp=prefix_logp, cap=b.cap)
-        state = SlotState(*map(put, state, new))
+        dst, src = (*state, cache.table, cache.lengths), (*new, b.pages, filled)
+
+        def into_slots(shard, slot, *pairs):  # each row's slot is on its shard: a local scatter
+            local = slot - shard * (self.slots // self._shards)  # padding (slot S): past the shard, dropped
+            half = len(pairs) // 2
+            return tuple(d.at[local].set(x.astype(d.dtype), mode="drop") for d, x in zip(pairs[:half], pairs[half:]))
+        specs = tuple(self._spec("batch", *(None,) * (x.ndim - 1)) for x in dst)
+        placed = self._per_shard(into_slots, (rows_spec,) + specs + specs, specs)(b.slot, *dst, *src)
+        state = SlotState(*placed[:-2])
+        cache = dataclasses.replace(cache, keys=pool_k, values=pool_v, table=placed[-2], lengths=placed[-1])
         return _constrain(cache, cache.shardings()), _constrain(state, self._state_shardings(0)[0])
+
+    def _spec(self, *dims):
+        """A PartitionSpec over the slots' ("batch") and kv heads' ("kv") mesh axes (None: no mesh)."""
+        return None if self._placement is None else self._placement.spec(*dims)
+
+    def _per_shard(self, fn, in_specs, out_specs):
+        """fn(shard, *arrays) run on each shard's blocks of the arrays (a shard_map over the slots'
+        axes; `shard` is the shard's index), or once on the whole arrays with shard 0 without a
+        mesh. The admit's arrays are laid out so that each shard's block holds its own rows."""
+        pl = self._placement
+        if pl is None:
+            return functools.partial(fn, 0)
+
+        def body(*arrays):
+            return fn(jax.lax.axis_index(pl.batch_axes) if pl.batch_axes else 0, *arrays)
+        return jax.shard_map(body, mesh=pl.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
     def _decode_fn(self, params, cache: paged.PagedKVCache, state: SlotState, need):
         """Steps every running slot until `need` rows have ended in this call, none runs, a running
@@ -468,4 +540,4 @@ def _constrain(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
 
-__all__ = ["EngineOutput", "EngineStats", "RefillEngine", "get_engine", "token_logprobs"]
+__all__ = ["EngineOutput", "EngineStats", "RefillEngine", "Rows", "StoreLayout", "get_engine", "token_logprobs"]

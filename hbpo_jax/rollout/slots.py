@@ -14,7 +14,6 @@ import numpy as np
 
 from hbpo_jax.rollout.next_token import keys_for_rows
 from hbpo_jax.rollout.pages import PageBook
-from hbpo_jax.rollout.static import bucket_length
 
 
 class EngineOutput(NamedTuple):
@@ -143,9 +142,11 @@ class Rows(NamedTuple):
         return np.array([len(self.prompts[p]) + len(x) for p, x in zip(self.row_prompt, self.prefixes)])
 
 
-def admit_batch(rows: Rows, take, slot_ids, width: int, book: PageBook, pad_id: int) -> AdmitBatch:
+def admit_batch(rows: Rows, take, slot_ids, width: int, book: PageBook, pad_id: int,
+                store_row: np.ndarray) -> AdmitBatch:
     """The rows `take` entering slots `slot_ids` with the book's pages, as numpy, padded to
-    `width` entries (padding goes to slot S, which the scatter drops, with pages past the pool)."""
+    `width` entries (padding goes to slot S, which the scatter drops, with pages past the pool).
+    store_row: int [G], each prompt's row in the prompt store (StoreLayout.row)."""
     def pad(x, fill):
         x = np.asarray(x)
         return np.concatenate([x, np.full((width - len(take),) + x.shape[1:], fill, x.dtype)])
@@ -156,25 +157,75 @@ def admit_batch(rows: Rows, take, slot_ids, width: int, book: PageBook, pad_id: 
         seq = [rows.prompts[rows.row_prompt[r]][-1], *rows.prefixes[r]]
         start[i, :len(seq)], start_len[i] = seq, len(seq)
     plen = np.array([len(rows.prompts[rows.row_prompt[r]]) for r in take], np.int32)
-    table = np.stack([book.table_row(s) for s in slot_ids])
+    table = np.array([book.table_row(s) for s in slot_ids], np.int32).reshape(len(slot_ids), book.width)
+    prompt = np.asarray(store_row)[rows.row_prompt[take]]
     return AdmitBatch(slot=pad(np.asarray(slot_ids, np.int32), book.slots),
-                      row=pad(np.asarray(take, np.int32), len(rows.limits)), prompt=pad(rows.row_prompt[take], 0),
+                      row=pad(np.asarray(take, np.int32), len(rows.limits)), prompt=pad(prompt, 0),
                       plen=pad(plen, 1), start=pad(start, pad_id), start_len=pad(start_len, 1),
                       limit=pad(rows.limits[take], 1), offset=pad(rows.offset[take], 0), keys=pad(rows.keys[take], 0),
                       pages=pad(table, book.pool.pages), cap=pad(book.capacity()[slot_ids], 0),
                       shared=pad(np.array([book.shared_tokens(s) for s in slot_ids], np.int32), 0))
 
 
-def right_padded(prompts, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct prompts right-padded for the prompt store: (ids, mask) int32 [G', width], G'
-    rounded up to a multiple of 8 (fewer compiled shapes)."""
-    g = bucket_length(len(prompts), 8)
-    ids = np.full((g, width), pad_id, np.int32)
-    mask = np.zeros((g, width), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)], mask[i, :len(p)] = p, 1
-    mask[len(prompts):, 0] = 1  # padding prompts: one token, never read
+class StoreLayout(NamedTuple):
+    """Where each prompt's rows decode and where its KV sits in the prompt store.
+
+    home: int32 [G], the shard whose slots take the prompt's rows; row: int32 [G], its row of the
+    store [size, Pw]; size: the store's rows, a multiple of 8 and of the shards, shard d holding
+    rows [d size / shards, (d + 1) size / shards) (the store is split over the slots' axes)."""
+
+    home: np.ndarray
+    row: np.ndarray
+    size: int
+
+    @staticmethod
+    def rows_for(per_shard: int, shards: int) -> int:
+        """The store's rows for `per_shard` prompts on each of `shards` shards: the fewest that
+        are a multiple of 8 (fewer compiled shapes) and of the shards."""
+        step = int(np.lcm(8, int(shards)))
+        return -(-max(int(per_shard), 1) * int(shards) // step) * step
+
+    @classmethod
+    def make(cls, rows: Rows, shards: int) -> "StoreLayout":
+        """The layout of a run's rows (RefillEngine.run): see `assign`."""
+        return cls.assign(rows.row_prompt, rows.filled(), rows.limits, len(rows.prompts), shards)
+
+    @classmethod
+    def assign(cls, row_prompt, filled, limits, prompts: int, shards: int) -> "StoreLayout":
+        """A prompt's rows all decode on its home shard: it prefills the prompt into its part of
+        the store, its rows' admit reads the KV there and writes their pages there, so admission
+        moves no KV between chips, and a prompt's shared pages are written once. Prompts go to
+        shards heaviest first (their rows' filled + limit tokens; row_prompt, filled, limits: int
+        [R]), each to the least loaded shard with fewer than ceil(G / shards) prompts (the store
+        is no wider than it must be). One shard: every prompt at home, store rows in prompt order."""
+        g, shards = int(prompts), int(shards)
+        if shards == 1:
+            return cls(np.zeros(g, np.int32), np.arange(g, dtype=np.int32), cls.rows_for(g, 1))
+        limits = np.asarray(limits)
+        work = np.zeros(g, np.int64)
+        np.add.at(work, np.asarray(row_prompt), np.where(limits > 0, np.asarray(filled) + limits, 0))
+        cap = -(-g // shards)
+        load, count = np.zeros(shards, np.int64), np.zeros(shards, np.int64)
+        home, row = np.zeros(g, np.int32), np.zeros(g, np.int32)
+        per = cls.rows_for(cap, shards) // shards
+        for p in np.lexsort((np.arange(g), -work)):
+            d = min((d for d in range(shards) if count[d] < cap), key=lambda d: (load[d], d))
+            home[p], row[p] = d, d * per + count[d]
+            load[d] += work[p]
+            count[d] += 1
+        return cls(home, row, per * shards)
+
+
+def right_padded(prompts, width: int, pad_id: int, layout: StoreLayout) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct prompts right-padded into the prompt store's rows: (ids, mask) int32
+    [layout.size, width], prompt g at row layout.row[g]."""
+    ids = np.full((layout.size, width), pad_id, np.int32)
+    mask = np.zeros((layout.size, width), np.int32)
+    mask[:, 0] = 1  # padding rows: one token, never read
+    for row, p in zip(layout.row, prompts):
+        ids[row, :len(p)], mask[row, :len(p)] = p, 1
     return ids, mask
 
 
-__all__ = ["AdmitBatch", "EngineOutput", "EngineStats", "Rows", "SlotState", "admit_batch", "right_padded"]
+__all__ = ["AdmitBatch", "EngineOutput", "EngineStats", "Rows", "SlotState", "StoreLayout", "admit_batch",
+           "right_padded"]

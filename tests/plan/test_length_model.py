@@ -59,25 +59,33 @@ def test_schedule_of_the_paper_step():
 
 
 @pytest.mark.slow
-def test_schedule_matches_the_engine():
+@pytest.mark.parametrize("shards", [1, 4])
+def test_schedule_matches_the_engine(shards):
     """The tiny model's engine, every row ending at its limit (no EOS can be drawn): its decode
-    steps, calls and admits are the schedule's."""
+    steps, calls and admits are the schedule's, on one device and with the slots over 4 devices
+    (each prompt's rows on its home device, a block of admits per device)."""
     import jax
     from flax import nnx
 
     from hbpo_jax.models import ModelConfig, Qwen2
     from hbpo_jax.rollout.refill import RefillEngine
+    from hbpo_jax.rollout.slots import StoreLayout
     from hbpo_jax.rollout.static import SamplerSettings
+    from hbpo_jax.sharding import make_mesh
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                       num_kv_heads=1, head_dim=16, dtype="float32", param_dtype="float32")
     graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(0)))
-    limits = np.array([9, 3, 7, 2, 12, 5, 4, 6, 8, 3, 2, 10])
-    eng = RefillEngine(graphdef, cfg, SamplerSettings(max_new_tokens=16, eos_ids=()), slots=4, admit=2)
-    prompts = [[1, 2, 3], [4, 5]]
-    row_prompt = np.arange(12) % 2
+    limits = np.array([9, 3, 7, 2, 12, 5, 4, 6, 8, 3, 2, 10] * 2)
+    slots = 4 * shards
+    mesh = make_mesh((1, shards, 8 // shards)) if shards > 1 else None
+    eng = RefillEngine(graphdef, cfg, SamplerSettings(max_new_tokens=16, eos_ids=()), slots=slots, admit=2, mesh=mesh)
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    row_prompt = np.arange(24) % 6
     order = np.argsort(-limits, kind="stable")
-    _, stats = eng.run(params, prompts, row_prompt, [[]] * 12, limits, key=jax.random.key(0), order=order)
-    s = lengths.refill_schedule(limits, np.array([len(prompts[p]) for p in row_prompt]), 4, 2, order)
+    _, stats = eng.run(params, prompts, row_prompt, [[]] * 24, limits, key=jax.random.key(0), order=order)
+    fill = np.array([len(prompts[p]) for p in row_prompt])
+    home = StoreLayout.assign(row_prompt, fill, limits, len(prompts), eng.shards).home[row_prompt]
+    s = lengths.refill_schedule(limits, fill, slots, eng.admit_width, order, home, eng.shards)
     assert (stats.decode_steps, stats.segments, stats.admit_calls) == (s.decode_steps, s.segments, s.admit_calls)
     assert stats.slot_steps == s.slot_steps and stats.tokens == s.tokens

@@ -7,6 +7,7 @@ import torch
 from flax import nnx
 
 from hbpo_jax.models import ModelConfig, create_model, load_pretrained
+from hbpo_jax.plan import ici
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
 from hbpo_jax.sharding import make_mesh
@@ -196,3 +197,38 @@ def test_shared_prompt_pages_pinned_on_a_mesh_equal_one_device(model, rows):
     firsts = {p for p in rows[0][admitted]}
     want = sum(((plen[r] - 1) // 2) for r in np.flatnonzero(admitted)) - sum((len(PROMPTS[p]) - 1) // 2 for p in firsts)
     assert all_in.shared_prompt_pages == want and all_in.admit_calls == 1
+    # Every row in flight on the mesh (10 slots a device, the most rows a prompt has): each prompt
+    # decodes on its home device, where its pages are written once, as on one device.
+    pinned = engine.RefillEngine(model[0], CFG, st, slots=40, mesh=make_mesh((1, 4, 2)), page_size=2)
+    got, pinned_stats = pinned.run(model[1], PROMPTS, *rows, key=key)
+    np.testing.assert_array_equal(got.tokens, one.tokens)
+    assert pinned_stats.shared_prompt_pages == want and pinned_stats.admit_calls == 1
+
+
+def test_store_layout_gives_each_prompt_one_home_shard(rows):
+    """Prompts go to shards heaviest first under a cap of ceil(G / shards) each; a prompt's store
+    row lies in its home shard's block; one shard keeps the prompts' order."""
+    host = engine.Rows.make([[5]] * 12, np.repeat(np.arange(12), 2), [[]] * 24, np.arange(1, 25), jax.random.key(0),
+                            None, N, engine.RefillEngine.start_width)
+    layout = engine.StoreLayout.make(host, 4)
+    assert layout.size == 16 and np.bincount(layout.home, minlength=4).tolist() == [3, 3, 3, 3]
+    np.testing.assert_array_equal(layout.row // (layout.size // 4), layout.home)
+    assert len(set(layout.row.tolist())) == 12
+    assert layout.home[8:].tolist() == [3, 2, 1, 0]  # the heaviest prompts (latest) first, to the lightest shard
+    one = engine.StoreLayout.make(host, 1)
+    assert one.size == 16 and one.row.tolist() == list(range(12)) and not one.home.any()
+    assert engine.StoreLayout.rows_for(4, 16) == 64 and engine.StoreLayout.rows_for(1, 4) == 8
+
+
+def test_admit_moves_no_kv_between_devices(model):
+    """A row's prompt KV is read from its own device's part of the store and written into its own
+    device's pages: the compiled admit on the (1, 4, 2) mesh holds no collective across the slots'
+    4 devices (at most one within a pair that splits the kv heads)."""
+    mesh = make_mesh((1, 4, 2))
+    st = sampler.SamplerSettings(max_new_tokens=N, eos_ids=(2,))
+    eng = engine.RefillEngine(model[0], CFG, st, slots=8, admit=4, mesh=mesh, page_size=2)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), model[1])
+    _, admit, _ = eng.lower(params, prompts=8, prompt_len=16, prefix_len=4, rows=24)
+    per_call, per_step = ici.traffic(admit.compile().as_text(), devices=8)
+    assert all(t.n <= mesh.shape["tensor"] for t in per_call + per_step), per_call + per_step
