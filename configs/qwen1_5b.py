@@ -82,14 +82,15 @@ def get_config(arg: str | None = None):
         # The update's plan (launch/memory.py --config=configs/qwen1_5b.py:pod --topology=...
         # --programs=train, `update:`; docs/tpu_plan.md, "The update's bytes"), each layer's
         # weights gathered whole over FSDP, rows packed by tokens, HBM bytes per chip per
-        # mini-batch: FSDP over all chips stays the default; remat "dots" (matmul outputs saved,
-        # the rest recomputed: 13% fewer flops than "full") is compute bound on v5p-32 (2.13 s,
-        # 2.37 TB; "full" 2.46 s) and v5e-16 (4.97 s, 1.77 TB, peak 10.2 GiB of 16); on v6e-8
-        # (two lanes a chip) it is memory bound (2.49 s, 4.08 TB) where "full" is compute bound
-        # and a little faster (2.46 s, 3.40 TB): there add --config.model.remat=full
-        # (docs/pods.md). The one-host default keeps "full" (a v5e-8 holds two lanes a chip).
+        # mini-batch: FSDP over all chips stays the default; remat "auto" picks per chip
+        # (qwen2.resolve_remat): "dots" (matmul outputs saved, the rest recomputed: 13% fewer
+        # flops than "full") is compute bound on v5p-32 (2.13 s, 2.37 TB; "full" 2.46 s) and
+        # v5e-16 (4.97 s, 1.77 TB, peak 10.2 GiB of 16); on v6e-8 (two lanes a chip) "dots" is
+        # memory bound (2.49 s, 4.08 TB) and "full" compute bound and a little faster (2.46 s,
+        # 3.40 TB), so v6e takes "full". The one-host default keeps "full" (a v5e-8 holds two
+        # lanes a chip).
         config.distributed = True
-        config.model.remat = "dots"
+        config.model.remat = "auto"
     elif arg == "colab":
         config.lora.rank, config.lora.alpha = 16, 32.0  # every projection; the base in bfloat16
         config.optim.learning_rate = 1e-5  # adapters take larger steps than full fine-tuning

@@ -79,6 +79,9 @@ def base_config() -> config_dict.ConfigDict:
         # the longest row, so no row waits; smaller: KV memory follows live tokens and a row is
         # admitted when the pages for its whole limit are free; hbpo_jax/models/paged.py).
         kv_tokens=0,
+        # Tokens per KV page of the refill engine's pool (its attention reads whole pages; a
+        # prompt's full pages are shared by its rows). 16: docs/rollout.md, "Page size".
+        page_size=16,
         # Tensor-parallel decode: the rollout regroups the mesh's chips into groups of k that split
         # each decode weight by heads / MLP columns / vocabulary (sharding.decode_mesh), each group
         # decoding its share of the rows. 1: every chip holds the whole decode weights. For slices

@@ -299,6 +299,8 @@ def _sampling(config, objective: objectives.Objective) -> SamplingSpec:
     require(r.max_batch >= 0, f"rollout.max_batch must be ≥ 0 (0 = all rows at once), got {r.max_batch}.")
     kv_tokens = int(r.get("kv_tokens", 0) or 0)
     require(kv_tokens >= 0, f"rollout.kv_tokens must be ≥ 0 (0 = max_batch x the longest row), got {kv_tokens}.")
+    page_size = int(r.get("page_size", 16))
+    require(page_size >= 1, f"rollout.page_size must be ≥ 1 tokens, got {page_size}.")
     tp = _decode_tensor_parallel(r)
     prompt_format, system_prompt = _prompt_format(r)
     rollout = RolloutSettings(
@@ -306,7 +308,8 @@ def _sampling(config, objective: objectives.Objective) -> SamplingSpec:
         samples_per_budget=group // len(budgets) if per_budget else group,
         prefix_in_response=bool(r.prefix_in_response), hard_budget_cap=bool(r.hard_budget_cap),
         temperature=float(r.temperature), top_p=float(r.top_p), top_k=int(r.top_k), system_prompt=system_prompt,
-        max_batch=int(r.max_batch), engine=_engine(r), kv_tokens=kv_tokens, decode_tensor_parallel=tp)
+        max_batch=int(r.max_batch), engine=_engine(r), kv_tokens=kv_tokens, page_size=page_size,
+        decode_tensor_parallel=tp)
     return SamplingSpec(rollout=rollout, group=group, max_prompt_len=int(r.max_prompt_len),
                         prefix_loss=bool(r.prefix_loss), prompt_format=prompt_format)
 

@@ -30,7 +30,8 @@ FREE = (
     "train.keep_checkpoints", "train.export_hf", "train.max_consecutive_skips", "train.micro_batch_size",
     "train.update_width_step", "train.pack_rows", "optim.learning_rate", "optim.schedule", "optim.warmup_steps",
     "eval", "grading_workers", "grading_timeout_s", "sampling.rollout.max_batch", "sampling.rollout.engine",
-    "sampling.rollout.kv_tokens", "sampling.rollout.decode_tensor_parallel", "mesh", "distributed",
+    "sampling.rollout.kv_tokens", "sampling.rollout.page_size", "sampling.rollout.decode_tensor_parallel", "mesh",
+    "distributed",
     # How the model computes, not what it is: attention kernel, rematerialisation, layer loop, compute dtype.
     "model.fields.attention_impl", "model.fields.remat", "model.fields.scan_layers", "model.fields.dtype",
 )

@@ -256,6 +256,15 @@ def test_lora_section_resolves_and_bad_values_are_one_sentence():
         assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
 
 
+def test_page_size_reaches_the_rollout_and_is_checked():
+    config = qwen1_5b.get_config()
+    config.rollout.page_size = 64
+    assert spec.resolve(config, num_devices=16).sampling.rollout.page_size == 64
+    config.rollout.page_size = 0
+    with pytest.raises(ConfigError, match="rollout.page_size must be ≥ 1"):
+        spec.resolve(config, num_devices=16)
+
+
 def test_decode_tensor_parallel_is_checked_against_the_mesh():
     config = qwen1_5b.get_config()
     config.rollout.decode_tensor_parallel = 2

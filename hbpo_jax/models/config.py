@@ -22,7 +22,7 @@ from hbpo_jax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "auto")
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 ROPE_TYPES = ("default", "llama3")
@@ -73,7 +73,9 @@ class ModelConfig:
     # (decode), interpret mode off TPU; auto: like splash, with the kernel chosen per platform
     # (splash on TPU, cudnn on GPU for 16-bit compute, xla elsewhere; models/splash.py).
     attention_impl: str = "auto"
-    remat: str = "none"  # rematerialise each decoder layer in the backward pass
+    # Rematerialise each decoder layer in the backward pass: "full" (keep only each layer's input),
+    # "dots" (keep the matmul outputs too), "auto" (per the chip compiled for: qwen2.resolve_remat).
+    remat: str = "none"
     # One lax.scan over the stacked layers (compiled once for any depth), or a Python loop over the
     # same weights (faster for a few layers on a CPU; compile time grows with depth): qwen2.run_layers.
     scan_layers: bool = True

@@ -290,6 +290,33 @@ def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
 
 
 _CHECKPOINT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# Chips on which remat "auto" recomputes everything: "dots" saves a quarter of the update's flops
+# but moves more HBM bytes, and the paper's update with it runs at about 410-550 flops per HBM
+# byte (the plans of v5p-32, v5e-16, v6e-8: docs/tpu_plan.md, "The update's bytes"). A chip whose
+# peak flops per HBM byte lie above that is memory bound with "dots": v6e (Trillium, 918 TFLOP/s
+# on 1.64 TB/s = 560; "full" is compute bound there and faster). v4 (229), v5e (240), v5p (166)
+# and H100 (295) take "dots".
+FULL_REMAT_CHIPS = ("v6",)
+
+
+def resolve_remat(remat: str, device_kind: str | None) -> str:
+    """remat "auto" for a chip (its device_kind, e.g. "TPU v6 lite"): "full" on FULL_REMAT_CHIPS,
+    "dots" on other TPUs and GPUs, "full" elsewhere (a CPU: the least memory). Other policies pass
+    through."""
+    if remat != "auto":
+        return remat
+    kind = (device_kind or "").lower()
+    if any(chip in kind for chip in FULL_REMAT_CHIPS) or not kind or kind == "cpu":
+        return "full"
+    return "dots"
+
+
+def target_device_kind(x: jax.Array) -> str:
+    """The device_kind x is computed for: its mesh's (the TPU's when compiling for a topology
+    from a CPU host), else the first local device's."""
+    mesh = splash.context_mesh(x)
+    device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+    return getattr(device, "device_kind", None) or jax.devices()[0].device_kind
 
 
 def run_layers(layers: DecoderLayer, x, positions, mask, kv=None, index=None, remat: str = "none",
@@ -300,10 +327,11 @@ def run_layers(layers: DecoderLayer, x, positions, mask, kv=None, index=None, re
     (keys, values) [L, B, S, K, D] each, carried from layer to layer (so each layer's writes land in
     place) with slot `index`, or a paged.PagedKVCache (carried likewise; mask and index unused).
     remat "full" / "dots": each layer is a jax.checkpoint (every activation recomputed in the
-    backward pass / matmul outputs saved), so only each layer's input [B, T, E] is kept across
-    layers. scan True: one jax.lax.scan over the layers, so XLA compiles the layer once whatever L
-    is; False: a Python loop over the same stacked weights (layer i reads row i), compiled L times
-    but without the scan's stacked residuals, its zero-filled buffers and their dynamic slices
+    backward pass / matmul outputs saved; "auto": one of them per chip, resolve_remat), so only
+    each layer's input [B, T, E] is kept across layers. scan True: one jax.lax.scan over the
+    layers, so XLA compiles the layer once whatever L is; False: a Python loop over the same
+    stacked weights (layer i reads row i), compiled L times but without the scan's stacked
+    residuals, its zero-filled buffers and their dynamic slices
     (the tiny config's 3 layers: an SFT step 18% faster on a CPU). The layers are split into pure
     arrays (not nnx.scan), so this composes with any outer jax transform (jit, grad, eval_shape) of
     a merged model.
@@ -324,6 +352,7 @@ def run_layers(layers: DecoderLayer, x, positions, mask, kv=None, index=None, re
         x, kv = layer(x, positions, mask, None if kv is None else (*kv, i), index)
         return (sharding.constrain(x, _HIDDEN), None if kv is None else kv[:2]), None
 
+    remat = resolve_remat(remat, target_device_kind(x))
     if remat != "none":
         # prevent_cse=False: the scan's loop already keeps XLA from merging the recomputation
         # into the forward pass (JAX's advice for checkpoint inside scan); unrolled, each layer is

@@ -129,7 +129,7 @@ def packed_micro_batches(run, responses: np.ndarray, fill: np.ndarray) -> list[f
             for start in range(0, len(rows), t.rows_per_minibatch)]
 
 
-def page_top_ups(run, slots: int, chips: int, fill: np.ndarray, page_size: int = 16) -> int:
+def page_top_ups(run, slots: int, chips: int, fill: np.ndarray) -> int:
     """Times the longest row's pages are topped up in a rollout (a decode-loop exit each), by the
     refill engine's own rule (RefillEngine.run: its pool, each row's need, pages.room): 0 when
     the pool holds every slot's whole limit, so rows take it at admission. fill: int [R], the KV
@@ -137,11 +137,12 @@ def page_top_ups(run, slots: int, chips: int, fill: np.ndarray, page_size: int =
     from hbpo_jax.plan.programs import PREFIX_TOKENS
     from hbpo_jax.rollout import pages, refill
     r = run.sampling.rollout
-    cap = r.max_response_len
+    cap, page_size = r.max_response_len, r.page_size
     slot_len = sampler.bucket_length(run.sampling.max_prompt_len) + refill.RefillEngine.start_width(PREFIX_TOKENS) + cap
-    per_shard = pages.pool_pages(r.kv_tokens, slots, slot_len, page_size, chips) // chips
+    shards = chips // r.decode_tensor_parallel  # the slots' devices (sharding.decode_mesh)
+    per_shard = pages.pool_pages(r.kv_tokens, slots, slot_len, page_size, shards) // shards
     most = pages.pages_for(int(np.max(fill)) + cap - 1, page_size)
-    room = pages.room(0, cap, page_size, per_shard, max(slots // chips, 1), most)
+    room = pages.room(0, cap, page_size, per_shard, max(slots // shards, 1), most)
     return 0 if room is None else -(-cap // room)
 
 
@@ -154,7 +155,7 @@ def _decode_parts(p):
 
 
 def project(programs: dict, run, cfg, chip, chips: int, hosts: int, mix: lengths.LengthMix,
-            host: HostCosts = HOST, page_size: int = 16) -> Terms:
+            host: HostCosts = HOST) -> Terms:
     """The Terms of one step of `run` at `mix` from compiled programs (keyed train / prefill /
     admit / decode, tpu_plan.ProgramPlan) on `chips` chips of `chip` (tpu_plan.Chip) in `hosts`
     hosts. Needs the refill engine's programs."""
@@ -192,13 +193,13 @@ def project(programs: dict, run, cfg, chip, chips: int, hosts: int, mix: lengths
     d = programs["decode"]
     base_flops, base_bytes = _decode_parts(d)
     filled_pages = sched.filled.astype(np.float64)  # tokens; pages are read whole: + half a page a slot
-    kv_tokens = (filled_pages + sched.running * page_size / 2) / chips
+    kv_tokens = (filled_pages + sched.running * s.rollout.page_size / 2) / chips
     step_bytes = base_bytes + work.kv_bytes * kv_tokens
     step_flops = base_flops + 4.0 * work.attn_width * work.layers * kv_tokens
     decode = float(np.maximum(step_flops / chip.peak_flops, step_bytes / chip.hbm_bandwidth).sum())
     decode += sched.segments * d.roofline_s(chip)
     # ICI, bytes sent per chip per step, by program.
-    top_ups = page_top_ups(run, slots, chips, fill, page_size)
+    top_ups = page_top_ups(run, slots, chips, fill)
     # Collectives per micro-batch dominate the update's: a packed mini-batch's share of the
     # compiled one's (all U0 micro-batches) is its filled micro-batches' share.
     calls = {"train": update_calls, "prefill": 1, "admit": admit_equiv, "decode": sched.segments + top_ups}

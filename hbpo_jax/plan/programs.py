@@ -17,7 +17,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hbpo_jax import sharding, spec
-from hbpo_jax.models import Qwen2, lora
+from hbpo_jax.models import Qwen2, lora, qwen2
+from hbpo_jax.models.config import ModelConfig
 from hbpo_jax.rollout import prompting
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
@@ -54,7 +55,14 @@ def abstract_state(cfg, mesh, rules, optimizer):
 def _resolve(config, mesh):
     """(RunSpec, ModelConfig, rules) of `config` for `mesh` (ConfigError naming the key)."""
     run = spec.resolve(config, num_devices=mesh.devices.size, slices=sharding.num_slices(mesh.devices.flat))
-    return run, run.lora.model_config(run.model.config()), run.mesh.rules
+    return run, model_config(run, mesh), run.mesh.rules
+
+
+def model_config(run, mesh) -> ModelConfig:
+    """The run's ModelConfig (LoRA applied) as compiled on `mesh`: remat "auto" resolved for its
+    chips (qwen2.resolve_remat), so the plan's floor and labels name the policy that runs."""
+    cfg = run.lora.model_config(run.model.config())
+    return cfg.replace(remat=qwen2.resolve_remat(cfg.remat, mesh.devices.flat[0].device_kind))
 
 
 def lower_train_step(config, mesh, *, prompt_width: int | None = None, response_width: int | None = None,
@@ -155,7 +163,7 @@ def lower_engine(config, mesh):
     mesh = sharding.decode_mesh(mesh, s.rollout.decode_tensor_parallel)  # as rollout.budget_rollouts
     params = sharding.decode_weights(params, mesh, rules, cfg.compute_dtype)  # as rollout.sample_rows
     eng = engine.RefillEngine(graphdef, cfg, _settings(s, cfg), slots=min(s.rollout.max_batch or rows, rows), mesh=mesh,
-                              rules=rules, kv_tokens=s.rollout.kv_tokens)
+                              rules=rules, kv_tokens=s.rollout.kv_tokens, page_size=s.rollout.page_size)
     return eng, eng.lower(params, run.train.prompts_per_step, s.max_prompt_len, PREFIX_TOKENS, rows)
 
 

@@ -398,7 +398,7 @@ def format_report(config, topology: str, mesh, programs: dict[str, ProgramPlan],
     chip = chip_for(topology)
     slices = sharding.num_slices(mesh.devices.flat)
     run = spec.resolve(config, num_devices=mesh.devices.size, slices=slices)
-    cfg = run.lora.model_config(run.model.config())
+    cfg = plan.model_config(run, mesh)
     lora = (f", LoRA rank {cfg.lora_rank} on {'/'.join(cfg.lora_targets)} (base frozen in {cfg.param_dtype}, "
             "adapters and their AdamW state float32)") if cfg.lora_rank else ""
     factors = ", ".join(f"{k} x{p.flops / p.xla_flops if p.xla_flops else 1:.1f}"

@@ -118,6 +118,7 @@ def budget_rollouts(policy, tokenizer, problems: Sequence[str], settings: Rollou
         on_texts(rows, layout.prompt_index[rows], texts)
     got = sample_rows(policy, layout, limits, sampler_settings, engine=s.engine, max_batch=s.max_batch, key=key,
                       mesh=sharding.decode_mesh(mesh, s.decode_tensor_parallel), rules=rules, kv_tokens=s.kv_tokens,
+                      page_size=s.page_size,
                       on_rows=on_rows if on_texts is not None else None)
     tokens, logp, sampled_len, reason, prefix_logp = got[:5]
     rest = [r for r in range(len(limits)) if r not in known]
@@ -197,7 +198,7 @@ class SampledRows(NamedTuple):
 
 def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerSettings, *,
                 engine: str, max_batch: int = 0, key, mesh=None, rules=None,
-                kv_tokens: int = 0, on_rows=None) -> SampledRows:
+                kv_tokens: int = 0, page_size: int = 16, on_rows=None) -> SampledRows:
     """Samples a layout's rows (prompt + pre-filled prefix, `limits` int [R] new tokens each) with
     `engine` (ENGINES). Row r draws with fold_in(key, r), so both engines give the same tokens.
 
@@ -206,7 +207,8 @@ def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerS
       stop at once), so one compilation serves them all.
     refill: max_batch decode slots (0: one per row); each distinct prompt prefilled once, rows
       admitted longest expected first (`expected_lengths`), prefix log-probs scored; kv_tokens:
-      its KV page pool in tokens (0: max_batch x the longest row; less: pages on demand, preemption).
+      its KV page pool in tokens (0: max_batch x the longest row; less: pages on demand, preemption)
+      in pages of page_size tokens.
       on_rows: refill only, the engine's on_retire (rows handed over as they end; RefillEngine.run).
     Both read the weights in the compute dtype, laid out for decoding (sharding.decode_weights).
     """
@@ -219,7 +221,7 @@ def sample_rows(policy, layout: PromptLayout, limits, settings: sampler.SamplerS
         row_prompt = np.array([prompt_ids.setdefault(tuple(p), len(prompt_ids)) for p in layout.prompt_tokens],
                               np.int32)
         eng = engine_lib.get_engine(graphdef, state, settings, slots=min(max_batch or rows, rows), mesh=mesh,
-                                    rules=rules, kv_tokens=kv_tokens)
+                                    rules=rules, kv_tokens=kv_tokens, page_size=page_size)
         order = np.lexsort((np.arange(rows), -expected_lengths(layout.budgets, settings.max_new_tokens)))
         out, stats = eng.run(state, [list(p) for p in prompt_ids], row_prompt, layout.prefix_tokens, limits,
                              key=key, order=order, on_retire=on_rows)

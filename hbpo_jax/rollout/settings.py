@@ -24,7 +24,8 @@ class RolloutSettings:
     system_prompt: the chat's system turn (None: the template's own).
     max_batch: rows decoding at once (0: all); the static engine's rows per call, the refill
       engine's slots. kv_tokens: the refill engine's KV page pool in tokens (0: max_batch x the
-      longest row). prompt_bucket: how prompt widths are rounded ("pow2", a multiple, or None).
+      longest row); page_size: tokens per KV page of that pool. prompt_bucket: how prompt widths
+      are rounded ("pow2", a multiple, or None).
     decode_tensor_parallel: k chips of a group split the decode weights (sharding.decode_mesh);
       1: each chip holds them whole.
     """
@@ -42,6 +43,7 @@ class RolloutSettings:
     max_batch: int = 0
     engine: str = "refill"
     kv_tokens: int = 0
+    page_size: int = 16
     prompt_bucket: str | int | None = "pow2"
     decode_tensor_parallel: int = 1
 

@@ -64,8 +64,7 @@ def main(argv):
                 print("\n".join(lines))
         if "train" in programs:  # the update's verdict: seconds, TB per chip, bound
             run = spec.resolve(config, num_devices=mesh.devices.size, slices=sharding.num_slices(mesh.devices.flat))
-            print(update_line(programs["train"], tpu_plan.chip_for(topology), run,
-                              run.lora.model_config(run.model.config())))
+            print(update_line(programs["train"], tpu_plan.chip_for(topology), run, plan.model_config(run, mesh)))
     else:
         print(plan.memory_table(config, sharding.mesh_from_config(config.mesh)))
 

@@ -53,14 +53,16 @@ def test_blocked_attention_reads_only_filled_blocks():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
 
 
-def test_kernel_in_interpret_mode_equals_the_fallback():
+@pytest.mark.parametrize("ps,block", [(8, 2), (16, 2), (64, 2), (128, 1)])
+def test_kernel_in_interpret_mode_equals_the_fallback(ps, block):
     """jax's Pallas TPU paged-attention kernel, run by the TPU interpreter on the CPU, against the
-    blocked fallback (float32; the K/V values are exact in bfloat16, which the kernel loads)."""
+    blocked fallback (float32; the K/V values are exact in bfloat16, which the kernel loads), at
+    the page sizes the plan compares (docs/rollout.md, "Page size")."""
     from jax.experimental.pallas import tpu as pltpu
-    q, kp, vp, table, kv_lens, q_pos = _case(5, s=3, h=4, k=2, d=128, ps=8, pool=16, width=4)
+    q, kp, vp, table, kv_lens, q_pos = _case(5, s=3, h=4, k=2, d=128, ps=ps, pool=16, width=4)
     with pltpu.force_tpu_interpret_mode():
-        got = paged.kernel_attention(q, kp, vp, table, kv_lens, 2)
-    want = paged.blocked_attention(q, kp, vp, table, kv_lens, q_pos, 2)
+        got = paged.kernel_attention(q, kp, vp, table, kv_lens, block)
+    want = paged.blocked_attention(q, kp, vp, table, kv_lens, q_pos, block)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 

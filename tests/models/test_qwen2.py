@@ -112,8 +112,8 @@ def _unrolled_logits(model, ids):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat,scan", [("none", True), ("full", True), ("dots", True), ("none", False),
-                                        ("full", False)])
+@pytest.mark.parametrize("remat,scan", [("none", True), ("full", True), ("dots", True), ("auto", True),
+                                        ("none", False), ("full", False)])
 def test_scanned_layers_equal_a_layer_loop_in_loss_and_gradients(remat, scan):
     """The layer scan, or the model's own loop (scan_layers=False), with each remat policy
     checkpointing a layer, gives the loss and the gradient of every parameter that a plain loop
@@ -135,3 +135,13 @@ def test_scanned_layers_equal_a_layer_loop_in_loss_and_gradients(remat, scan):
         np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=1e-6, err_msg=str(path))
     up = np.asarray(g1["layers"]["mlp"]["up_proj"].get_value())  # [L, E, M]
     assert (np.abs(up).sum(axis=(1, 2)) > 0).all(), "a layer got no gradient"
+
+
+def test_remat_auto_resolves_per_chip():
+    """remat "auto": "full" on v6e (memory bound with "dots" in the plan) and on a CPU, "dots" on
+    the other TPUs and on GPUs; the other policies pass through."""
+    from hbpo_jax.models.qwen2 import resolve_remat
+    assert resolve_remat("auto", "TPU v6 lite") == "full" and resolve_remat("auto", "cpu") == "full"
+    for kind in ("TPU v5", "TPU v5 lite", "TPU v4", "NVIDIA H100 80GB HBM3"):
+        assert resolve_remat("auto", kind) == "dots", kind
+    assert resolve_remat("dots", "TPU v6 lite") == "dots" and resolve_remat("none", None) == "none"
