@@ -240,7 +240,7 @@ def compile_programs(config, mesh, only: tuple[str, ...] = PROGRAMS) -> dict[str
         programs["prefill"] = analyse("engine prompt prefill", f"{t.prompts_per_step} prompts x {width:,} tokens",
                                       lambda: prefill)
         programs["admit"] = analyse("engine admit", f"{eng.admit_width} rows x {eng.start_width(plan.PREFIX_TOKENS)} "
-                                    f"tokens, prompt KV copied", lambda: admit)
+                                    f"tokens, prompt KV copied on its chip", lambda: admit)
         programs["decode"] = analyse("engine decode loop", f"{eng.slots} slots, cache of {cache:,}", lambda: decode)
     else:
         prefill, decode = plan.lower_sampler(config, mesh)
