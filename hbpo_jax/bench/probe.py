@@ -243,7 +243,7 @@ def trace_step(config, probe: ProbeSpec, mesh, out_dir: Path, update_width: int)
         rollout_s = time.perf_counter() - t0
         jax.block_until_ready(compiled(*inputs[0], **inputs[1]))
     fill = np.full(len(limits), prompt_len)
-    home = StoreLayout.assign(row_prompt, fill, limits, groups, eng.shards).home[row_prompt]
+    home = StoreLayout.assign(row_prompt, fill, limits, groups, eng.shards).home
     sched = lengths.refill_schedule(limits, fill, eng.slots, eng.admit_width, order, home, eng.shards)
     return dict(rows=len(limits), slots=eng.slots, mean_length=float(limits.mean()), rollout_s=rollout_s,
                 step_s=time.perf_counter() - t0, engine=(stats.decode_steps, stats.segments, stats.admit_calls),

@@ -184,7 +184,7 @@ def project(programs: dict, run, cfg, chip, chips: int, hosts: int, mix: lengths
     limits = np.minimum(budgets, s.rollout.max_response_len)
     order = np.lexsort((np.arange(len(responses)), -limits))
     fill = prompts[row_prompt] + mix.prefix
-    home = StoreLayout.assign(row_prompt, fill, limits, len(prompts), shards).home[row_prompt]
+    home = StoreLayout.assign(row_prompt, fill, limits, len(prompts), shards).home
     sched = lengths.refill_schedule(responses, fill, slots, admit, order, home, shards)
     prefill = programs["prefill"].roofline_s(chip) * (work.forward_flops(np.array([prompt_width]))
                                                       / work.forward_flops(np.array([compiled_prompt])))

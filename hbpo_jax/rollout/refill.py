@@ -5,8 +5,9 @@ rows differ in length on purpose (a prompt's 512-budget rows end long before its
 ones), so most of a chunk's slots idle for most of its steps. Here a row that ends frees its slot
 for the next row in the queue:
 
-  prompts  ->  each DISTINCT prompt gets a home shard (slots.StoreLayout) and is prefilled once
-               (right-padded) into its shard's part of a prompt store [G, Pw]
+  prompts  ->  each DISTINCT prompt gets a home shard (slots.StoreLayout; a prompt in parts when
+               the prompts do not divide over the shards, each part its own home) and is
+               prefilled there (right-padded) into that shard's part of a prompt store [G, Pw]
   admit    ->  a row takes a free slot and KV pages of its prompt's home shard (each shard has
                its own queue; a row waits while too few pages are free): its whole limit when
                the pool holds every slot's whole limit, else pages on demand
@@ -178,7 +179,7 @@ class RefillEngine:
         if order is None:
             order = np.lexsort((np.arange(rows), -limits))
         store = StoreLayout.make(host_rows, self._shards)
-        home = store.home[host_rows.row_prompt]  # each row's shard: its prompt's
+        home = store.home  # each row's shard: where its prompt's KV is
         queues = [collections.deque() for _ in range(self._shards)]
         for r in order:
             if limits[r] > 0:
@@ -321,7 +322,7 @@ class RefillEngine:
         `.compile().memory_analysis()` / `.cost_analysis()` give XLA's plan (the TPU plan)."""
         p_width = bucket_length(prompt_len, self.settings.prompt_bucket)
         f_width = self.start_width(prefix_len)
-        g, a = StoreLayout.rows_for(-(-prompts // self._shards), self._shards), self.admit_width
+        g, a = StoreLayout.size_for(prompts, self._shards), self.admit_width
 
         def spec(tree, shardings):
             if shardings is None:

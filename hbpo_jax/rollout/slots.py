@@ -146,7 +146,7 @@ def admit_batch(rows: Rows, take, slot_ids, width: int, book: PageBook, pad_id: 
                 store_row: np.ndarray) -> AdmitBatch:
     """The rows `take` entering slots `slot_ids` with the book's pages, as numpy, padded to
     `width` entries (padding goes to slot S, which the scatter drops, with pages past the pool).
-    store_row: int [G], each prompt's row in the prompt store (StoreLayout.row)."""
+    store_row: int [R], each row's prompt's row in the prompt store (StoreLayout.row)."""
     def pad(x, fill):
         x = np.asarray(x)
         return np.concatenate([x, np.full((width - len(take),) + x.shape[1:], fill, x.dtype)])
@@ -158,7 +158,7 @@ def admit_batch(rows: Rows, take, slot_ids, width: int, book: PageBook, pad_id: 
         start[i, :len(seq)], start_len[i] = seq, len(seq)
     plen = np.array([len(rows.prompts[rows.row_prompt[r]]) for r in take], np.int32)
     table = np.array([book.table_row(s) for s in slot_ids], np.int32).reshape(len(slot_ids), book.width)
-    prompt = np.asarray(store_row)[rows.row_prompt[take]]
+    prompt = np.asarray(store_row)[np.asarray(take, np.int64)]
     return AdmitBatch(slot=pad(np.asarray(slot_ids, np.int32), book.slots),
                       row=pad(np.asarray(take, np.int32), len(rows.limits)), prompt=pad(prompt, 0),
                       plen=pad(plen, 1), start=pad(start, pad_id), start_len=pad(start_len, 1),
@@ -168,14 +168,16 @@ def admit_batch(rows: Rows, take, slot_ids, width: int, book: PageBook, pad_id: 
 
 
 class StoreLayout(NamedTuple):
-    """Where each prompt's rows decode and where its KV sits in the prompt store.
+    """Where each row decodes and where its prompt's KV sits in the prompt store.
 
-    home: int32 [G], the shard whose slots take the prompt's rows; row: int32 [G], its row of the
-    store [size, Pw]; size: the store's rows, a multiple of 8 and of the shards, shard d holding
-    rows [d size / shards, (d + 1) size / shards) (the store is split over the slots' axes)."""
+    home: int32 [R], the shard whose slots take the row; row: int32 [R], its prompt's row of the
+    store [size, Pw]; prompt: int32 [size], the prompt each store row holds (-1: padding); size:
+    the store's rows, a multiple of 8 and of the shards, shard d holding rows [d size / shards,
+    (d + 1) size / shards) (the store is split over the slots' axes)."""
 
     home: np.ndarray
     row: np.ndarray
+    prompt: np.ndarray
     size: int
 
     @staticmethod
@@ -185,6 +187,16 @@ class StoreLayout(NamedTuple):
         step = int(np.lcm(8, int(shards)))
         return -(-max(int(per_shard), 1) * int(shards) // step) * step
 
+    @staticmethod
+    def parts(prompts: int, shards: int) -> int:
+        """k, the parts each prompt is split into: the fewest that make G k divide by the shards."""
+        return int(shards) // int(np.gcd(int(prompts), int(shards)))
+
+    @classmethod
+    def size_for(cls, prompts: int, shards: int) -> int:
+        """The store's rows for G prompts over `shards` shards (`assign`)."""
+        return cls.rows_for(int(prompts) * cls.parts(prompts, shards) // int(shards), shards)
+
     @classmethod
     def make(cls, rows: Rows, shards: int) -> "StoreLayout":
         """The layout of a run's rows (RefillEngine.run): see `assign`."""
@@ -192,38 +204,56 @@ class StoreLayout(NamedTuple):
 
     @classmethod
     def assign(cls, row_prompt, filled, limits, prompts: int, shards: int) -> "StoreLayout":
-        """A prompt's rows all decode on its home shard: it prefills the prompt into its part of
-        the store, its rows' admit reads the KV there and writes their pages there, so admission
-        moves no KV between chips, and a prompt's shared pages are written once. Prompts go to
-        shards heaviest first (their rows' filled + limit tokens; row_prompt, filled, limits: int
-        [R]), each to the least loaded shard with fewer than ceil(G / shards) prompts (the store
-        is no wider than it must be). One shard: every prompt at home, store rows in prompt order."""
+        """Each row decodes on the shard that holds its prompt's KV: the shard prefills the prompt
+        into its part of the store, the row's admit reads it there and writes the row's pages
+        there, so admission moves no KV between chips. row_prompt, filled, limits: int [R].
+
+        A prompt is one unit of work, or, when the G prompts do not divide over the shards, k
+        parts (k = shards / gcd(G, shards), its rows dealt round-robin by limit), each part
+        prefilled on its own shard: G k parts divide evenly, so no shard gets more rows than its
+        slots while another idles (4 prompts of 16 rows on 8 shards: 8 parts of 8 rows). Parts go
+        to shards heaviest first (their rows' filled + limit tokens), each to the least loaded
+        shard holding fewer than G k / shards parts. One shard: every prompt whole, store rows in
+        prompt order."""
         g, shards = int(prompts), int(shards)
+        row_prompt, limits = np.asarray(row_prompt, np.int64), np.asarray(limits)
         if shards == 1:
-            return cls(np.zeros(g, np.int32), np.arange(g, dtype=np.int32), cls.rows_for(g, 1))
-        limits = np.asarray(limits)
-        work = np.zeros(g, np.int64)
-        np.add.at(work, np.asarray(row_prompt), np.where(limits > 0, np.asarray(filled) + limits, 0))
-        cap = -(-g // shards)
-        load, count = np.zeros(shards, np.int64), np.zeros(shards, np.int64)
-        home, row = np.zeros(g, np.int32), np.zeros(g, np.int32)
-        per = cls.rows_for(cap, shards) // shards
-        for p in np.lexsort((np.arange(g), -work)):
-            d = min((d for d in range(shards) if count[d] < cap), key=lambda d: (load[d], d))
-            home[p], row[p] = d, d * per + count[d]
-            load[d] += work[p]
+            size = cls.rows_for(g, 1)
+            return cls(np.zeros(len(row_prompt), np.int32), row_prompt.astype(np.int32),
+                       np.concatenate([np.arange(g), np.full(size - g, -1)]).astype(np.int32), size)
+        k = cls.parts(g, shards)
+        work = np.where(limits > 0, np.asarray(filled) + limits, 0)
+        part = np.zeros(len(row_prompt), np.int64)  # each row's part of its prompt
+        for p in range(g):
+            mine = np.flatnonzero(row_prompt == p)
+            part[mine[np.lexsort((mine, -limits[mine]))]] = np.arange(len(mine)) % k
+        unit = row_prompt * k + part  # the (prompt, part) a row belongs to
+        load_of = np.bincount(unit, weights=work, minlength=g * k)
+        per = g * k // shards
+        width = cls.size_for(g, shards) // shards
+        load, count = np.zeros(shards), np.zeros(shards, np.int64)
+        store_row = np.zeros(g * k, np.int64)
+        prompt = np.full(width * shards, -1, np.int64)
+        for u in np.lexsort((np.arange(g * k), -load_of)):
+            d = min((d for d in range(shards) if count[d] < per), key=lambda d: (load[d], d))
+            store_row[u] = d * width + count[d]
+            prompt[store_row[u]] = u // k
+            load[d] += load_of[u]
             count[d] += 1
-        return cls(home, row, per * shards)
+        return cls((store_row[unit] // width).astype(np.int32), store_row[unit].astype(np.int32),
+                   prompt.astype(np.int32), width * shards)
 
 
 def right_padded(prompts, width: int, pad_id: int, layout: StoreLayout) -> tuple[np.ndarray, np.ndarray]:
     """The distinct prompts right-padded into the prompt store's rows: (ids, mask) int32
-    [layout.size, width], prompt g at row layout.row[g]."""
+    [layout.size, width], store row i holding prompt layout.prompt[i] (a prompt in parts: one row
+    per part)."""
     ids = np.full((layout.size, width), pad_id, np.int32)
     mask = np.zeros((layout.size, width), np.int32)
     mask[:, 0] = 1  # padding rows: one token, never read
-    for row, p in zip(layout.row, prompts):
-        ids[row, :len(p)], mask[row, :len(p)] = p, 1
+    for row, p in enumerate(layout.prompt):
+        if p >= 0:
+            ids[row, :len(prompts[p])], mask[row, :len(prompts[p])] = prompts[p], 1
     return ids, mask
 
 

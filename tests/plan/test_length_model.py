@@ -85,7 +85,7 @@ def test_schedule_matches_the_engine(shards):
     order = np.argsort(-limits, kind="stable")
     _, stats = eng.run(params, prompts, row_prompt, [[]] * 24, limits, key=jax.random.key(0), order=order)
     fill = np.array([len(prompts[p]) for p in row_prompt])
-    home = StoreLayout.assign(row_prompt, fill, limits, len(prompts), eng.shards).home[row_prompt]
+    home = StoreLayout.assign(row_prompt, fill, limits, len(prompts), eng.shards).home
     s = lengths.refill_schedule(limits, fill, slots, eng.admit_width, order, home, eng.shards)
     assert (stats.decode_steps, stats.segments, stats.admit_calls) == (s.decode_steps, s.segments, s.admit_calls)
     assert stats.slot_steps == s.slot_steps and stats.tokens == s.tokens

@@ -109,6 +109,10 @@ def test_engine_on_a_mesh_equals_one_device(model, rows):
     np.testing.assert_array_equal(sharded.tokens, one.tokens)
     np.testing.assert_array_equal(sharded.lengths, one.lengths)
     assert stats.pool_pages == 32 and stats.preemptions > 0 and stats.page_grants > 0
+    # 8 devices for the 4 prompts: each prompt in 2 parts, each part prefilled on its own device.
+    eight = engine.RefillEngine(model[0], CFG, st, slots=16, mesh=make_mesh((1, 8, 1)), page_size=8)
+    got, _ = eight.run(model[1], PROMPTS, *rows, key=key)
+    np.testing.assert_array_equal(got.tokens, one.tokens)
 
 
 def test_bad_input_is_one_clear_error(model, rows):
@@ -205,19 +209,27 @@ def test_shared_prompt_pages_pinned_on_a_mesh_equal_one_device(model, rows):
     assert pinned_stats.shared_prompt_pages == want and pinned_stats.admit_calls == 1
 
 
-def test_store_layout_gives_each_prompt_one_home_shard(rows):
-    """Prompts go to shards heaviest first under a cap of ceil(G / shards) each; a prompt's store
-    row lies in its home shard's block; one shard keeps the prompts' order."""
-    host = engine.Rows.make([[5]] * 12, np.repeat(np.arange(12), 2), [[]] * 24, np.arange(1, 25), jax.random.key(0),
-                            None, N, engine.RefillEngine.start_width)
-    layout = engine.StoreLayout.make(host, 4)
-    assert layout.size == 16 and np.bincount(layout.home, minlength=4).tolist() == [3, 3, 3, 3]
+def test_store_layout_gives_each_prompt_one_home_shard():
+    """Prompts go to shards heaviest first under a cap of G / shards each, every row of a prompt
+    on its home shard, whose block of the store holds the prompt; prompts that do not divide over
+    the shards are split into parts (rows dealt by limit), so every shard gets as many rows; one
+    shard keeps the prompts' order."""
+    make = lambda g, rows, shards: engine.StoreLayout.make(engine.Rows.make(  # noqa: E731
+        [[5]] * g, np.repeat(np.arange(g), rows), [[]] * (g * rows), np.arange(1, g * rows + 1), jax.random.key(0),
+        None, N, engine.RefillEngine.start_width), shards)
+    layout = make(12, 2, 4)
+    assert layout.size == 16 and np.bincount(layout.home, minlength=4).tolist() == [6, 6, 6, 6]
     np.testing.assert_array_equal(layout.row // (layout.size // 4), layout.home)
-    assert len(set(layout.row.tolist())) == 12
-    assert layout.home[8:].tolist() == [3, 2, 1, 0]  # the heaviest prompts (latest) first, to the lightest shard
-    one = engine.StoreLayout.make(host, 1)
-    assert one.size == 16 and one.row.tolist() == list(range(12)) and not one.home.any()
-    assert engine.StoreLayout.rows_for(4, 16) == 64 and engine.StoreLayout.rows_for(1, 4) == 8
+    np.testing.assert_array_equal(layout.prompt[layout.row], np.repeat(np.arange(12), 2))  # its prompt's row
+    assert (layout.home[0::2] == layout.home[1::2]).all()  # a prompt's rows together
+    assert layout.home[22:].tolist() == [0, 0] and layout.home[16::2].tolist() == [3, 2, 1, 0]  # heaviest first
+    split = make(4, 4, 8)  # 4 prompts of 4 rows on 8 shards: 8 parts of 2 rows
+    assert split.size == 8 and np.bincount(split.home).tolist() == [2] * 8
+    assert sorted(split.prompt.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    np.testing.assert_array_equal(split.prompt[split.row], np.repeat(np.arange(4), 4))
+    one = make(12, 2, 1)
+    assert one.size == 16 and one.prompt.tolist() == list(range(12)) + [-1] * 4 and not one.home.any()
+    assert engine.StoreLayout.size_for(64, 16) == 64 and engine.StoreLayout.size_for(4, 8) == 8
 
 
 def test_admit_moves_no_kv_between_devices(model):
