@@ -7,9 +7,9 @@ verdicts as one answers.grade_batch over all of them (the worker timeouts aside,
 wall-clock in both). The thread spends its time waiting on the worker processes or in short
 regular-expression work, so the host thread that drives the decode loop keeps running.
 
-One process only: on a pod, grading is a collective (hbpo_jax.grading.hosts: each host grades a
-share and the verdicts are gathered), which cannot start before every host holds every row; the
-training step keeps the collective path there.
+On a pod every host sees every finished row (the engine's outputs are replicated), grades its own
+share of them here as they arrive (hbpo_jax.grading.hosts.share) and gathers the verdicts after the
+rollout (hosts.gather): each row is graded once, by one host, while the rest decode.
 
     grader = StreamGrader(workers=4, timeout_s=5.0)
     grader.submit([3, 7], ["... \\boxed{2}", "..."], ["2", "5"])   # rows 3 and 7 finished
@@ -79,20 +79,23 @@ class StreamGrader:
                     self._results.update(zip(rows, graded))
                 self._done.notify_all()
 
-    def results(self, rows: int, timeout_s: float | None = None) -> list[answers.GradeResult]:
-        """Waits until rows 0..rows-1 are graded (every one must have been submitted); their
-        GradeResults in row order. Stops the thread."""
-        missing = set(range(rows)) - self._submitted
+    def results(self, rows: int | Sequence[int], timeout_s: float | None = None) -> list[answers.GradeResult]:
+        """Waits until `rows` (a count: rows 0..rows-1, or the row indices) are graded (every one
+        must have been submitted); their GradeResults in that order. Stops the thread."""
+        wanted = list(range(rows)) if isinstance(rows, int) else [int(r) for r in rows]
+        missing = set(wanted) - self._submitted
         if missing:
             raise ValueError(f"{len(missing)} rows were never submitted, e.g. {sorted(missing)[:8]}.")
         with self._done:
-            ok = self._done.wait_for(lambda: self._error is not None or len(self._results) >= rows, timeout_s)
+            ok = self._done.wait_for(lambda: self._error is not None or all(r in self._results for r in wanted),
+                                     timeout_s)
         self.close()
         if self._error is not None:
             raise self._error
         if not ok:
-            raise TimeoutError(f"{rows - len(self._results)} rows not graded after {timeout_s} s.")
-        return [self._results[r] for r in range(rows)]
+            late = sum(r not in self._results for r in wanted)
+            raise TimeoutError(f"{late} rows not graded after {timeout_s} s.")
+        return [self._results[r] for r in wanted]
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -21,10 +21,13 @@ the host's round trips, and the first-principles floor (floor) beside it.
            page book, the next dispatch) and the final output, a dispatch per admit, with pages
            on demand (a pool smaller than every slot's limit) a round trip and a grow dispatch per
            top-up of the longest row (pages.room tokens each: the decode loop returns when a row's
-           pages run out, and rows admitted together run out together), and the
-           grading of the step's responses between rollout and update; priced at HOST (stated
-           figures, not measurements: tpu_probe measures them)
-Times add: a step runs rollout, grading, update one after another.
+           pages run out, and rows admitted together run out together), a round trip per hand-over
+           of finished rows to the grader (the engine returns every R / 16 ends), and the grading
+           the rollout does not hide: rows are graded as they finish (grading.stream, on every
+           host its share), so what is left after the last decode call is the last hand-over's
+           rows, or the excess of all the grading over the rollout when the graders fall behind;
+           priced at HOST (stated figures, not measurements: tpu_probe measures them)
+Times add: a step runs rollout, the grading it leaves, update one after another.
 """
 from __future__ import annotations
 
@@ -217,8 +220,11 @@ def project(programs: dict, run, cfg, chip, chips: int, hosts: int, mix: lengths
             0.0, ici.ici_seconds(sent[True], chip.ici_bandwidth) - compute[k])
     exposed += latency
     # Host.
-    round_trips = sched.segments + top_ups + 1
-    grading = len(responses) * host.grade / max(run.grading_workers * hosts, 1)
+    handovers = 16  # RefillEngine.run(on_retire=...): the decode loop returns every R / 16 ends
+    round_trips = sched.segments + top_ups + handovers + 1
+    graders = max(run.grading_workers * hosts, 1)
+    grading = max(len(responses) / handovers * host.grade / graders,
+                  len(responses) * host.grade / graders - (prefill + admits + decode))
     host_s = round_trips * host.round_trip + (sched.admit_calls + top_ups) * host.admit_dispatch + grading
     total = sum(ici.ici_seconds(v[3], chip.ici_bandwidth) for v in by_program.values())
     return Terms(update, prefill, admits, decode, exposed, total, host_s, sched, admit_equiv,
@@ -298,8 +304,9 @@ def lines(programs: dict, run, cfg, chip, chips: int, hosts: int, topology: str,
         "ones run under their program's compute and add only past it)",
         f"  host:    {terms.round_trips} round trips x {HOST.round_trip * 1e3:.1f} ms + "
         f"{sched.admit_calls + terms.top_ups} admit and grow dispatches x {HOST.admit_dispatch * 1e3:.1f} ms + "
-        f"grading {len(responses):,} responses x {HOST.grade * 1e3:.0f} ms / ({run.grading_workers} workers x "
-        f"{hosts} hosts) {terms.grading:.2f} s = {terms.host:.2f} s (stated latencies, not measured; {pool})",
+        f"grading left after the rollout (the last {len(responses) // 16:,} of {len(responses):,} responses x "
+        f"{HOST.grade * 1e3:.0f} ms / ({run.grading_workers} workers x {hosts} hosts); the rest graded while "
+        f"decoding) {terms.grading:.2f} s = {terms.host:.2f} s (stated latencies, not measured; {pool})",
         f"  one step: {terms.step:.1f} s = {_terms_line(terms)}; {steps} steps: {hours(terms.step):.2f} h",
         f"At the cap (every row to {r.max_response_len:,} tokens, {cap.schedule.decode_steps:,} decode "
         f"steps): {cap.step:.1f} s = {_terms_line(cap)}; {steps} steps: {hours(cap.step):.2f} h",

@@ -1,15 +1,15 @@
 """One training step on the run spec: rollouts -> grading -> rewards and advantages -> updates.
 
 With P prompts and G rollouts each (R = P * G rows, prompt-major):
-  rollout.budget_rollouts (jitted sampler, KV cache)  ->  grading (worker processes): one process
-  grades rows as they finish (grading.stream), while the rest decode; a pod: hosts.grade_batch
-  ->  spec.objective.advantages  ->  batching.update_arrays (+ old log-probs recomputed where the
-  sampler did not sample, e.g. a pre-filled budget prefix that takes the loss)  ->  one optimizer
+  rollout.budget_rollouts (jitted sampler, KV cache)  ->  grading (worker processes): rows are
+  graded as they finish (grading.stream), while the rest decode  ->  spec.objective.advantages
+  ->  batching.update_arrays (+ old log-probs recomputed where the sampler did not sample, e.g. a
+  pre-filled budget prefix that takes the loss)  ->  one optimizer
   update per mini-batch that has a loss token.
 
 Several processes (a TPU pod slice): every process samples the same global batch and gathers all
-rollouts to its host; each grades a disjoint share and the grades are gathered
-(hosts.grade_batch), so host-side values are identical everywhere.
+rollouts to its host; each grades a disjoint share as its rows finish and the grades are gathered
+(hosts.gather), so host-side values are identical everywhere.
 """
 from __future__ import annotations
 
@@ -108,26 +108,25 @@ class Step:
         params = self.full(state.params)
         grade_kw = dict(workers=self.spec.grading_workers, timeout_s=self.spec.grading_timeout_s,
                         answer_format=self.spec.answer_format)
-        # One process: rows are graded as they finish, while the rest decode. Several: grading is a
-        # collective over the hosts (hosts.grade_batch), after the rollout.
-        grader = stream.StreamGrader(**grade_kw) if jax.process_count() == 1 else None
-        on_texts = None if grader is None else (
-            lambda rows, prompts, texts: grader.submit(rows, texts, [records[i]["answer"] for i in prompts]))
+        # Rows are graded as they finish, while the rest decode: each host its own share of them
+        # (every host sees every finished row), the verdicts gathered after the rollout.
+        mine = hosts.share(len(records) * s.group, jax.process_index(), jax.process_count())
+        grader = stream.StreamGrader(**grade_kw)
+
+        def on_texts(rows, prompts, texts):
+            keep = [i for i, r in enumerate(rows) if r in mine]
+            truths = [records[prompts[i]]["answer"] for i in keep]
+            grader.submit([rows[i] for i in keep], [texts[i] for i in keep], truths)
         try:
             batch = sample(s, self.policy.graphdef, params, self.policy.tokenizer,
                            [x["problem"] for x in records], key, mesh=self.mesh, rules=self.rules, on_texts=on_texts)
         except BaseException:
-            if grader is not None:
-                grader.close()
+            grader.close()
             raise
         lengths = np.asarray(batch.lengths)
         t1 = time.perf_counter()
 
-        if grader is not None:
-            grades = grader.results(len(lengths))
-        else:
-            truths = [records[i]["answer"] for i in np.asarray(batch.prompt_index)]
-            grades = hosts.grade_batch(list(batch.texts), truths, **grade_kw)
+        grades = hosts.gather(grader.results(mine), list(batch.texts), self.spec.answer_format)
         correct = np.array([g.correct for g in grades], bool)
         format_ok = np.array([g.format_ok for g in grades], bool)
         t2 = time.perf_counter()
