@@ -4,8 +4,8 @@ With P prompts and G rollouts each (R = P * G rows, prompt-major):
   rollout.budget_rollouts (jitted sampler, KV cache)  ->  grading (worker processes): rows are
   graded as they finish (grading.stream), while the rest decode  ->  spec.objective.advantages
   ->  batching.update_arrays (+ old log-probs recomputed where the sampler did not sample, e.g. a
-  pre-filled budget prefix that takes the loss)  ->  one optimizer
-  update per mini-batch that has a loss token.
+  pre-filled budget prefix that takes the loss)  ->  one optimizer update per mini-batch that
+  has a loss token.
 
 Several processes (a TPU pod slice): every process samples the same global batch and gathers all
 rollouts to its host; each grades a disjoint share as its rows finish and the grades are gathered
@@ -114,7 +114,7 @@ class Step:
         grader = stream.StreamGrader(**grade_kw)
 
         def on_texts(rows, prompts, texts):
-            keep = [i for i, r in enumerate(rows) if r in mine]
+            keep = [i for i, r in enumerate(rows) if int(r) in mine]
             truths = [records[prompts[i]]["answer"] for i in keep]
             grader.submit([rows[i] for i in keep], [texts[i] for i in keep], truths)
         try:
