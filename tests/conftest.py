@@ -195,3 +195,17 @@ def tiny_run(warm_start) -> TinyRun:
 def warm_workdir(tiny_run, tmp_path) -> pathlib.Path:
     """A fresh workdir holding the session's warm start (the loop restores it, no SFT)."""
     return tiny_run.warm(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """(graphdef, state) of tests.helpers.CFG with sharp logits (helpers.sharp_model)."""
+    from tests.helpers import sharp_model
+    return sharp_model()
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """24 rows over tests.helpers.PROMPTS (helpers.random_rows)."""
+    from tests.helpers import random_rows
+    return random_rows()

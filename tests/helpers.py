@@ -1,8 +1,11 @@
 """What several test files share: a character tokenizer with ChatML and think specials, the
-small model and rows that the engine, the static sampler and the paged kernels are compared on,
-and small random transformers models with their logits (the reference nobody here wrote)."""
+small model and rows that the engine, the static sampler and the paged kernels are compared on
+(served as the `model` and `rows` fixtures by tests/conftest.py), small random transformers
+models with their logits (the reference nobody here wrote), and random update batches."""
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import pytest
 import tokenizers
 import transformers
 from flax import nnx
@@ -33,16 +36,17 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3], [40, 41, 42, 43]]
 N = 40
 
 
-@pytest.fixture(scope="module")
-def model():
+def sharp_model():
+    """(graphdef, state) of the CFG model with its LM head scaled x15: sharp logits, greedy margins
+    above float noise (the `model` fixture of tests/conftest.py)."""
     m = create_model(CFG, seed=3)
-    m.lm_head[...] = m.lm_head[...] * 15.0  # sharp logits: greedy margins above float noise
+    m.lm_head[...] = m.lm_head[...] * 15.0
     return nnx.split(m)
 
 
-@pytest.fixture(scope="module")
-def rows():
-    """24 rows over the 4 prompts: a random prefix of 0-4 tokens each and limits of 0-39."""
+def random_rows():
+    """24 rows over the 4 PROMPTS: a random prefix of 0-4 tokens each and limits of 0-39 (the
+    `rows` fixture of tests/conftest.py): (row_prompt int [24], prefixes, limits int [24])."""
     rng = np.random.default_rng(0)
     row_prompt = rng.integers(0, len(PROMPTS), 24)
     prefixes = [rng.integers(1, 99, rng.integers(0, 5)).tolist() for _ in range(24)]
@@ -98,3 +102,44 @@ def hf_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = 
         kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
     with torch.no_grad():
         return model(ids, **kwargs).logits.float().numpy()
+
+
+# ----------------------------------------------------------------------------- update batches
+
+UPDATE_P, UPDATE_N = 5, 7  # prompt and response tokens of update_batch's rows
+
+
+def update_batch(rows=8, seed=0):
+    """A random update batch for a 64-token vocabulary: tokens int32 [rows, P + N] (row 0
+    left-padded by 2), attention_mask, response_mask bool [rows, N] (random lengths), old_logp,
+    advantages [rows]."""
+    p, n = UPDATE_P, UPDATE_N
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 64, size=(rows, p + n)).astype(np.int32)
+    attn = np.ones((rows, p + n), np.int32)
+    attn[0, :2] = 0  # left padding
+    lengths = rng.integers(1, n + 1, size=rows)
+    resp = np.arange(n)[None] < lengths[:, None]
+    attn[:, p:] = resp
+    return dict(tokens=tokens, attention_mask=attn, response_mask=resp,
+                old_logp=rng.normal(-4.0, 0.3, size=(rows, n)).astype(np.float32),
+                advantages=rng.normal(size=rows).astype(np.float32))
+
+
+def micro_split(batch, micro):
+    """update_batch's rows as `micro` micro-batches [micro, rows / micro, ...] with token-mean
+    weights, as jax arrays."""
+    from hbpo_jax.train import update as trainer
+    rows = batch["tokens"].shape[0]
+    out = {k: v.reshape((micro, rows // micro) + v.shape[1:]) for k, v in batch.items()}
+    out["weight"] = trainer.micro_weights(out["response_mask"], "token-mean")
+    return jax.tree.map(jnp.asarray, out)
+
+
+def optim_config(lr=1e-2):
+    """A constant-rate AdamW section without weight decay."""
+    return ml_collections.ConfigDict(dict(learning_rate=lr, schedule="constant", warmup_steps=0,
+                                          weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0))
+
+
+LOSS_KW = tuple(dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, aggregation="token-mean").items())

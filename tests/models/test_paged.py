@@ -8,7 +8,7 @@ import pytest
 from hbpo_jax.models import paged
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
-from tests.helpers import CFG, PROMPTS, N, model, rows  # noqa: F401  (fixtures)
+from tests.helpers import CFG, PROMPTS, N
 
 
 def _pages(rng, k, p, ps, d, dtype=jnp.float32):
@@ -67,7 +67,7 @@ def test_kernel_in_interpret_mode_equals_the_fallback(ps, block):
 
 
 @pytest.mark.slow
-def test_preempted_rows_draw_the_same_tokens_again(model, rows):  # noqa: F811
+def test_preempted_rows_draw_the_same_tokens_again(model, rows):
     """A pool of 12 pages of 8 tokens for 5 slots (rows need up to 7): rows get pages on demand,
     the latest-admitted row is preempted when the pool runs dry and recomputed later, and every
     token is the one the default pool (whole limits, nothing preempted) draws."""
@@ -89,7 +89,7 @@ def test_preempted_rows_draw_the_same_tokens_again(model, rows):  # noqa: F811
     assert stats.slot_steps >= stats.tokens + stats.recomputed
 
 
-def test_pages_on_demand_hold_fewer_pages_than_whole_limits(model, rows):  # noqa: F811
+def test_pages_on_demand_hold_fewer_pages_than_whole_limits(model, rows):
     """The same rows, slots and pool: with pages on demand (grow = 8 tokens ahead) the most pages
     held at once is below what reserving each row's whole limit holds, and the tokens are the same.
     Every program compiles once: a second run traces nothing."""
@@ -112,7 +112,7 @@ def test_pages_on_demand_hold_fewer_pages_than_whole_limits(model, rows):  # noq
     assert again_stats == stats
 
 
-def test_a_row_larger_than_the_pool_is_one_clear_error(model, rows):  # noqa: F811
+def test_a_row_larger_than_the_pool_is_one_clear_error(model, rows):
     eng = engine.RefillEngine(model[0], CFG, sampler.SamplerSettings(max_new_tokens=N), slots=4, kv_tokens=16,
                               page_size=8)
     with pytest.raises(ValueError, match="kv_tokens"):

@@ -11,7 +11,7 @@ from hbpo_jax.plan import ici
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
 from hbpo_jax.sharding import make_mesh
-from tests.helpers import CFG, PROMPTS, N, char_tokenizer, hf_model, model, rollouts, rows  # noqa: F401  (fixtures)
+from tests.helpers import CFG, PROMPTS, N, char_tokenizer, hf_model, rollouts
 
 
 def _static(model, rows, key, **settings):

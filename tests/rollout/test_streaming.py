@@ -5,7 +5,7 @@ import numpy as np
 
 from hbpo_jax.rollout import refill as engine
 from hbpo_jax.rollout import static as sampler
-from tests.helpers import CFG, PROMPTS, N, char_tokenizer, model, rollouts, rows  # noqa: F401  (fixtures)
+from tests.helpers import CFG, PROMPTS, N, char_tokenizer, rollouts
 
 
 def test_retired_rows_are_the_outputs_rows(model, rows):

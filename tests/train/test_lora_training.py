@@ -12,7 +12,9 @@ from hbpo_jax.models import ModelConfig, create_model, lora
 from hbpo_jax.policy import Policy, with_adapters
 from hbpo_jax.spec import LoRASpec
 from hbpo_jax.train import update as trainer
-from tests.train.test_update import LOSS_KW, P, _batch, _optim, _split
+from tests.helpers import LOSS_KW, UPDATE_P, micro_split, optim_config, update_batch
+
+P = UPDATE_P
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2)
@@ -34,7 +36,7 @@ def _loss(graphdef, params, batch):
 
 def test_loss_with_fresh_adapters_is_the_base_models_exactly():
     plain, adapted = _policy()
-    batch = jax.tree.map(jnp.asarray, _batch())
+    batch = jax.tree.map(jnp.asarray, update_batch())
     assert float(_loss(adapted.graphdef, adapted.params, batch)) == float(_loss(plain.graphdef, plain.params, batch))
     a, _ = lora.split(adapted.params)
     b_leaves = [x for p, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(a)) if p[-1].key == "b"]
@@ -46,11 +48,11 @@ def test_updates_train_the_adapters_only():
     adapters, frozen = lora.split(policy.params)
     frozen_before = [np.asarray(x).copy() for x in jax.tree.leaves(frozen)]
     adapters_before = [np.asarray(x).copy() for x in jax.tree.leaves(adapters)]
-    optimizer = trainer.make_optimizer(_optim(), 10)
+    optimizer = trainer.make_optimizer(optim_config(), 10)
     state = trainer.init_state(jax.tree.map(jnp.copy, adapters), optimizer)  # the update donates it
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
     assert sum(x.size for x in moments) == 2 * sum(x.size for x in jax.tree.leaves(adapters))  # Adam mu, nu
-    batch = _split(_batch(), 2)
+    batch = micro_split(update_batch(), 2)
     losses = []
     for _ in range(3):
         state, metrics = trainer.update(policy.graphdef, state, batch, optimizer=optimizer, prompt_len=P,

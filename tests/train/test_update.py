@@ -1,7 +1,6 @@
 """The policy update: chunked log-probs, gradient accumulation, non-finite skips, sharding."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -11,38 +10,11 @@ from hbpo_jax import loss as loss_lib
 from hbpo_jax import sharding
 from hbpo_jax.models import ModelConfig, create_model
 from hbpo_jax.train import update as trainer
+from tests.helpers import LOSS_KW, UPDATE_N, UPDATE_P, micro_split, optim_config, update_batch
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2)
-P, N = 5, 7
-
-
-def _batch(rows=8, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, 64, size=(rows, P + N)).astype(np.int32)
-    attn = np.ones((rows, P + N), np.int32)
-    attn[0, :2] = 0  # left padding
-    lengths = rng.integers(1, N + 1, size=rows)
-    resp = np.arange(N)[None] < lengths[:, None]
-    attn[:, P:] = resp
-    return dict(tokens=tokens, attention_mask=attn, response_mask=resp,
-                old_logp=rng.normal(-4.0, 0.3, size=(rows, N)).astype(np.float32),
-                advantages=rng.normal(size=rows).astype(np.float32))
-
-
-def _split(batch, micro):
-    rows = batch["tokens"].shape[0]
-    out = {k: v.reshape((micro, rows // micro) + v.shape[1:]) for k, v in batch.items()}
-    out["weight"] = trainer.micro_weights(out["response_mask"], "token-mean")
-    return jax.tree.map(jnp.asarray, out)
-
-
-def _optim(lr=1e-2):
-    return ml_collections.ConfigDict(dict(learning_rate=lr, schedule="constant", warmup_steps=0,
-                                          weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0))
-
-
-LOSS_KW = tuple(dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, aggregation="token-mean").items())
+P, N = UPDATE_P, UPDATE_N
 
 
 def test_chunked_logprobs_equal_full_log_softmax():
@@ -61,7 +33,7 @@ def test_chunked_logprobs_equal_full_log_softmax():
 
 def test_response_logprobs_match_the_model():
     model = create_model(CFG, seed=0)
-    b = _batch()
+    b = update_batch()
     logp, _ = trainer.response_logprobs(model, jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"]), P)
     full = jax.nn.log_softmax(model(jnp.asarray(b["tokens"]), attention_mask=jnp.asarray(b["attention_mask"])))
     want = jnp.take_along_axis(full[:, P - 1:-1], jnp.asarray(b["tokens"])[:, P:, None], -1)[..., 0]
@@ -73,7 +45,7 @@ def _run(micro, mesh=None):
     graphdef, params = nnx.split(model)
     opt = optax.sgd(0.1)  # linear in the gradient, so parameters compare as gradients do
     state = trainer.init_state(params, opt)
-    state, metrics = trainer.update(graphdef, state, _split(_batch(), micro), optimizer=opt,
+    state, metrics = trainer.update(graphdef, state, micro_split(update_batch(), micro), optimizer=opt,
                                     prompt_len=P, temperature=1.0, loss_kwargs=LOSS_KW)
     return state, metrics
 
@@ -91,7 +63,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_loss_equals_policy_loss_on_the_whole_batch():
     model = create_model(CFG, seed=0)
-    b = _batch()
+    b = update_batch()
     logp, _ = trainer.response_logprobs(model, jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"]), P)
     want, _ = loss_lib.policy_loss(logp, b["old_logp"], b["advantages"], b["response_mask"], **dict(LOSS_KW))
     _, metrics = _run(2)
@@ -102,17 +74,17 @@ def test_non_finite_step_is_skipped_and_counted():
     model = create_model(CFG, seed=0)
     graphdef, params = nnx.split(model)
     before = jax.tree.map(np.asarray, params)
-    opt = trainer.make_optimizer(_optim(), 10)
+    opt = trainer.make_optimizer(optim_config(), 10)
     state = trainer.init_state(params, opt)
-    bad = _batch()
+    bad = update_batch()
     bad["advantages"][3] = np.nan
-    state, metrics = trainer.update(graphdef, state, _split(bad, 2), optimizer=opt, prompt_len=P,
+    state, metrics = trainer.update(graphdef, state, micro_split(bad, 2), optimizer=opt, prompt_len=P,
                                     temperature=1.0, loss_kwargs=LOSS_KW)
     assert float(metrics["skipped"]) == 1.0
     assert (int(state.step), int(state.skipped), int(state.skipped_total)) == (0, 1, 1)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(np.asarray(a), b)
-    state, metrics = trainer.update(graphdef, state, _split(_batch(), 2), optimizer=opt, prompt_len=P,
+    state, metrics = trainer.update(graphdef, state, micro_split(update_batch(), 2), optimizer=opt, prompt_len=P,
                                     temperature=1.0, loss_kwargs=LOSS_KW)
     assert (int(state.step), int(state.skipped), int(state.skipped_total)) == (1, 0, 1)
 
