@@ -429,12 +429,11 @@ class RefillEngine:
                         logprobs=jnp.zeros((a, n), jnp.float32).at[:, 0].set(lp), prefix_logp=prefix_logp, cap=b.cap)
         dst, src = (*state, cache.table, cache.lengths), (*new, b.pages, filled)
 
-        def into_slots(shard, slot, *pairs):  # each row's slot is on its shard: a local scatter
+        def into_slots(shard, slot, dst, src):  # each row's slot is on its shard: a local scatter
             local = slot - shard * (self.slots // self._shards)  # padding (slot S): past the shard, dropped
-            half = len(pairs) // 2
-            return tuple(d.at[local].set(x.astype(d.dtype), mode="drop") for d, x in zip(pairs[:half], pairs[half:]))
+            return tuple(d.at[local].set(x.astype(d.dtype), mode="drop") for d, x in zip(dst, src))
         specs = tuple(self._spec("batch", *(None,) * (x.ndim - 1)) for x in dst)
-        placed = self._per_shard(into_slots, (rows_spec,) + specs + specs, specs)(b.slot, *dst, *src)
+        placed = self._per_shard(into_slots, (rows_spec, specs, specs), specs)(b.slot, dst, src)
         state = SlotState(*placed[:-2])
         cache = dataclasses.replace(cache, keys=pool_k, values=pool_v, table=placed[-2], lengths=placed[-1])
         return _constrain(cache, cache.shardings()), _constrain(state, self._state_shardings(0)[0])

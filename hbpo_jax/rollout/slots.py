@@ -181,21 +181,16 @@ class StoreLayout(NamedTuple):
     size: int
 
     @staticmethod
-    def rows_for(per_shard: int, shards: int) -> int:
-        """The store's rows for `per_shard` prompts on each of `shards` shards: the fewest that
-        are a multiple of 8 (fewer compiled shapes) and of the shards."""
-        step = int(np.lcm(8, int(shards)))
-        return -(-max(int(per_shard), 1) * int(shards) // step) * step
-
-    @staticmethod
     def parts(prompts: int, shards: int) -> int:
         """k, the parts each prompt is split into: the fewest that make G k divide by the shards."""
         return int(shards) // int(np.gcd(int(prompts), int(shards)))
 
     @classmethod
     def size_for(cls, prompts: int, shards: int) -> int:
-        """The store's rows for G prompts over `shards` shards (`assign`)."""
-        return cls.rows_for(int(prompts) * cls.parts(prompts, shards) // int(shards), shards)
+        """The store's rows for G prompts over `shards` shards (`assign`): room for the G k parts,
+        rounded up to a multiple of 8 (fewer compiled shapes) and of the shards."""
+        step = int(np.lcm(8, int(shards)))
+        return -(-max(int(prompts), 1) * cls.parts(prompts, shards) // step) * step
 
     @classmethod
     def make(cls, rows: Rows, shards: int) -> "StoreLayout":
@@ -213,14 +208,9 @@ class StoreLayout(NamedTuple):
         prefilled on its own shard: G k parts divide evenly, so no shard gets more rows than its
         slots while another idles (4 prompts of 16 rows on 8 shards: 8 parts of 8 rows). Parts go
         to shards heaviest first (their rows' filled + limit tokens), each to the least loaded
-        shard holding fewer than G k / shards parts. One shard: every prompt whole, store rows in
-        prompt order."""
+        shard holding fewer than G k / shards parts."""
         g, shards = int(prompts), int(shards)
         row_prompt, limits = np.asarray(row_prompt, np.int64), np.asarray(limits)
-        if shards == 1:
-            size = cls.rows_for(g, 1)
-            return cls(np.zeros(len(row_prompt), np.int32), row_prompt.astype(np.int32),
-                       np.concatenate([np.arange(g), np.full(size - g, -1)]).astype(np.int32), size)
         k = cls.parts(g, shards)
         work = np.where(limits > 0, np.asarray(filled) + limits, 0)
         part = np.zeros(len(row_prompt), np.int64)  # each row's part of its prompt
