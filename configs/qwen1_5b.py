@@ -26,7 +26,7 @@ def get_config(arg: str | None = None):
         num_kv_heads=2, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=False, max_position_embeddings=131072, bos_token_id=151646,
         eos_token_ids=(151643,), dtype="bfloat16", param_dtype="float32",
-        attention_impl="auto", remat="full"))  # auto: splash on TPU, cuDNN on GPU
+        attention_impl="auto", remat="full", scan_layers=True))  # auto: splash on TPU, cuDNN on GPU
     config.model_path = "/data/models/DeepSeek-R1-Distill-Qwen-1.5B"
     config.data.path = "/data/deepscaler/deepscaler.json"
     config.data.field_map = "deepscaler"
@@ -84,13 +84,18 @@ def get_config(arg: str | None = None):
         # weights gathered whole over FSDP, rows packed by tokens, HBM bytes per chip per
         # mini-batch: FSDP over all chips stays the default; remat "auto" picks per chip
         # (qwen2.resolve_remat): "dots" (matmul outputs saved, the rest recomputed: 13% fewer
-        # flops than "full") is compute bound on v5p-32 (2.13 s, 2.37 TB; "full" 2.46 s) and
-        # v5e-16 (4.97 s, 1.77 TB, peak 10.2 GiB of 16); on v6e-8 (two lanes a chip) "dots" is
-        # memory bound (2.49 s, 4.08 TB) and "full" compute bound and a little faster (2.46 s,
-        # 3.40 TB), so v6e takes "full". The one-host default keeps "full" (a v5e-8 holds two
-        # lanes a chip).
+        # flops than "full") is compute bound on v5p-32 and v5e-16; on v6e-8 (two lanes a chip)
+        # "dots" is memory bound and "full" compute bound and a little faster, so v6e takes
+        # "full". The one-host default keeps "full" (a v5e-8 holds two lanes a chip).
+        # The layers unrolled (not one scan): a scan saves each layer's residuals into stacked
+        # [L, ...] buffers, and XLA then writes every saved matmul output twice (into the stack
+        # and for its consumer) and gathers each layer's weights again in the backward; unrolled,
+        # v5p-32's update moves 1.85 TB instead of 2.14 at the same flops (v5e-16 1.40 instead
+        # of 1.49; peaks 13.3 / 12.8 GiB) and gathers each weight half as often, for an update
+        # that compiles in about twice the time.
         config.distributed = True
         config.model.remat = "auto"
+        config.model.scan_layers = False
     elif arg == "colab":
         config.lora.rank, config.lora.alpha = 16, 32.0  # every projection; the base in bfloat16
         config.optim.learning_rate = 1e-5  # adapters take larger steps than full fine-tuning

@@ -379,9 +379,11 @@ def _gather_fwd(w, whole, stored):
 
 
 def _gather_bwd(whole, stored, _, g):
-    # The cotangent of a gathered weight holds each chip's partial sum over its rows: pinning it
-    # straight to the stored layout is one reduce-scatter (not an all-reduce to the gathered
-    # layout and a slice, which is what the transpose of a plain constraint would ask for).
+    # The cotangent of a gathered weight holds each chip's partial sum over its rows: pinned
+    # straight to the stored layout it is a reduce-scatter by meaning (the transpose of a plain
+    # constraint would ask for an all-reduce to the gathered layout, then a slice). What XLA's
+    # TPU pipeline emits is still an all-reduce and a slice: its reduce-scatter decomposer
+    # rewrites every reduce-scatter so, even an explicit psum_scatter (docs/tpu_plan.md).
     return (jax.lax.with_sharding_constraint(g, stored),)
 
 
@@ -390,7 +392,7 @@ _gather.defvjp(_gather_fwd, _gather_bwd)
 
 def gather_weight(w: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """One weight as its matmuls read it: all-gathered over the batch axes (FSDP) from its stored
-    layout, its gradient reduce-scattered back. logical_axes: one name per dimension of w (a
+    layout, its gradient summed back into the stored layout (_gather_bwd). logical_axes: one name per dimension of w (a
     leading "layers" of a stacked parameter is dropped when w is one layer's slice). Identity
     outside `logical_rules` or when nothing is gathered."""
     rules, mesh = active_rules(), array_mesh(w)
@@ -404,10 +406,14 @@ def gather_weight(w: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array
     return _gather(w, NamedSharding(mesh, whole), NamedSharding(mesh, stored))
 
 
-def gather_weights(state):
-    """gather_weight on every parameter of an NNX state (one layer's, in the layer scan)."""
+def gather_weights(state, dtype=None):
+    """gather_weight on every parameter of an NNX state (one layer's, in the layer scan), each
+    first cast to `dtype` (the compute dtype its matmuls cast it to anyway) when given."""
     def one(var):
-        return var.replace(gather_weight(var.get_value(), var.get_metadata().get("logical_axes") or ()))
+        w = var.get_value()
+        if dtype is not None and jnp.issubdtype(w.dtype, jnp.floating):
+            w = w.astype(dtype)
+        return var.replace(gather_weight(w, var.get_metadata().get("logical_axes") or ()))
     return jax.tree.map(one, state, is_leaf=_is_variable)
 
 

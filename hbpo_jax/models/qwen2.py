@@ -342,9 +342,9 @@ def run_layers(layers: DecoderLayer, x, positions, mask, kv=None, index=None, re
     def body(carry, xs):
         x, kv = carry
         params, i = xs
-        # FSDP: this layer's weights gathered whole for its matmuls (each at full K, its output
-        # written once), their gradients reduce-scattered (sharding.gather_weights).
-        layer = nnx.merge(graphdef, sharding.gather_weights(params))
+        # FSDP: this layer's weights cast to the compute dtype on their shards, then gathered
+        # whole for its matmuls (each at full K, its output written once; sharding.gather_weights).
+        layer = nnx.merge(graphdef, sharding.gather_weights(params, x.dtype))
         x = sharding.constrain(x, _HIDDEN)
         if isinstance(kv, paged.PagedKVCache):  # the engine's pages: layer i writes and reads its own
             x, written = layer(x, positions, None, kv.layer(i), None)
@@ -439,7 +439,7 @@ class Qwen2(nnx.Module):
             key_slots = jnp.arange(key_valid.shape[1])
             mask = (key_slots[None, None, :] <= jnp.atleast_2d(slots)[:, :, None]) & key_valid[:, None, :]  # [B, T, S]
 
-        # The table gathered whole over FSDP for the lookup (its gradient reduce-scattered), so the
+        # The table gathered whole over FSDP for the lookup (its gradient summed into its shards), so the
         # rows come out over the batch axes, not E-sharded like the stored table.
         table = sharding.gather_weight(self.embed[...], ("vocab", "embed"))
         x = sharding.constrain(jnp.take(table, input_ids, axis=0).astype(self.cfg.compute_dtype), _HIDDEN)

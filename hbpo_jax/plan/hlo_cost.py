@@ -176,6 +176,16 @@ def is_kernel(instr: Instr) -> bool:
 _SPLASH_MATMULS = {"fwd": 2, "dkv": 4, "dq": 3}
 
 
+def causal_block_fraction(rows: int, cols: int) -> float:
+    """The share of a [rows, cols] block grid over a square causal mask that a kernel computes: the
+    blocks holding any query-key pair on or below the diagonal (query block i of T / rows
+    positions, key block j of T / cols). Square grids: (n + 1) / 2n."""
+    # In units of 1 / (rows x cols) of T: query block i ends at (i + 1) cols - 1, key block j
+    # starts at j rows.
+    hit = sum(min(cols, ((i + 1) * cols - 1) // rows + 1) for i in range(rows))
+    return hit / (rows * cols)
+
+
 def kernel_cost(module: Module, instr: Instr) -> tuple[float, float]:
     """(flops, bytes) of a Pallas kernel (is_kernel), by what the kernel is.
 
@@ -201,11 +211,11 @@ def kernel_cost(module: Module, instr: Instr) -> tuple[float, float]:
         return 0.0, nbytes
     arrays = [a for sh in shapes for a in array_shapes(sh)[:1]]
     floats = [dims for dtype, dims in arrays if dtype in ("bf16", "f16", "f32") and len(dims) >= 3]
-    grid = next((dims[-1] for dtype, dims in arrays if dtype == "s8" and len(dims) >= 2 and dims[-1] == dims[-2]), 0)
+    grid = next((dims[-2:] for dtype, dims in arrays if dtype == "s8" and len(dims) >= 2), None)
     if len(floats) < 2:  # not the layout this count knows: its bytes only
         return 0.0, nbytes
     q, k = floats[:2]  # q [(B,) H, T, D], k [(B,) K, S, D]: the batch is vmapped, absent when 1
-    causal = (grid + 1) / (2 * grid) if grid else 0.5
+    causal = causal_block_fraction(*grid) if grid else 0.5
     matmuls = _SPLASH_MATMULS[phase.group(1)] + (phase.group(1) == "dkv" and len(array_shapes(instr.shape)) >= 3)
     return 2.0 * matmuls * math.prod(q[:-1]) * k[-2] * q[-1] * causal, nbytes
 
@@ -291,6 +301,17 @@ def walk_cost(module: Module, comp: str | None = None, *, trips: bool = True,
     (kernel_cost)."""
     movers = list(_movers(module, comp or module.entry, 1, trips, kernels_only, skip_data_loops, {}))
     return sum(m.flops for m in movers), sum(m.bytes for m in movers)
+
+
+def serial_seconds(module: Module, peak_flops: float, hbm_bandwidth: float, comp: str | None = None) -> float:
+    """Seconds of one call of `comp` (default: the entry) with each instruction at its own
+    roofline, max(flops / peak, bytes / bandwidth), one after another: the program's roofline
+    without the overlap of one instruction's memory traffic with another's matmuls that the
+    whole-program roofline assumes. A memory-bound fusion (an elementwise pass, a reduce) costs
+    its bytes here even when the program as a whole is compute bound. Collectives count their HBM
+    bytes, not their ICI time."""
+    movers = _movers(module, comp or module.entry, 1, True, False, False, {})
+    return sum(max(m.flops / peak_flops, m.bytes / hbm_bandwidth) for m in movers)
 
 
 def top_movers(module: Module, n: int = 20, comp: str | None = None) -> list[Mover]:

@@ -2,6 +2,7 @@
 parsing, loop trip counts, convolution flops, the projection) everywhere; a compile of a small
 model for a TPU topology only where libtpu is installed (`pip install -e ".[tpu]"`), skipped
 otherwise."""
+import math
 import pathlib
 import sys
 
@@ -210,9 +211,21 @@ def test_walk_counts_what_is_read_and_what_kernels_do():
     assert flops == 2 * 2 * 4 * 6 * 8 * 128  # 4 heads, 48 tokens over both slots
     flops, _ = hlo_cost.kernel_cost(module, module.by_name["splash_mha_fwd_no_residuals.1"])
     assert flops == 2 * 2 * (2 * 256) * 256 * 64 * 0.75  # 3 of the 2 x 2 causal blocks
+    # A grid of wider key blocks (1,024-token key blocks over 512-token query blocks): the
+    # blocks touching the diagonal are computed whole.
+    wide = hlo.Module(KERNELS.replace("s8[1,2,2]", "s8[1,2,1]"))
+    assert hlo_cost.kernel_cost(wide, wide.by_name["splash_mha_fwd_no_residuals.1"])[0] == flops / 0.75
+    assert [hlo_cost.causal_block_fraction(*g) for g in ((10, 10), (10, 5), (5, 10), (2, 1))] == [0.55, 0.6, 0.6, 1.0]
     # One sequence per chip: the kernel's batch dimension is gone; the same count.
     one = hlo.Module(KERNELS.replace("bf16[1,2,256,64]", "bf16[2,256,64]").replace("bf16[1,1,256,64]", "bf16[1,256,64]"))
     assert hlo_cost.kernel_cost(one, one.by_name["splash_mha_fwd_no_residuals.1"])[0] == flops
+    # Instruction by instruction: each at its own bound, none overlapping another; between the
+    # whole program's roofline and the sum of its compute and memory times.
+    flops, nbytes = hlo_cost.walk_cost(module)
+    assert hlo_cost.serial_seconds(module, 1.0, math.inf) == pytest.approx(flops)
+    assert hlo_cost.serial_seconds(module, math.inf, 1.0) == pytest.approx(nbytes)
+    serial = hlo_cost.serial_seconds(module, 1e10, 1e9)  # the kernels compute bound, the rest memory bound
+    assert max(flops / 1e10, nbytes / 1e9) * (1 + 1e-9) < serial < (flops / 1e10 + nbytes / 1e9) * (1 - 1e-9)
     cost = hlo_cost.loop_cost(module)
     assert cost.kernels[0][0] == pytest.approx(2 * 2 * 4 * 48 * 128 + 2 * 2 * 512 * 256 * 64 * 0.75)
     # XLA counts no kernel: its figures scale what it sees, the kernels are added as counted.

@@ -26,9 +26,16 @@ def test_chunked_logprobs_equal_full_log_softmax():
     full = jax.nn.log_softmax((h @ w) / 0.7)
     np.testing.assert_allclose(logp, jnp.take_along_axis(full, t[..., None], -1)[..., 0], atol=1e-5)
     np.testing.assert_allclose(ent, -(jnp.exp(full) * full).sum(-1), atol=1e-5)
-    g1 = jax.grad(lambda h: trainer.chunked_logprobs(h, w, t, 0.7, 4)[0].sum())(h)
-    g2 = jax.grad(lambda h: jnp.take_along_axis(jax.nn.log_softmax((h @ w) / 0.7), t[..., None], -1).sum())(h)
-    np.testing.assert_allclose(g1, g2, atol=1e-5)
+    # The hand-written backward equals autodiff of the whole log-softmax, for the hidden states and
+    # the head, under a cotangent that differs per token (as the loss's weights do).
+    c = jnp.asarray(rng.normal(size=(2, 11)), jnp.float32)
+    got = jax.grad(lambda h, w: (trainer.chunked_logprobs(h, w, t, 0.7, 4)[0] * c).sum(), (0, 1))(h, w)
+    full_logp = lambda h, w: jnp.take_along_axis(jax.nn.log_softmax((h @ w) / 0.7), t[..., None], -1)[..., 0]  # noqa: E731
+    want = jax.grad(lambda h, w: (full_logp(h, w) * c).sum(), (0, 1))(h, w)
+    for g1, g2 in zip(got, want):
+        np.testing.assert_allclose(g1, g2, atol=1e-5)
+    # The entropy carries no gradient.
+    np.testing.assert_array_equal(jax.grad(lambda h: trainer.chunked_logprobs(h, w, t, 0.7, 4)[1].sum())(h), 0.0)
 
 
 def test_response_logprobs_match_the_model():

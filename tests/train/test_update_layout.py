@@ -1,7 +1,7 @@
 """The update's layout on a TPU slice (compiled here for a TPU topology, libtpu, no TPU): FSDP
 gathers each layer's weights whole for its matmuls, so XLA makes no windowed einsum that splits
-a matmul on its contracting dimension, moves no activation through an all-to-all, reduce-scatters
-the weight gradients, and gathers one layer at a time (never the stacked weights of every layer)."""
+a matmul on its contracting dimension, moves no activation through an all-to-all, and gathers one
+layer at a time (never the stacked weights of every layer)."""
 import math
 import pathlib
 import re
