@@ -392,9 +392,9 @@ _gather.defvjp(_gather_fwd, _gather_bwd)
 
 def gather_weight(w: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """One weight as its matmuls read it: all-gathered over the batch axes (FSDP) from its stored
-    layout, its gradient summed back into the stored layout (_gather_bwd). logical_axes: one name per dimension of w (a
-    leading "layers" of a stacked parameter is dropped when w is one layer's slice). Identity
-    outside `logical_rules` or when nothing is gathered."""
+    layout, its gradient summed back into the stored layout (_gather_bwd). logical_axes: one name
+    per dimension of w (a leading "layers" of a stacked parameter is dropped when w is one layer's
+    slice). Identity outside `logical_rules` or when nothing is gathered."""
     rules, mesh = active_rules(), array_mesh(w)
     if rules is None or mesh is None:
         return w

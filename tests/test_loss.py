@@ -166,8 +166,9 @@ def test_inter_term_of_a_near_tie():
     # apart, so the float32 sum of the two normalised rewards is off by 5.8e-4, within
     # f32_rounding's bound and far from a wrong sign or scale.
     r = np.array([[-0.24432059, -0.10114574], [-0.13491786, -0.13488318]], np.float32)
-    inter = np.asarray(adv_fn(r, np.full(r.shape, 1024, np.int32), intra_weight=0.0))
-    np.testing.assert_allclose(np.abs(inter), np.abs(loop_reference(r, np.full(r.shape, 1024), 0.0)), atol=1e-3)
+    b = np.full(r.shape, 1024, np.int32)
+    inter = np.asarray(adv_fn(r, b, intra_weight=0.0))
+    np.testing.assert_allclose(np.abs(inter), np.abs(loop_reference(r, b, 0.0)), atol=1e-3)
     assert (np.abs(inter.sum(1)) <= r.shape[1] * f32_rounding(r)[:, 0] + 1e-4).all()
 
 
